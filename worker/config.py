@@ -1,0 +1,194 @@
+"""Every environment variable the project reads, in one place.
+
+Why one module: operators configure workers on Railway and in compose files
+through the environment only, so the full list (and its defaults) must be
+discoverable here and in README's "Configuration" table. No other module
+calls ``os.environ`` for configuration; they receive a :class:`Settings`.
+Secrets (the Redis password inside ``REDIS_URL``, Flower credentials) are
+only ever read from the environment and are masked by :func:`mask_url`
+before anything is logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "deposium"
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value we cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be > 0")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Field docs double as README's configuration table."""
+
+    # --- queue -------------------------------------------------------------------------------
+    #: Broker and result backend. Unset means "no queue": the producer runs in-process (--local).
+    redis_url: str | None = None
+    #: Celery queue the producer sends to and workers consume.
+    queue: str = "deposium"
+    #: Seconds a delivered-but-unacknowledged batch stays invisible before Redis redelivers it.
+    #: Must exceed the hard time limit so a slow batch is never run twice concurrently.
+    visibility_timeout_s: int = 3600
+    #: Soft and hard per-batch time limits (seconds). The soft limit records a clean failure.
+    task_soft_time_limit_s: int = 600
+    task_time_limit_s: int = 900
+    #: Seconds a finished batch's result stays in Redis if the producer never collects it.
+    result_expires_s: int = 86400
+    #: How many times a batch that crashed or timed out a worker is retried before it is failed.
+    max_batch_retries: int = 3
+    #: Seconds to keep retrying a Redis connection at start-up before failing (0 = fail fast).
+    redis_connect_timeout_s: float = 10.0
+
+    # --- model / runtime ---------------------------------------------------------------------
+    #: Artifact directory written by deposium-convert (model.onnx + tokenizer.json + manifest.json).
+    artifact_dir: Path = DEFAULT_CACHE_DIR / "artifacts" / "all-MiniLM-L6-v2"
+    #: Cache for artifacts, downloaded models and job state.
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    #: Padded tokens per ONNX Runtime call (rows x longest row). Bounds memory and padding waste.
+    token_budget: int = 4096
+    #: ONNX Runtime CPU memory arena / memory pattern (off by default: RSS must not ratchet
+    #: upwards as batch shapes vary; measured in BENCHMARKS.md).
+    ort_arena: bool = False
+    ort_mem_pattern: bool = False
+
+    # --- limits enforced by the worker (not only by the producer) ----------------------------
+    max_batch_paragraphs: int = 512
+    max_batch_bytes: int = 8 * 1024 * 1024
+    max_paragraph_bytes: int = 1024 * 1024
+
+    # --- worker process ----------------------------------------------------------------------
+    #: Worker processes per replica. 0 = CPUs this container may actually use (cgroup quota, affinity).
+    concurrency: int = 0
+    #: Port for the Prometheus exporter of throughput metrics (0 = off).
+    metrics_port: int = 0
+    #: Directory for prometheus_client multiprocess files (prefork-safe metrics).
+    metrics_dir: Path | None = None
+    log_level: str = "INFO"
+
+    # --- producer ----------------------------------------------------------------------------
+    #: Batches sent to the queue but not yet written out (bounds Redis and producer memory).
+    max_in_flight: int = 8
+
+    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+#: Environment variable -> Settings field, with the parser used. The README table mirrors this.
+ENVIRONMENT: dict[str, str] = {
+    "REDIS_URL": "redis_url",
+    "DEPOSIUM_QUEUE": "queue",
+    "DEPOSIUM_VISIBILITY_TIMEOUT": "visibility_timeout_s",
+    "DEPOSIUM_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit_s",
+    "DEPOSIUM_TASK_TIME_LIMIT": "task_time_limit_s",
+    "DEPOSIUM_RESULT_EXPIRES": "result_expires_s",
+    "DEPOSIUM_MAX_BATCH_RETRIES": "max_batch_retries",
+    "DEPOSIUM_REDIS_CONNECT_TIMEOUT": "redis_connect_timeout_s",
+    "DEPOSIUM_ARTIFACT": "artifact_dir",
+    "DEPOSIUM_CACHE_DIR": "cache_dir",
+    "DEPOSIUM_TOKEN_BUDGET": "token_budget",
+    "DEPOSIUM_ORT_ARENA": "ort_arena",
+    "DEPOSIUM_ORT_MEM_PATTERN": "ort_mem_pattern",
+    "DEPOSIUM_MAX_BATCH_PARAGRAPHS": "max_batch_paragraphs",
+    "DEPOSIUM_MAX_BATCH_BYTES": "max_batch_bytes",
+    "DEPOSIUM_MAX_PARAGRAPH_BYTES": "max_paragraph_bytes",
+    "DEPOSIUM_CONCURRENCY": "concurrency",
+    "DEPOSIUM_METRICS_PORT": "metrics_port",
+    "PROMETHEUS_MULTIPROC_DIR": "metrics_dir",
+    "DEPOSIUM_LOG_LEVEL": "log_level",
+    "DEPOSIUM_MAX_IN_FLIGHT": "max_in_flight",
+}
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read :class:`Settings` from ``env`` (default: ``os.environ``), validating every value."""
+    env = os.environ if env is None else env
+    defaults = Settings()
+    cache_dir = Path(env.get("DEPOSIUM_CACHE_DIR") or defaults.cache_dir).expanduser()
+    default_artifact = cache_dir / "artifacts" / "all-MiniLM-L6-v2"
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        if f.name == "extra":
+            continue
+        var = next((k for k, v in ENVIRONMENT.items() if v == f.name), None)
+        default = getattr(defaults, f.name)
+        if f.name == "artifact_dir":
+            default = default_artifact
+        if var is None:
+            values[f.name] = default
+        elif isinstance(default, bool):
+            values[f.name] = _bool(env, var, default)
+        elif isinstance(default, int):
+            values[f.name] = _int(env, var, default)
+        elif isinstance(default, float):
+            values[f.name] = _float(env, var, default)
+        elif f.name in {"artifact_dir", "cache_dir", "metrics_dir"}:
+            raw = env.get(var)
+            values[f.name] = Path(raw).expanduser() if raw else default
+        else:
+            raw = env.get(var)
+            values[f.name] = raw if raw else default
+    settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
+        raise ConfigError("DEPOSIUM_TASK_TIME_LIMIT must be greater than DEPOSIUM_TASK_SOFT_TIME_LIMIT")
+    if settings.visibility_timeout_s <= settings.task_time_limit_s:
+        raise ConfigError(
+            "DEPOSIUM_VISIBILITY_TIMEOUT must be greater than DEPOSIUM_TASK_TIME_LIMIT, "
+            "or Redis redelivers batches that are still running"
+        )
+    if settings.token_budget < 16:
+        raise ConfigError("DEPOSIUM_TOKEN_BUDGET must be at least 16")
+    return settings
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
+
+
+def mask_url(url: str | None) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe to log)."""
+    if not url:
+        return str(url)
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
