@@ -1,0 +1,109 @@
+"""Tokenizer wrapper built from an artifact's ``tokenizer.json`` and manifest.
+
+Why separate from the Embedder: the producer counts tokens (to split over-long
+paragraphs before they are silently truncated) without loading ONNX Runtime.
+Prompts and truncation must be applied exactly as the worker applies them, so both
+sides use this one class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.threads import pin_single_thread
+
+pin_single_thread()  # before tokenizers can size its Rayon pool
+
+from tokenizers import Encoding, Tokenizer  # noqa: E402
+
+from worker.artifact import TOKENIZER_FILE, ArtifactError, Manifest, read_manifest  # noqa: E402
+from worker.errors import EmbedRequestError  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids per paragraph, ready for the model (prompt included, truncated)."""
+
+    ids: list[list[int]]
+    type_ids: list[list[int]]
+    truncated: list[bool]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(row) for row in self.ids]
+
+
+class ParagraphTokenizer:
+    """Tokenize paragraphs the way the artifact's model expects: prompt, special tokens, truncation.
+
+    Padding is off (the Embedder pads per packed batch to that batch's longest row, so
+    short paragraphs never pay for long ones); truncation is at the manifest's
+    ``max_seq_length`` and reported per paragraph.
+    """
+
+    def __init__(
+        self,
+        tokenizer_file: Path,
+        *,
+        max_seq_length: int,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+    ) -> None:
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ArtifactError(f"{tokenizer_file} is not a valid tokenizers file: {exc}") from None
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_seq_length)
+        self._tokenizer = tokenizer
+        self._untruncated = Tokenizer.from_file(str(tokenizer_file))
+        self._untruncated.no_padding()
+        self._untruncated.no_truncation()
+        self.max_seq_length = max_seq_length
+        self.prompts: dict[str, str] = dict(prompts or {})
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ArtifactError(f"default prompt {default_prompt_name!r} is not among the prompts")
+        self.default_prompt_name = default_prompt_name
+
+    @classmethod
+    def from_artifact(cls, artifact_dir: Path, manifest: Manifest | None = None) -> ParagraphTokenizer:
+        """Build from an artifact directory (reads, but does not hash, the manifest if not given)."""
+        artifact_dir = Path(artifact_dir)
+        manifest = manifest or read_manifest(artifact_dir)
+        return cls(
+            artifact_dir / TOKENIZER_FILE,
+            max_seq_length=manifest.max_seq_length,
+            prompts=manifest.prompts,
+            default_prompt_name=manifest.default_prompt_name,
+        )
+
+    def prompt(self, task: str | None) -> str:
+        """The text prepended for ``task`` ('' for none). ``None`` means the model's default prompt,
+        as sentence-transformers does; an unknown name is a request error listing the known ones."""
+        if task is None:
+            return self.prompts[self.default_prompt_name] if self.default_prompt_name else ""
+        try:
+            return self.prompts[task]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self.prompts)) or "none (this model has no task prompts)"
+            raise EmbedRequestError(f"unknown task {task!r}; known tasks: {known}") from None
+
+    def encode(self, texts: Sequence[str], task: str | None = None) -> Tokenized:
+        """Tokenize ``texts`` (all must be valid strings) with the task prompt, truncating."""
+        prefix = self.prompt(task)
+        inputs = [prefix + t for t in texts] if prefix else list(texts)
+        encodings: list[Encoding] = self._tokenizer.encode_batch(inputs)
+        return Tokenized(
+            ids=[e.ids for e in encodings],
+            type_ids=[e.type_ids for e in encodings],
+            truncated=[bool(e.overflowing) for e in encodings],
+        )
+
+    def count_tokens(self, texts: Sequence[str], task: str | None = None) -> list[int]:
+        """Tokens each text would need *without* truncation (prompt and special tokens included),
+        so a caller can split a paragraph longer than ``max_seq_length`` instead of losing its tail."""
+        prefix = self.prompt(task)
+        inputs = [prefix + t for t in texts] if prefix else list(texts)
+        return [len(e.ids) for e in self._untruncated.encode_batch(inputs)]
