@@ -1,0 +1,78 @@
+"""The Celery application, configured in this one place from :class:`worker.config.Settings`.
+
+Why each setting (all of them protect a batch from being lost or run twice):
+
+* msgpack (JSON also accepted, pickle never): a queue anyone on the network can write to
+  must not be able to execute code in the worker; msgpack carries vectors as raw bytes.
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a batch is acknowledged only after
+  it finished, so a worker killed mid-batch (OOM, redeploy) leaves it to be redelivered.
+* ``worker_prefetch_multiplier=1``: a process holds one batch at a time; a slow batch
+  never hides others that an idle process could take.
+* ``visibility_timeout`` > hard time limit (enforced by ``load_settings``): Redis must not
+  redeliver a batch that is still running.
+* events on, so Flower can show throughput.
+
+The producer imports :func:`create_app` / :data:`app` to send batches by name; it never
+imports the task code (and so never onnxruntime).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+import worker.metrics  # noqa: F401  (Prometheus throughput metrics via Celery signals)
+from worker.config import Settings, load_settings
+from worker.wire import TASK_NAME
+
+#: Seconds a freshly forked child may take to report itself alive. The model is loaded
+#: lazily on the first task, so start-up is quick; the margin covers slow, throttled CPUs.
+PROC_ALIVE_TIMEOUT_S = 60.0
+
+#: Broker used when REDIS_URL is unset, only so the module can be imported (the CLI refuses
+#: to start a worker without REDIS_URL).
+FALLBACK_URL = "redis://localhost:6379/0"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting we use, derived from ``settings``."""
+    url = settings.redis_url or FALLBACK_URL
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "task_serializer": "msgpack",
+        "result_serializer": "msgpack",
+        "accept_content": ["msgpack", "json"],
+        "result_accept_content": ["msgpack", "json"],
+        "task_acks_late": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_expires": settings.result_expires_s,
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.queue,
+        "task_routes": {TASK_NAME: {"queue": settings.queue}},
+        "task_track_started": True,
+        "worker_proc_alive_timeout": PROC_ALIVE_TIMEOUT_S,
+        "broker_connection_timeout": settings.redis_connect_timeout_s,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A configured Celery app; ``worker.tasks`` registers the task on import."""
+    celery = Celery("deposium", include=["worker.tasks"])
+    celery.conf.update(celery_config(settings or load_settings()))
+    return celery
+
+
+#: The app ``celery -A worker.celery_app worker`` and the producer use.
+app = create_app()

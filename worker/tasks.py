@@ -1,0 +1,88 @@
+"""The ``deposium.embed_batch`` task and the per-process Embedder it uses.
+
+Why the Embedder is created lazily, in the child, on the first task: an ONNX Runtime
+session created in the prefork parent would be shared copy-on-write by every child
+(with thread pools and allocator state that do not survive ``fork``), and loading a
+large model inside ``worker_process_init`` races Celery's child start-up timeout. The
+first batch of each child pays the load (about a second for MiniLM) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from worker.celery_app import app
+from worker.config import Settings, load_settings
+from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
+
+if TYPE_CHECKING:
+    from worker.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+_settings: Settings | None = None
+_embedder: Embedder | None = None
+_embedder_pid: int | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Use ``settings`` (e.g. with CLI overrides) instead of the environment; call before forking."""
+    global _settings, _embedder, _embedder_pid
+    _settings = settings
+    _embedder = _embedder_pid = None
+
+
+def get_embedder() -> Embedder:
+    """This process's Embedder, created on first use (and again if we find ourselves in a new
+    process: an instance inherited across ``fork`` is never reused)."""
+    global _embedder, _embedder_pid
+    if _embedder is None or _embedder_pid != os.getpid():
+        from worker.embedder import Embedder  # onnxruntime is imported in the child only
+
+        settings = _settings or load_settings()
+        _embedder = Embedder(settings.artifact_dir, settings=settings)
+        _embedder_pid = os.getpid()
+        log.info(
+            "process %d loaded %s (dim %d, sha256 %s)",
+            _embedder_pid,
+            _embedder.manifest.source,
+            _embedder.manifest.dim,
+            _embedder.manifest.model_sha256[:12],
+        )
+    return _embedder
+
+
+def run_request(embedder: Embedder, payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate a (possibly forged) request, embed it, and build the wire result.
+
+    Deterministic for a given artifact and request, so a redelivered batch (same task id
+    ``job_id:batch_id``) overwrites its result with identical content.
+    """
+    request = EmbedRequest.from_wire(payload)
+    result = embedder.embed(request.paragraphs, task=request.task, dim=request.dim, dtype=request.dtype)
+    return EmbedResponse(
+        job_id=request.job_id,
+        batch_id=request.batch_id,
+        model_sha256=embedder.manifest.model_sha256,
+        vectors=result.vectors,
+        token_counts=result.token_counts,
+        truncated=result.truncated,
+        errors=result.errors,
+    ).to_wire()
+
+
+@app.task(name=TASK_NAME, bind=True)
+def embed_batch(self: Any, *args: Any, **request: Any) -> dict[str, Any]:
+    """Embed one batch. Keyword arguments are the wire request (docs/design.md).
+
+    The task id must be ``job_id:batch_id``: that is what makes a re-sent or redelivered
+    batch overwrite one result key instead of producing a second copy.
+    """
+    if args:
+        raise WireError("embed_batch takes keyword arguments only (the wire request)")
+    expected = task_id(str(request.get("job_id")), str(request.get("batch_id")))
+    if self.request.id != expected:
+        raise WireError(f"task id {self.request.id!r} must be job_id:batch_id = {expected!r}")
+    return run_request(get_embedder(), request)
