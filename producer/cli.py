@@ -1,0 +1,140 @@
+"""``deposium-submit``: embed files, directories, globs or stdin into a sink, resumably.
+
+Exit codes: 0 every paragraph written; 1 the job finished but something failed (see the
+errors file); 2 the job could not run (bad option, Redis unreachable, sink refused);
+130 interrupted (resume with the same command or ``--resume JOB_ID``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deposium-submit",
+        description="Split documents into paragraphs and embed them into a sink (Parquet by default). "
+                    "In-process with --local or when REDIS_URL is unset; through Celery workers otherwise. "
+                    "Re-running the same command resumes the job.",
+        epilog="Inputs: .txt/.md files (paragraphs = blank-line separated blocks), .jsonl files with "
+               "'id' and 'text' per line, directories (recursively), quoted globs, '-' for stdin. "
+               "Exit: 0 ok, 1 finished with failures, 2 could not run, 130 interrupted.")
+    p.add_argument("paths", nargs="*", help="files, directories, globs, or - for stdin")
+    p.add_argument("--out", "--sink", dest="out", default=None,
+                   help="output: a .parquet path (default embeddings.parquet); postgresql:// and "
+                        "lancedb:// targets are reserved for those sinks")
+    p.add_argument("--local", action="store_true",
+                   help="embed in this process (default when REDIS_URL is unset)")
+    p.add_argument("--resume", metavar="JOB_ID",
+                   help="continue a job by id with its recorded inputs and options")
+    p.add_argument("--job-id", help="name the job yourself instead of deriving it from inputs and options")
+    p.add_argument("--task", help="task prompt name from the model's manifest (e.g. query, document)")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension (one of the model's dims)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch sent as one task")
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="batches sent but not yet written (default DEPOSIUM_MAX_IN_FLIGHT)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="split paragraphs longer than this (default: the model's max sequence length)")
+    p.add_argument("--min-chars", type=int, default=20, help="merge fragments shorter than this")
+    p.add_argument("--artifact", type=Path, default=None,
+                   help="artifact directory (default DEPOSIUM_ARTIFACT)")
+    p.add_argument("--errors", type=Path, default=None, help="errors file (default OUT.errors.jsonl)")
+    p.add_argument("--stdin-format", choices=["txt", "jsonl"], default="txt")
+    p.add_argument("--replace", action="store_true", help="overwrite an output that holds another job")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="show the progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of one line")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"deposium-submit: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("deposium-submit: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace) -> int:
+    from producer.backends import BackendError
+    from producer.job import build_runner, job_store, plan_job, with_in_flight
+    from producer.progress import Progress
+    from producer.readers import read_inputs, spool
+    from producer.runner import JobError, JobOptions
+    from producer.sinks import SinkError
+    from worker.artifact import ArtifactError
+    from worker.config import ConfigError, load_settings
+    from worker.errors import EmbedRequestError
+
+    try:
+        settings = load_settings()
+        options = JobOptions(task=args.task, dim=args.dim, dtype=args.dtype, batch_tokens=args.batch_tokens,
+                             max_tokens=args.max_tokens, min_chars=args.min_chars)
+        paths = list(args.paths)
+        target = args.out
+        local = True if args.local else None
+        artifact = args.artifact
+        errors = args.errors
+        if args.resume:
+            record = job_store(settings, local=bool(args.local) or not settings.redis_url).load(args.resume)
+            if record is None:
+                return _fail(f"no job {args.resume} found "
+                             f"({'in Redis' if settings.redis_url and not args.local else 'in the cache'})")
+            spec = record["spec"]
+            if "-" in spec["inputs"] or any(i.startswith("stdin:") for i in spec["inputs"]):
+                return _fail("a job that read stdin is resumed by re-running it with the same stdin")
+            paths, target = spec.get("paths", spec["inputs"]), spec["target"]
+            if spec.get("cwd"):
+                os.chdir(spec["cwd"])  # document ids are the paths as first given, relative to this
+            options = JobOptions(**spec["options"])
+            artifact = artifact or Path(spec["artifact_dir"])
+            errors = errors or Path(spec["errors_path"])
+        if not paths:
+            return _fail("no input given (paths, globs, directories or - for stdin)")
+        target = target or "embeddings.parquet"
+        stdin_path = None
+        identity_inputs = []
+        for raw in paths:
+            if raw == "-":
+                stdin_path, digest = spool(sys.stdin.buffer)
+                identity_inputs.append(f"stdin:{digest}")
+            else:
+                identity_inputs.append(os.path.join(os.getcwd(), raw))
+        options = with_in_flight(options, settings, args.max_in_flight)
+        plan = plan_job(inputs=identity_inputs, target=target, options=options, settings=settings,
+                        local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
+                        errors_path=errors)
+        plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format)
+        progress = Progress(enabled=args.progress)
+        runner = build_runner(plan, progress=progress, replace=args.replace)
+        summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format))
+        if stdin_path is not None:
+            stdin_path.unlink(missing_ok=True)
+    except (BackendError, SinkError, JobError, ArtifactError, ConfigError, EmbedRequestError,
+            ValueError, OSError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(summary.to_json()))
+    else:
+        print(summary.line())
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Assemble a job from its parts: settings, artifact, backend, sink, job store, identity.
+
+Why one function shared by the CLI and the library API: both must derive the same job id
+from the same inputs and options, open the same sink and pick the same backend, or
+"re-running the same command resumes" would hold for one entry point only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from producer.backends import Backend, BackendError, LocalBackend, QueueBackend, Request
+from producer.batching import Limits
+from producer.jobstore import FileJobStore, JobStore, RedisJobStore
+from producer.progress import Progress
+from producer.runner import JobOptions, JobRunner
+from producer.sinks import open_sink
+from producer.tokens import TokenCounter
+from worker.artifact import ArtifactError, read_manifest
+from worker.config import Settings, load_settings
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before the first paragraph is read."""
+
+    job_id: str
+    local: bool
+    settings: Settings
+    options: JobOptions
+    artifact_dir: Path
+    target: str
+    errors_path: Path | None
+    spec: dict[str, Any]
+
+
+def job_id_for(identity: dict[str, Any]) -> str:
+    """A job id derived from what shapes its output, so the same command finds the same job."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return f"j{digest[:15]}"
+
+
+def is_file_target(target: str) -> bool:
+    return "://" not in target or target.startswith("file://")
+
+
+def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: Settings | None = None,
+             local: bool | None = None, artifact_dir: Path | None = None, job_id: str | None = None,
+             errors_path: Path | None = None, extra_identity: dict[str, Any] | None = None) -> Plan:
+    """Validate options against the artifact and derive the job id (no work, no connections)."""
+    settings = settings or load_settings()
+    artifact_dir = Path(artifact_dir or settings.artifact_dir).expanduser()
+    manifest = read_manifest(artifact_dir)
+    if options.dim is not None and options.dim not in manifest.matryoshka_dims:
+        raise ValueError(f"--dim {options.dim} is not offered by this model; choose one of "
+                         f"{manifest.matryoshka_dims}")
+    if options.dtype not in {"float32", "float16"}:
+        raise ValueError(f"--dtype must be float32 or float16, not {options.dtype!r}")
+    if options.max_in_flight < 1 or options.batch_tokens < 1:
+        raise ValueError("--max-in-flight and --batch-tokens must be at least 1")
+    if is_file_target(target):
+        target = str(Path(target.removeprefix("file://")).expanduser().absolute())
+    use_local = local if local is not None else not settings.redis_url
+    identity = {
+        "inputs": inputs, "target": target, "model": manifest.model_sha256,
+        "task": options.task, "dim": options.dim or manifest.dim, "dtype": options.dtype,
+        "batch_tokens": options.batch_tokens, "max_tokens": options.max_tokens,
+        "min_chars": options.min_chars, "max_batch_paragraphs": settings.max_batch_paragraphs,
+        "max_batch_bytes": settings.max_batch_bytes, **(extra_identity or {}),
+    }
+    job_id = job_id or job_id_for(identity)
+    if errors_path is None:
+        errors_path = (Path(target + ".errors.jsonl") if is_file_target(target)
+                       else settings.cache_dir / "jobs" / f"{job_id}.errors.jsonl")
+    spec = {"inputs": inputs, "target": target, "artifact_dir": str(artifact_dir.absolute()),
+            "options": asdict(options), "errors_path": str(errors_path), "local": use_local,
+            "model_sha256": manifest.model_sha256, "model_source": manifest.source}
+    return Plan(job_id=job_id, local=use_local, settings=settings, options=options,
+                artifact_dir=artifact_dir, target=target, errors_path=errors_path, spec=spec)
+
+
+def job_store(settings: Settings, local: bool, target: str | None = None) -> JobStore:
+    """Redis for queue mode; a file next to a file output (or in the cache) for local mode."""
+    if not local:
+        import redis
+
+        return RedisJobStore(redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5,
+                                                  retry_on_timeout=True))
+    record = Path(target + ".job.json") if target and is_file_target(target) else None
+    return FileJobStore(settings.cache_dir, record)
+
+
+def build_runner(plan: Plan, *, progress: Progress | None = None, replace: bool = False,
+                 on_progress: Any = None) -> JobRunner:
+    """Create backend, sink and store for ``plan`` (connects to Redis / loads the model)."""
+    settings = plan.settings
+    manifest = read_manifest(plan.artifact_dir)
+    dim = plan.options.dim or manifest.dim
+    counter = TokenCounter.from_artifact(plan.artifact_dir, task=plan.options.task,
+                                         max_tokens=plan.options.max_tokens)
+    request = Request(job_id=plan.job_id, task=plan.options.task, dim=plan.options.dim,
+                      dtype=plan.options.dtype)
+    backend: Backend
+    if plan.local:
+        backend = LocalBackend(plan.artifact_dir, settings, request)
+    else:
+        backend = QueueBackend(settings, request, model_sha256=manifest.model_sha256)
+    limits = Limits(tokens=plan.options.batch_tokens, paragraphs=settings.max_batch_paragraphs,
+                    nbytes=max(settings.max_batch_bytes - 4096, 1))
+    return JobRunner(job_id=plan.job_id, spec=plan.spec, options=plan.options, counter=counter,
+                     backend=backend, sink=open_sink(plan.target),
+                     store=job_store(settings, plan.local, plan.target), dim=dim, limits=limits,
+                     max_paragraph_bytes=settings.max_paragraph_bytes, errors_path=plan.errors_path,
+                     progress=progress, replace=replace, on_progress=on_progress)
+
+
+def with_in_flight(options: JobOptions, settings: Settings, max_in_flight: int | None) -> JobOptions:
+    return replace(options, max_in_flight=max_in_flight or settings.max_in_flight)
+
+
+__all__ = ["ArtifactError", "BackendError", "Plan", "build_runner", "job_id_for", "job_store", "plan_job",
+           "with_in_flight"]

@@ -1,0 +1,363 @@
+"""Run one job: documents → paragraphs → batches → backend → sink, resumably.
+
+Why the order of commits is controlled here: a duplicate paragraph takes its vector from
+the batch that embedded the text first, so a batch holding such aliases is committed only
+after that earlier batch (at most ``max_in_flight`` batches ever wait). Everything else
+(what is done, what to skip) is read from the sink, the one authority on committed rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer.backends import Backend, Outcome
+from producer.batching import Limits, make_batches
+from producer.jobstore import JobStore
+from producer.model import Batch, InputError, Paragraph
+from producer.progress import Progress
+from producer.readers import Source
+from producer.schema import rows_table
+from producer.sinks import Sink, SinkJob
+from producer.split import split_blocks
+from producer.tokens import TokenCounter
+
+
+class JobError(RuntimeError):
+    """The job cannot continue (input changed under a resumed job, sink refused, ...)."""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Options that shape paragraphs, batches and vectors (all part of the job's identity)."""
+
+    task: str | None = None
+    dim: int | None = None
+    dtype: str = "float32"
+    batch_tokens: int = 8192
+    max_tokens: int | None = None
+    min_chars: int = 20
+    max_in_flight: int = 8
+
+
+@dataclass
+class Summary:
+    job_id: str
+    state: str = "running"
+    paragraphs: int = 0          # paragraphs in the job (committed, failed and skipped alike)
+    embedded: int = 0            # rows committed in this run
+    already_done: int = 0        # rows found committed by an earlier run
+    duplicates: int = 0          # rows that reused the vector of an identical paragraph
+    failed_paragraphs: int = 0
+    input_errors: int = 0
+    batches: int = 0
+    batches_skipped: int = 0     # committed by an earlier run, not sent again
+    batches_sent: int = 0        # tasks sent by this run (re-sends included)
+    batches_failed: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    target: str = ""
+    errors_path: str | None = None
+    failed_batches: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        failures = self.failed_paragraphs or self.input_errors or self.batches_failed
+        return self.state in {"done", "done_with_errors"} and not failures
+
+    @property
+    def rate(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """The one-line summary printed at the end of every run."""
+        parts = [
+            f"job {self.job_id} {self.state}:",
+            f"{self.embedded + self.already_done:,} paragraphs written",
+            f"({self.already_done:,} before this run,",
+            f"{self.duplicates:,} duplicates reused),",
+            f"{self.failed_paragraphs:,} failed, {self.input_errors:,} input errors;",
+            f"{self.batches:,} batches ({self.batches_skipped:,} skipped, {self.batches_sent:,} sent,",
+            f"{self.batches_failed:,} failed);",
+            f"{self.seconds:.1f}s, {self.rate:,.0f} paragraphs/s,",
+            f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s -> {self.target}",
+        ]
+        if self.errors_path:
+            parts.append(f"; errors: {self.errors_path}")
+        return " ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+class ErrorLog:
+    """Errors file (JSON lines) written to a temporary name and renamed at the end of a run."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.count = 0
+        self._fh = None
+        if path is not None:
+            self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            self._fh = open(self._tmp, "w", encoding="utf-8")
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.count += 1
+        if self._fh is not None:
+            self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def close(self) -> str | None:
+        if self._fh is None or self.path is None:
+            return None
+        self._fh.close()
+        if self.count:
+            os.replace(self._tmp, self.path)
+            return str(self.path)
+        os.unlink(self._tmp)
+        self.path.unlink(missing_ok=True)
+        return None
+
+
+class JobRunner:
+    """One run of one job. Create, then :meth:`run` with the job's sources."""
+
+    def __init__(self, *, job_id: str, spec: dict[str, Any], options: JobOptions, counter: TokenCounter,
+                 backend: Backend, sink: Sink, store: JobStore, dim: int, limits: Limits,
+                 max_paragraph_bytes: int, errors_path: Path | None, progress: Progress | None = None,
+                 replace: bool = False, on_progress: Callable[[Summary], None] | None = None) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.options = options
+        self.counter = counter
+        self.backend = backend
+        self.sink = sink
+        self.store = store
+        self.dim = dim
+        self.limits = limits
+        self.max_paragraph_bytes = max_paragraph_bytes
+        self.errors = ErrorLog(errors_path)
+        self.progress = progress or Progress(enabled=False)
+        self.replace = replace
+        self.on_progress = on_progress
+        self.summary = Summary(job_id=job_id, target=sink.target)
+        self._committed: set[str] = set()
+        self._failed: dict[str, str] = {}
+        self._waiting: list[Outcome] = []
+        self._record: dict[str, Any] = {}
+        self._last_save = 0.0
+
+    # -- job record ---------------------------------------------------------------------------
+    def _save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_save < 1.0:
+            return
+        self._last_save = now
+        s = self.summary
+        self._record.update({
+            "state": s.state,
+            "counts": {"paragraphs": s.paragraphs, "written": s.embedded + s.already_done,
+                       "duplicates": s.duplicates, "failed_paragraphs": s.failed_paragraphs,
+                       "input_errors": s.input_errors, "batches": s.batches, "batches_done":
+                       len(self._committed), "batches_failed": len(self._failed),
+                       "batches_sent_total": self._record.get("sent_before", 0) + self.backend.sent},
+            "failed_batches": dict(self._failed),
+            "host": socket.gethostname(), "pid": os.getpid(),
+        })
+        self.store.save(self._record)
+
+    def _open_record(self) -> None:
+        record = self.store.load(self.job_id) or {"id": self.job_id, "created": time.time(),
+                                                  "paragraph_errors": {}, "runs": 0}
+        record["spec"] = self.spec
+        record["runs"] = int(record.get("runs", 0)) + 1
+        record["sent_before"] = int(record.get("counts", {}).get("batches_sent_total", 0))
+        self._record = record
+
+    # -- input --------------------------------------------------------------------------------
+    def _paragraphs(self, sources: Iterable[Source | InputError]) -> Iterator[Paragraph]:
+        for item in sources:
+            if isinstance(item, InputError):
+                self._input_error(item)
+                continue
+            n = 0
+            try:
+                for p in split_blocks(item.id, item.blocks(), self.counter, min_chars=self.options.min_chars):
+                    n += 1
+                    size = len(p.text.encode("utf-8"))
+                    if size > self.max_paragraph_bytes:
+                        reason = f"paragraph {p.id}: {size} bytes, over the limit {self.max_paragraph_bytes}"
+                        self._input_error(InputError(origin=item.origin, document=item.id, reason=reason))
+                        continue
+                    yield p
+            except (OSError, UnicodeDecodeError) as exc:
+                self._input_error(InputError(origin=item.origin, document=item.id,
+                                             reason=f"read failed after {n} paragraphs: {exc}"))
+                continue
+            if n == 0:
+                self._input_error(InputError(origin=item.origin, document=item.id, reason="empty document"))
+
+    def _input_error(self, err: InputError) -> None:
+        self.summary.input_errors += 1
+        self.errors.add(err.to_json())
+
+    # -- outcomes -----------------------------------------------------------------------------
+    def _ready(self, outcome: Outcome) -> bool:
+        return all(owner in self._committed or owner in self._failed for owner in outcome.batch.refs.values())
+
+    def _drain(self, block: bool) -> None:
+        for outcome in self.backend.completed(block):
+            self._waiting.append(outcome)
+        progressed = True
+        while progressed:
+            progressed = False
+            for outcome in list(self._waiting):
+                if self._ready(outcome):
+                    self._waiting.remove(outcome)
+                    self._finish(outcome)
+                    progressed = True
+
+    def _finish(self, outcome: Outcome) -> None:
+        batch = outcome.batch
+        s = self.summary
+        if outcome.failure is not None:
+            self._failed[batch.id] = outcome.failure
+            s.batches_failed += 1
+            s.failed_batches[batch.id] = outcome.failure
+            reason = f"batch failed after {outcome.attempts} attempt(s): {outcome.failure}"
+            for p in batch.rows:
+                self.errors.add({"kind": "batch", "id": p.id, "document": p.document, "batch": batch.id,
+                                 "reason": reason})
+            s.failed_paragraphs += len(batch.rows)
+            self.progress.update(0, 0, len(batch.rows), 0)
+            self._save(force=True)
+            return
+        wanted = [h for h, owner in batch.refs.items() if owner in self._committed]
+        stored = self.sink.lookup(wanted) if wanted else {}
+        keep: list[Paragraph] = []
+        vectors: list[np.ndarray] = []
+        counts: list[int] = []
+        truncs: list[bool] = []
+        problems: list[tuple[Paragraph, str]] = []
+        tokens = 0
+        for p in batch.rows:
+            i = batch.own.get(p.hash)
+            if i is not None:
+                err = outcome.errors[i] if outcome.errors else None
+                if err:
+                    problems.append((p, err))
+                    continue
+                keep.append(p)
+                vectors.append(outcome.vectors[i])
+                counts.append(outcome.token_counts[i])
+                truncs.append(outcome.truncated[i])
+                continue
+            owner = batch.refs[p.hash]
+            hit = stored.get(p.hash)
+            if owner in self._failed:
+                problems.append((p, f"identical to a paragraph of failed batch {owner}"))
+            elif hit is None:
+                problems.append((p, f"identical paragraph of batch {owner} not found in the sink"))
+            else:
+                keep.append(p)
+                vectors.append(hit.vector)
+                counts.append(hit.token_count)
+                truncs.append(hit.truncated)
+                s.duplicates += 1
+        for i in range(len(batch.texts)):
+            tokens += outcome.token_counts[i] if outcome.token_counts else 0
+        matrix = np.stack(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
+        table = rows_table(keep, matrix, counts, truncs, dim=self.dim, dtype=self.options.dtype)
+        self.sink.write_batch(batch.id, batch.digest(), table)
+        self._committed.add(batch.id)
+        s.embedded += len(keep)
+        s.tokens += tokens
+        if problems:
+            entries = [{"kind": "paragraph", "id": p.id, "document": p.document, "batch": batch.id,
+                        "reason": reason} for p, reason in problems]
+            self._record.setdefault("paragraph_errors", {})[batch.id] = entries
+            s.failed_paragraphs += len(problems)
+        self.progress.update(len(keep), tokens, len(problems), sum(len(p.text) for p in keep))
+        if self.on_progress is not None:
+            self.on_progress(s)
+        self._save(force=bool(problems))
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self, sources: Iterable[Source | InputError]) -> Summary:
+        s = self.summary
+        started = time.monotonic()
+        self._open_record()
+        self.sink.open(SinkJob(job_id=self.job_id, dim=self.dim, dtype=self.options.dtype,
+                               model_sha256=self.backend.model_sha256, replace=self.replace))
+        if self.replace:
+            self._record["paragraph_errors"] = {}
+        self._save(force=True)
+        done = self.sink.done_batches()
+        previous_errors: dict[str, list] = self._record.get("paragraph_errors", {})
+        try:
+            for batch in make_batches(self._paragraphs(sources), self.limits):
+                s.batches += 1
+                s.paragraphs += len(batch.rows)
+                if batch.id in done:
+                    self._skip(batch, done[batch.id], previous_errors)
+                    continue
+                while self.backend.in_flight() + len(self._waiting) >= self.options.max_in_flight:
+                    self._drain(block=True)
+                if batch.texts:
+                    self.backend.submit(batch)
+                else:
+                    self._waiting.append(Outcome(batch, np.zeros((0, self.dim), np.float32)))
+                self._drain(block=False)
+                s.batches_sent = self.backend.sent
+            while self.backend.in_flight() or self._waiting:
+                self._drain(block=True)
+            s.batches_sent = self.backend.sent
+            s.state = "done"
+        except BaseException:
+            s.state = "interrupted"
+            raise
+        finally:
+            s.seconds = time.monotonic() - started
+            s.batches_sent = self.backend.sent
+            self.progress.close()
+            if s.state == "done":
+                self.sink.close(complete=not self._failed)
+                for batch_id, entries in self._record.get("paragraph_errors", {}).items():
+                    if batch_id in self._committed:
+                        for e in entries:
+                            self.errors.add(e)
+                s.errors_path = self.errors.close()
+                if s.failed_paragraphs or s.input_errors or self._failed:
+                    s.state = "done_with_errors"
+            else:
+                s.errors_path = None
+                if self.errors._fh is not None:
+                    self.errors._fh.close()
+            try:
+                self._save(force=True)
+            except Exception:  # noqa: BLE001 - the record is advisory; never mask the real error
+                pass
+        return s
+
+    def _skip(self, batch: Batch, digest: str, previous_errors: dict[str, list]) -> None:
+        """A batch an earlier run committed: verify it is the same batch, count it, send nothing."""
+        if digest != batch.digest():
+            raise JobError(
+                f"the input changed since job {self.job_id} started: batch {batch.id} now holds other "
+                "paragraphs than the committed one; re-run with --replace to start over")
+        self._committed.add(batch.id)
+        s = self.summary
+        s.batches_skipped += 1
+        failed_here = len(previous_errors.get(batch.id, []))
+        s.failed_paragraphs += failed_here
+        s.already_done += len(batch.rows) - failed_here
+        self.progress.update(0, 0, 0, 0)

@@ -1,0 +1,89 @@
+"""Where a job's rows go: one small :class:`Sink` protocol, one module per store.
+
+Contract every sink keeps (docs/design.md, "exactly-once output"):
+
+* ``write_batch`` commits the batch's rows **and** its done-mark together (Parquet: one part
+  file renamed into place; PostgreSQL: one transaction; LanceDB: one append carrying the
+  batch id). Writing the same batch id again replaces it: never two copies.
+* ``done_batches`` is read back from the store itself, so the store, not a side file,
+  decides what a resumed job skips.
+* ``open`` refuses a target that holds another job, another dimension or another model
+  (``SinkJob.replace`` overwrites deliberately) *before* any embedding work starts.
+
+Rows arrive as a ``pyarrow.Table`` with :data:`producer.schema.columns` (see
+:func:`producer.schema.output_schema`), so a sink never re-encodes vectors row by row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+
+
+class SinkError(RuntimeError):
+    """The target cannot be used (wrong job, dimension, model, permissions, URL)."""
+
+
+@dataclass(frozen=True)
+class SinkJob:
+    """What a sink must know to create or validate its target."""
+
+    job_id: str
+    dim: int
+    dtype: str  # "float32" | "float16"
+    model_sha256: str
+    model_source: str = ""
+    #: Overwrite a target that belongs to another job / dimension / model.
+    replace: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One already-committed text, returned by :meth:`Sink.lookup` to fill duplicates."""
+
+    vector: np.ndarray
+    token_count: int
+    truncated: bool
+
+
+@runtime_checkable
+class Sink(Protocol):
+    #: Human-readable target with any password masked (safe to print).
+    target: str
+
+    def open(self, job: SinkJob) -> None:
+        """Create or validate the target for ``job``; raise :class:`SinkError` when unusable."""
+
+    def done_batches(self) -> dict[str, str]:
+        """Committed batches of this job: batch id → batch digest (as given to write_batch)."""
+
+    def write_batch(self, batch_id: str, digest: str, rows: pa.Table) -> None:
+        """Atomically commit ``rows`` together with the done-mark ``(batch_id, digest)``."""
+
+    def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
+        """Vectors already committed for these content hashes (duplicates embedded earlier)."""
+
+    def close(self, complete: bool) -> None:
+        """Publish what is committed. ``complete``: every batch is done, drop resume state."""
+
+
+def open_sink(target: str) -> Sink:
+    """Pick the sink for a target string: a ``.parquet`` path (default), or a URL scheme.
+
+    ``postgresql://`` and ``lancedb://`` are reserved for the pgvector and LanceDB sinks.
+    """
+    scheme = target.split("://", 1)[0].lower() if "://" in target else ""
+    if scheme in {"", "file"}:
+        from producer.sinks.parquet import ParquetSink
+
+        return ParquetSink(target.split("://", 1)[1] if scheme == "file" else target)
+    if scheme in {"postgresql", "postgres"}:
+        raise SinkError("the PostgreSQL + pgvector sink is not implemented yet (issue 11)")
+    if scheme == "lancedb":
+        raise SinkError("the LanceDB sink is not implemented yet (issue 11)")
+    raise SinkError(f"unknown sink target {target!r}: use a .parquet path, postgresql:// or lancedb://")

@@ -1,0 +1,183 @@
+"""Parquet sink: one part file per batch, renamed into place, merged into ``--out`` at the end.
+
+Why part files: ``os.replace`` of a fully written, fsynced file is the one atomic commit a
+plain filesystem offers. A part's name carries its batch id and digest, so the part *is* the
+done-mark: a batch is done exactly when its part exists, and a crash can leave at most a
+temporary file, which ``open`` deletes.
+
+Layout for ``--out embeddings.parquet``::
+
+    embeddings.parquet.parts/job.json                 job id, dim, dtype, model sha256
+    embeddings.parquet.parts/b0000012.<digest>.parquet one per committed batch
+    embeddings.parquet                                the merged output (written at close)
+
+The merged file's metadata keeps the job id and every batch's digest, so re-running a
+finished command is a no-op even after the parts directory has been removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Collection
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from producer.schema import output_schema
+from producer.sinks import SinkError, SinkJob, Stored
+
+META_KEY = b"deposium"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ParquetSink:
+    """Sink for a local ``.parquet`` path (see module docstring for the layout)."""
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.out = Path(out).expanduser()
+        self.parts = self.out.with_name(self.out.name + ".parts")
+        self.target = str(self.out)
+        self.job: SinkJob | None = None
+        self._final_done: dict[str, str] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _describe(self, job: SinkJob) -> dict[str, object]:
+        return {"job_id": job.job_id, "dim": job.dim, "dtype": job.dtype, "model_sha256": job.model_sha256}
+
+    def _part_files(self) -> list[tuple[str, str, Path]]:
+        found = []
+        if self.parts.is_dir():
+            for p in self.parts.iterdir():
+                name = p.name
+                if name.endswith(".parquet") and not name.startswith("."):
+                    batch_id, _, digest = name[: -len(".parquet")].partition(".")
+                    found.append((batch_id, digest, p))
+        found.sort()
+        return found
+
+    # -- protocol -----------------------------------------------------------------------------
+    def open(self, job: SinkJob) -> None:
+        self.job = job
+        mine = self._describe(job)
+        if not self.out.parent.is_dir():
+            raise SinkError(f"output directory {self.out.parent} does not exist")
+        if self.parts.is_dir():
+            meta_path = self.parts / "job.json"
+            try:
+                theirs = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                theirs = None
+            if theirs is not None and theirs != mine:
+                if not job.replace:
+                    raise SinkError(
+                        f"{self.parts} holds unfinished job {theirs.get('job_id')} "
+                        f"(dim {theirs.get('dim')}, {theirs.get('dtype')}, model "
+                        f"{str(theirs.get('model_sha256'))[:12]}); resume that job, or pass --replace")
+                shutil.rmtree(self.parts)
+        if self.out.exists() and not self.parts.is_dir():
+            theirs = self._final_meta()
+            same = theirs is not None and {k: theirs.get(k) for k in mine} == mine
+            if same:
+                self._final_done = dict(theirs.get("batches", {}))
+            elif not job.replace:
+                who = f"job {theirs.get('job_id')}" if theirs else "a file not written by this job"
+                raise SinkError(f"{self.out} already exists and holds {who}; pass --replace to overwrite it")
+        if self._final_done:
+            return
+        self.parts.mkdir(exist_ok=True)
+        for stale in self.parts.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        _write_atomic_json(self.parts / "job.json", mine)
+
+    def _final_meta(self) -> dict | None:
+        try:
+            meta = pq.read_schema(self.out).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            return None
+        raw = meta.get(META_KEY)
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def done_batches(self) -> dict[str, str]:
+        if self._final_done:
+            return dict(self._final_done)
+        return {batch_id: digest for batch_id, digest, _ in self._part_files()}
+
+    def write_batch(self, batch_id: str, digest: str, rows: pa.Table) -> None:
+        if self._final_done:
+            raise SinkError(f"{self.out} is already complete; nothing may be added")
+        final = self.parts / f"{batch_id}.{digest}.parquet"
+        tmp = self.parts / f".{batch_id}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            pq.write_table(rows, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        for old in self.parts.glob(f"{batch_id}.*.parquet"):
+            if old != final:
+                old.unlink()
+        os.replace(tmp, final)
+        _fsync_dir(self.parts)
+
+    def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
+        wanted = set(content_hashes)
+        found: dict[str, Stored] = {}
+        sources = [p for _, _, p in self._part_files()] or ([self.out] if self.out.exists() else [])
+        for path in sources:
+            if not wanted:
+                break
+            table = pq.read_table(path, columns=["content_hash", "embedding", "token_count", "truncated"],
+                                  filters=[("content_hash", "in", sorted(wanted))])
+            hashes = table.column("content_hash").to_pylist()
+            if not hashes:
+                continue
+            dim = table.schema.field("embedding").type.list_size
+            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            vectors = np.asarray(flat).reshape(len(hashes), dim)
+            counts = table.column("token_count").to_pylist()
+            truncs = table.column("truncated").to_pylist()
+            for i, h in enumerate(hashes):
+                if h in wanted:
+                    found[h] = Stored(vectors[i].copy(), counts[i], truncs[i])
+                    wanted.discard(h)
+        return found
+
+    def close(self, complete: bool) -> None:
+        if self.job is None or self._final_done:
+            return
+        parts = self._part_files()
+        meta = dict(self._describe(self.job))
+        meta["batches"] = {b: d for b, d, _ in parts}
+        meta["complete"] = complete
+        schema = output_schema(self.job.dim, self.job.dtype).with_metadata({META_KEY: json.dumps(meta)})
+        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for _, _, path in parts:
+                writer.write_table(pq.read_table(path).cast(schema))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.out)
+        _fsync_dir(self.out.parent)
+        if complete:
+            shutil.rmtree(self.parts, ignore_errors=True)
