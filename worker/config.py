@@ -106,6 +106,8 @@ class Settings:
     concurrency: int = 0
     #: Port for the Prometheus exporter of throughput metrics (0 = off).
     metrics_port: int = 0
+    #: Address the exporter binds: 0.0.0.0 (IPv4), or :: for dual-stack (IPv6-only private networks).
+    metrics_addr: str = "0.0.0.0"
     #: Directory for prometheus_client multiprocess files (prefork-safe metrics).
     metrics_dir: Path | None = None
     log_level: str = "INFO"
@@ -137,6 +139,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_MAX_PARAGRAPH_BYTES": "max_paragraph_bytes",
     "DEPOSIUM_CONCURRENCY": "concurrency",
     "DEPOSIUM_METRICS_PORT": "metrics_port",
+    "DEPOSIUM_METRICS_ADDR": "metrics_addr",
     "PROMETHEUS_MULTIPROC_DIR": "metrics_dir",
     "DEPOSIUM_LOG_LEVEL": "log_level",
     "DEPOSIUM_MAX_IN_FLIGHT": "max_in_flight",

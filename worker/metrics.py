@@ -17,7 +17,8 @@ Celery signals. Nothing happens unless ``DEPOSIUM_METRICS_PORT`` is set (> 0) an
 is a worker (``worker_init`` fires only there), so the producer, Flower and ``celery inspect``
 importing the app are unaffected.
 
-Endpoints on ``DEPOSIUM_METRICS_PORT`` (all interfaces, so Prometheus / Railway can reach it):
+Endpoints on ``DEPOSIUM_METRICS_PORT``, bound to ``DEPOSIUM_METRICS_ADDR`` (default 0.0.0.0, so
+Prometheus and Railway's healthcheck can reach it; ``::`` for dual-stack):
 
 * ``/metrics``: Prometheus text format, every series labelled ``worker=<celery node name>``.
 * ``/healthz``: 200 once the worker consumes from the broker (Celery ``worker_ready``), 503
@@ -29,6 +30,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -172,6 +174,12 @@ class _Handler(BaseHTTPRequestHandler):
         """Scrapes every few seconds would drown the worker's log."""
 
 
+class _Server6(ThreadingHTTPServer):
+    """Dual-stack listener for ``DEPOSIUM_METRICS_ADDR=::`` (Railway's IPv6 private network)."""
+
+    address_family = socket.AF_INET6
+
+
 def start(settings: Settings, node: str) -> bool:
     """Enable metrics in this (parent) process and start the exporter. Returns False when off.
 
@@ -186,12 +194,14 @@ def start(settings: Settings, node: str) -> bool:
     state.directory = directory
     state.node = node
     state.metrics = _create_metrics()
-    server = ThreadingHTTPServer(("0.0.0.0", settings.metrics_port), _Handler)
+    server_cls = _Server6 if ":" in settings.metrics_addr else ThreadingHTTPServer
+    server = server_cls((settings.metrics_addr, settings.metrics_port), _Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="deposium-metrics", daemon=True).start()
     state.server = server
     state.enabled = True
-    log.info("metrics: http://0.0.0.0:%d/metrics (files in %s)", settings.metrics_port, directory)
+    log.info("metrics: http://%s:%d/metrics (files in %s)", settings.metrics_addr, settings.metrics_port,
+             directory)
     return True
 
 
