@@ -1,0 +1,104 @@
+"""``deposium-jobs``: list jobs with their state and counts, show one, or forget one.
+
+Why it reads both stores: queue-mode jobs live in Redis (any operator can see them), local
+jobs next to their output with a pointer in the cache directory; a user asks "what are my
+jobs" without caring which mode ran them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+STALE_AFTER_S = 60.0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deposium-jobs",
+                                description="List deposium ingestion jobs (Redis when REDIS_URL is set, "
+                                            "and local jobs from the cache directory).")
+    sub = p.add_subparsers(dest="command")
+    ls = sub.add_parser("list", help="one line per job (default)")
+    ls.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="the full record of one job")
+    show.add_argument("job_id")
+    forget = sub.add_parser("forget", help="delete a job's record (not its output)")
+    forget.add_argument("job_id")
+    return p
+
+
+def state_of(record: dict[str, Any], now: float | None = None) -> str:
+    """The recorded state; a 'running' job without a heartbeat for a minute is 'stalled'."""
+    state = str(record.get("state", "?"))
+    now = time.time() if now is None else now
+    if state == "running" and now - float(record.get("updated", 0)) > STALE_AFTER_S:
+        return "stalled (resume it)"
+    return state
+
+
+def _stores() -> list[tuple[str, Any]]:
+    from producer.jobstore import FileJobStore, RedisJobStore
+    from worker.config import load_settings
+
+    settings = load_settings()
+    stores: list[tuple[str, Any]] = [("local", FileJobStore(settings.cache_dir))]
+    if settings.redis_url:
+        import redis
+
+        from producer.backends import check_redis
+
+        check_redis(settings)
+        stores.insert(0, ("queue", RedisJobStore(redis.Redis.from_url(settings.redis_url))))
+    return stores
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from producer.backends import BackendError
+    from worker.config import ConfigError
+
+    try:
+        stores = _stores()
+    except (BackendError, ConfigError) as exc:
+        print(f"deposium-jobs: error: {exc}", file=sys.stderr)
+        return 2
+    command = args.command or "list"
+    if command == "list":
+        rows = [(mode, r) for mode, store in stores for r in store.list()]
+        if getattr(args, "json", False):
+            print(json.dumps([dict(r, mode=mode, state=state_of(r)) for mode, r in rows]))
+            return 0
+        if not rows:
+            print("no jobs")
+            return 0
+        print(f"{'JOB':<17} {'MODE':<6} {'STATE':<20} {'WRITTEN':>9} {'FAILED':>7} {'BATCHES':>13}  TARGET")
+        for mode, r in rows:
+            c = r.get("counts", {})
+            batches = f"{c.get('batches_done', 0)}/{c.get('batches', 0)}"
+            print(f"{r['id']:<17} {mode:<6} {state_of(r):<20} {c.get('written', 0):>9,} "
+                  f"{c.get('failed_paragraphs', 0):>7,} {batches:>13}  {r.get('spec', {}).get('target', '')}")
+        return 0
+    for mode, store in stores:
+        record = store.load(args.job_id)
+        if record is None:
+            continue
+        if command == "show":
+            print(json.dumps(dict(record, mode=mode, state=state_of(record)), indent=2, sort_keys=True))
+        elif hasattr(store, "forget"):
+            store.forget(args.job_id)
+            print(f"forgot job {args.job_id}")
+        else:
+            target = record.get("spec", {}).get("target")
+            print(f"deposium-jobs: a local job's record is the file {target}.job.json", file=sys.stderr)
+            return 2
+        return 0
+    print(f"deposium-jobs: error: no job {args.job_id}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
