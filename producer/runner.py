@@ -91,7 +91,7 @@ class Summary:
             f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s -> {self.target}",
         ]
         if self.errors_path:
-            parts.append(f"; errors: {self.errors_path}")
+            parts[-1] += f"; errors: {self.errors_path}"
         return " ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
