@@ -1,0 +1,228 @@
+"""The Prometheus exporter (worker/metrics.py) against a real prefork worker and real batches.
+
+Why a real worker subprocess: the property that matters is that numbers counted in *forked
+children* reach the replica's single endpoint. An in-process test would pass with a plain
+registry that is blind to prefork children; here every batch runs in a fresh child
+(``--max-tasks-per-child 1``), so the scrape is right only if multiprocess aggregation works,
+including for children that have already exited.
+
+The helpers here (worker subprocess, batch sending) are also used by test_flower.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.redis_proc import RedisServer, free_port
+from worker.wire import TASK_NAME, EmbedRequest
+
+pytestmark = pytest.mark.slow
+
+#: Generous upper bounds for a loaded 2-core box; they only bound a hang, never assert speed.
+START_TIMEOUT_S = 180.0
+RESULT_TIMEOUT_S = 300.0
+
+
+def worker_env(redis_url: str, artifact: Path, queue: str, **extra: str) -> dict[str, str]:
+    """Environment of a worker subprocess: only what the test decides (no inherited DEPOSIUM_*,
+    no PROMETHEUS_MULTIPROC_DIR from the caller's shell)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEPOSIUM_", "PROMETHEUS_", "FLOWER_"))}
+    env.update(
+        REDIS_URL=redis_url,
+        DEPOSIUM_ARTIFACT=str(artifact),
+        DEPOSIUM_QUEUE=queue,
+        DEPOSIUM_LOG_LEVEL="INFO",
+        DEPOSIUM_REDIS_CONNECT_TIMEOUT="5",
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def worker_process(env: dict[str, str], node: str, log: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """Run ``deposium-worker`` (the console script users run) in its own process group."""
+    cmd = [sys.executable, "-m", "worker.cli", f"--hostname={node}", *args]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # warm shutdown of the parent and its children
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # orphaned children, if any
+            except ProcessLookupError:
+                pass
+
+
+def client_app(redis_url: str, queue: str):
+    """A producer-side Celery app bound to the test's Redis and queue."""
+    from worker.celery_app import create_app
+    from worker.config import load_settings
+
+    return create_app(load_settings({"REDIS_URL": redis_url, "DEPOSIUM_QUEUE": queue}))
+
+
+def wait_until(predicate, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+               timeout: float = START_TIMEOUT_S):
+    """Poll ``predicate`` until it returns a truthy value; fail with the worker log otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"process exited ({proc.returncode}) while waiting for {what}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}:\n{_tail(log)}")
+        time.sleep(0.25)
+
+
+def _tail(log: Path | None) -> str:
+    if log is None or not log.exists():
+        return ""
+    return log.read_text(errors="replace")[-4000:]
+
+
+def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    """GET without raising on HTTP errors; (status, body), status 0 if nothing answers."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        import base64
+
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
+def send_batches(app, job_id: str, batches: list[list[object]]) -> list[dict]:
+    """Send each paragraph list as one batch of job ``job_id``; return the results in order."""
+    pending = []
+    for i, paragraphs in enumerate(batches):
+        request = EmbedRequest(job_id=job_id, batch_id=f"b{i:04d}", paragraphs=list(paragraphs))
+        pending.append(app.send_task(TASK_NAME, kwargs=request.to_wire(), task_id=request.task_id))
+    return [p.get(timeout=RESULT_TIMEOUT_S) for p in pending]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """All samples of the exporter as {(sample name, sorted labels): value}."""
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, body
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+LONG = " ".join(["tokenization"] * 600)  # far beyond MiniLM's 256-token max_seq_length
+BATCHES = [
+    ["The cat sat on the mat.", "A second, slightly longer paragraph about embeddings."],
+    ["", "Whitespace-only and empty paragraphs are refused per paragraph.", "   "],
+    [LONG, "short"],
+    ["One more batch so that several children contribute."],
+]
+
+
+def test_metrics_sum_over_prefork_children(redis_server: RedisServer, minilm_artifact: Path, tmp_path: Path):
+    """Counts from every (recycled) child reach the one endpoint and equal the batches' results."""
+    port = free_port()
+    queue = f"metrics-{uuid.uuid4().hex[:8]}"
+    node = f"metrics-{uuid.uuid4().hex[:6]}@testhost"
+    metrics_dir = tmp_path / "prom"
+    (metrics_dir).mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale file of a previous run")
+    env = worker_env(
+        redis_server.url, minilm_artifact, queue,
+        DEPOSIUM_METRICS_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    )
+    log = tmp_path / "worker.log"
+    with worker_process(env, node, log, "--concurrency=2", "--max-tasks-per-child=1") as proc:
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, "worker ready", proc, log)
+        app = client_app(redis_server.url, queue)
+        results = send_batches(app, "job-metrics", BATCHES)
+
+        # One forged batch (task id is not job_id:batch_id): a clean, counted failure.
+        bad = EmbedRequest(job_id="job-metrics", batch_id="forged", paragraphs=["x"])
+        forged = app.send_task(TASK_NAME, kwargs=bad.to_wire(), task_id="not-the-right-id")
+        with pytest.raises(Exception) as excinfo:
+            forged.get(timeout=RESULT_TIMEOUT_S)
+        assert "job_id:batch_id" in str(excinfo.value)
+
+        label = (("worker", node),)
+        # Celery stores a result before it sends task_success/task_postrun, so a finished get()
+        # does not yet mean counted: wait for the last signal of the last batch (postrun ->
+        # histogram count), then every counter is final and compared exactly.
+        done = ("deposium_batch_duration_seconds_count", label)
+        samples = wait_until(
+            lambda: (s := scrape(port)).get(done) == len(BATCHES) + 1 and s,
+            "the exporter to count every batch", proc, log, timeout=60,
+        )
+
+    expected_paragraphs = sum(sum(1 for e in r["errors"] if e is None) for r in results)
+    expected_refused = sum(sum(1 for e in r["errors"] if e is not None) for r in results)
+    expected_tokens = sum(sum(r["token_counts"]) for r in results)
+    expected_truncated = sum(sum(1 for t in r["truncated"] if t) for r in results)
+    # The batches themselves are what we think they are (else the comparison below is vacuous).
+    assert expected_paragraphs == 6 and expected_refused == 2 and expected_truncated == 1
+    assert expected_tokens > 256
+
+    assert samples[("deposium_paragraphs_total", label)] == expected_paragraphs
+    assert samples[("deposium_paragraph_errors_total", label)] == expected_refused
+    assert samples[("deposium_tokens_total", label)] == expected_tokens
+    assert samples[("deposium_truncated_paragraphs_total", label)] == expected_truncated
+    assert samples[("deposium_batches_total", (("outcome", "success"), ("worker", node)))] == len(BATCHES)
+    assert samples[("deposium_batches_total", (("outcome", "failure"), ("worker", node)))] == 1
+    assert samples[("deposium_batch_errors_total", (("exception", "WireError"), ("worker", node)))] == 1
+    assert samples[("deposium_batch_duration_seconds_count", label)] == len(BATCHES) + 1
+    assert samples[("deposium_batch_duration_seconds_sum", label)] > 0
+    # Each batch ran in its own child (max-tasks-per-child=1): the counts above were summed
+    # over at least as many process files as batches, most of them from exited children.
+    pids = {p.stem.rsplit("_", 1)[1] for p in metrics_dir.glob("counter_*.db")}
+    assert len(pids) >= len(BATCHES) + 1, sorted(pids)
+    # The stale file of a "previous run" was removed at start-up, not added to the totals.
+    assert "999999" not in pids
+
+
+def test_metrics_off_by_default(redis_server: RedisServer, minilm_artifact: Path, tmp_path: Path):
+    """Without DEPOSIUM_METRICS_PORT the worker opens no port and writes no metric files.
+
+    Why: a worker must not listen on the network unless the operator asked for it.
+    """
+    queue = f"nometrics-{uuid.uuid4().hex[:8]}"
+    node = f"nometrics-{uuid.uuid4().hex[:6]}@testhost"
+    metrics_dir = tmp_path / "prom"
+    metrics_dir.mkdir()
+    env = worker_env(redis_server.url, minilm_artifact, queue, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    log = tmp_path / "worker.log"
+    with worker_process(env, node, log, "--concurrency=1") as proc:
+        app = client_app(redis_server.url, queue)
+        results = send_batches(app, "job-nometrics", BATCHES[:1])
+        assert proc.poll() is None
+    assert len(results) == 1 and results[0]["errors"] == [None, None]
+    assert list(metrics_dir.iterdir()) == []
