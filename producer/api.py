@@ -94,7 +94,7 @@ class JobHandle:
 
 
 def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = None, task: str | None = None,
-           dim: int | None = None, dtype: str = "float32", batch_tokens: int = 8192,
+           dim: int | None = None, dtype: str = "float32", batch_tokens: int = 0,
            max_in_flight: int | None = None, min_chars: int = 20, max_tokens: int | None = None,
            artifact_dir: Path | None = None, job_id: str | None = None, name: str = "",
            settings: Settings | None = None, replace_output: bool = False, progress: bool = False,

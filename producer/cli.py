@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task prompt name from the model's manifest (e.g. query, document)")
     p.add_argument("--dim", type=int, help="Matryoshka dimension (one of the model's dims)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch sent as one task")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per batch sent as one task (default DEPOSIUM_BATCH_TOKENS, 8192)")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="batches sent but not yet written (default DEPOSIUM_MAX_IN_FLIGHT)")
     p.add_argument("--max-tokens", type=int, default=None,

@@ -108,7 +108,9 @@ def build_runner(plan: Plan, *, progress: Progress | None = None, replace: bool 
     if plan.local:
         backend = LocalBackend(plan.artifact_dir, settings, request)
     else:
-        backend = QueueBackend(settings, request, model_sha256=manifest.model_sha256)
+        backend = QueueBackend(settings, request, model_sha256=manifest.model_sha256,
+                               batch_timeout_s=settings.batch_timeout_s or None,
+                               reconnect_timeout_s=float(settings.redis_reconnect_timeout_s))
     limits = Limits(tokens=plan.options.batch_tokens, paragraphs=settings.max_batch_paragraphs,
                     nbytes=max(settings.max_batch_bytes - 4096, 1))
     return JobRunner(job_id=plan.job_id, spec=plan.spec, options=plan.options, counter=counter,
@@ -119,7 +121,9 @@ def build_runner(plan: Plan, *, progress: Progress | None = None, replace: bool 
 
 
 def with_in_flight(options: JobOptions, settings: Settings, max_in_flight: int | None) -> JobOptions:
-    return replace(options, max_in_flight=max_in_flight or settings.max_in_flight)
+    """Fill options left unset (None) from the environment's settings."""
+    return replace(options, max_in_flight=max_in_flight or settings.max_in_flight,
+                   batch_tokens=options.batch_tokens or settings.batch_tokens)
 
 
 __all__ = ["ArtifactError", "BackendError", "Plan", "build_runner", "job_id_for", "job_store", "plan_job",

@@ -42,7 +42,7 @@ class JobOptions:
     task: str | None = None
     dim: int | None = None
     dtype: str = "float32"
-    batch_tokens: int = 8192
+    batch_tokens: int = 0  # 0 = DEPOSIUM_BATCH_TOKENS (see job.with_in_flight)
     max_tokens: int | None = None
     min_chars: int = 20
     max_in_flight: int = 8

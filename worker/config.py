@@ -115,6 +115,15 @@ class Settings:
     # --- producer ----------------------------------------------------------------------------
     #: Batches sent to the queue but not yet written out (bounds Redis and producer memory).
     max_in_flight: int = 8
+    #: Tokens (prompt and special tokens included) of distinct text per batch sent as one task.
+    #: Part of a job's identity: changing it starts a new job instead of resuming.
+    batch_tokens: int = 8192
+    #: Seconds the producer waits for a sent batch before re-sending it (0 = visibility
+    #: timeout + hard time limit, i.e. after Redis itself would have redelivered it).
+    batch_timeout_s: int = 0
+    #: Seconds the producer keeps retrying a lost Redis connection mid-job (a Redis restart)
+    #: before it stops; the job then resumes with the same command.
+    redis_reconnect_timeout_s: int = 120
 
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -143,6 +152,9 @@ ENVIRONMENT: dict[str, str] = {
     "PROMETHEUS_MULTIPROC_DIR": "metrics_dir",
     "DEPOSIUM_LOG_LEVEL": "log_level",
     "DEPOSIUM_MAX_IN_FLIGHT": "max_in_flight",
+    "DEPOSIUM_BATCH_TOKENS": "batch_tokens",
+    "DEPOSIUM_BATCH_TIMEOUT": "batch_timeout_s",
+    "DEPOSIUM_REDIS_RECONNECT_TIMEOUT": "redis_reconnect_timeout_s",
 }
 
 
