@@ -12,6 +12,7 @@ The helpers here (worker subprocess, batch sending) are also used by test_flower
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,21 +150,33 @@ BATCHES = [
 ]
 
 
-def test_metrics_sum_over_prefork_children(redis_server: RedisServer, minilm_artifact: Path, tmp_path: Path):
-    """Counts from every (recycled) child reach the one endpoint and equal the batches' results."""
+@pytest.mark.parametrize("given_dir", [True, False], ids=["PROMETHEUS_MULTIPROC_DIR", "default-dir"])
+def test_metrics_sum_over_prefork_children(
+    redis_server: RedisServer, minilm_artifact: Path, tmp_path: Path, given_dir: bool
+):
+    """Counts from every (recycled) child reach the one endpoint and equal the batches' results.
+
+    Both ways an operator runs it: with PROMETHEUS_MULTIPROC_DIR (the image sets it) and
+    without (the exporter must then create its own directory and still switch to multiprocess
+    mode, although prometheus_client was imported without the variable).
+    """
     port = free_port()
     queue = f"metrics-{uuid.uuid4().hex[:8]}"
     node = f"metrics-{uuid.uuid4().hex[:6]}@testhost"
-    metrics_dir = tmp_path / "prom"
-    (metrics_dir).mkdir()
-    (metrics_dir / "counter_999999.db").write_bytes(b"stale file of a previous run")
-    env = worker_env(
-        redis_server.url, minilm_artifact, queue,
-        DEPOSIUM_METRICS_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-    )
+    extra = {"DEPOSIUM_METRICS_PORT": str(port)}
+    if given_dir:
+        metrics_dir = tmp_path / "prom"
+        metrics_dir.mkdir()
+        (metrics_dir / "counter_999999.db").write_bytes(b"stale file of a previous run")
+        extra["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    env = worker_env(redis_server.url, minilm_artifact, queue, **extra)
     log = tmp_path / "worker.log"
     with worker_process(env, node, log, "--concurrency=2", "--max-tasks-per-child=1") as proc:
         wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, "worker ready", proc, log)
+        if not given_dir:
+            found = re.search(r"metrics: http://\S+ \(files in (\S+)\)", log.read_text())
+            assert found, _tail(log)
+            metrics_dir = Path(found.group(1))
         app = client_app(redis_server.url, queue)
         results = send_batches(app, "job-metrics", BATCHES)
 
