@@ -58,6 +58,8 @@ RUN sh /usr/local/lib/deposium-build/pip-install.sh /opt/convert --no-deps /src
 ARG MODEL=
 ARG CONVERT_ARGS=
 # One thread: the shared build host is small, and int8 block quantization is deterministic anyway.
+# chmod: files are written by root (manifest.json via mkstemp is 0600); the worker runs as
+# `deposium` and only needs to read them.
 RUN set -eu; \
     model="${MODEL}"; \
     if [ -z "$model" ]; then \
@@ -65,6 +67,7 @@ RUN set -eu; \
     fi; \
     echo "deposium-convert $model $CONVERT_ARGS"; \
     OMP_NUM_THREADS=1 /opt/convert/bin/deposium-convert "$model" --out /artifact $CONVERT_ARGS; \
+    chmod -R a+rX,go-w /artifact; \
     ls -l /artifact
 
 # ------------------------------------------------------------------------------------------------
