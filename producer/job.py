@@ -89,7 +89,8 @@ def job_store(settings: Settings, local: bool, target: str | None = None) -> Job
         import redis
 
         return RedisJobStore(redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5,
-                                                  retry_on_timeout=True))
+                                                  retry_on_timeout=True),
+                             reconnect_timeout_s=float(settings.redis_reconnect_timeout_s))
     record = Path(target + ".job.json") if target and is_file_target(target) else None
     return FileJobStore(settings.cache_dir, record)
 

@@ -78,21 +78,37 @@ class FileJobStore:
 
 
 class RedisJobStore:
-    """Queue mode: one JSON string per job at ``deposium:job:<id>`` plus an index set."""
+    """Queue mode: one JSON string per job at ``deposium:job:<id>`` plus an index set.
 
-    def __init__(self, client: Any) -> None:
+    Writes retry through a Redis restart for up to ``reconnect_timeout_s`` (the record must
+    not be what stops a job that the queue itself survives).
+    """
+
+    def __init__(self, client: Any, reconnect_timeout_s: float = 120.0) -> None:
         self.client = client
+        self.reconnect_timeout_s = reconnect_timeout_s
 
     def load(self, job_id: str) -> dict[str, Any] | None:
         raw = self.client.get(REDIS_PREFIX + job_id)
         return json.loads(raw) if raw else None
 
     def save(self, record: dict[str, Any]) -> None:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
         record["updated"] = time.time()
-        pipe = self.client.pipeline()
-        pipe.set(REDIS_PREFIX + record["id"], json.dumps(record, sort_keys=True))
-        pipe.sadd(REDIS_INDEX, record["id"])
-        pipe.execute()
+        give_up = time.monotonic() + self.reconnect_timeout_s
+        while True:
+            try:
+                pipe = self.client.pipeline()
+                pipe.set(REDIS_PREFIX + record["id"], json.dumps(record, sort_keys=True))
+                pipe.sadd(REDIS_INDEX, record["id"])
+                pipe.execute()
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.5)
 
     def list(self) -> list[dict[str, Any]]:
         ids = sorted(i.decode() if isinstance(i, bytes) else i for i in self.client.smembers(REDIS_INDEX))
