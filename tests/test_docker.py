@@ -79,9 +79,11 @@ def _run(docker: dict, *args: str, check: bool = True, **kw) -> subprocess.Compl
 
 def _build(docker: dict, tag: str, *extra: str) -> float:
     began = time.monotonic()
+    # e.g. DEPOSIUM_DOCKER_BUILD_ARGS="ARTIFACT_FROM=artifact-download ARTIFACT_URL=… ARTIFACT_SHA256=…"
+    args = [a for kv in os.environ.get("DEPOSIUM_DOCKER_BUILD_ARGS", "").split() for a in ("--build-arg", kv)]
     proc = subprocess.run(
         [docker["client"], "build", "--network", "host", "--build-arg", f"BASE_IMAGE={docker['base']}",
-         "-t", tag, *extra, str(ROOT)],
+         *args, "-t", tag, *extra, str(ROOT)],
         env=docker["env"], capture_output=True, text=True,
     )
     if proc.returncode != 0:
@@ -96,7 +98,7 @@ def _size_mb(docker: dict, tag: str) -> float:
 @pytest.fixture(scope="module")
 def image(docker: dict) -> str:
     seconds = _build(docker, TAG)
-    _build(docker, CONVERT_TAG, "--target", "convert")  # cached layers: only for the size report
+    _build(docker, CONVERT_TAG, "--target", "artifact")  # cached layers: only for the size report
     runtime, convert = _size_mb(docker, TAG), _size_mb(docker, CONVERT_TAG)
     print(f"\n[docker report] base {docker['base']}, BuildKit={docker['buildkit']}: build {seconds:.0f} s "
           f"(cached layers count); runtime image {runtime:.0f} MB, convert (build) stage {convert:.0f} MB")
