@@ -58,6 +58,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _input_bytes(paths: list[str], stdin_path: Path | None) -> int | None:
+    """Total size of the inputs, for the progress bar's ETA (text bytes done / input bytes)."""
+    from producer.readers import expand
+
+    total = 0
+    for _, path in expand(paths):
+        target = stdin_path if path is None else path
+        try:
+            total += target.stat().st_size if target is not None else 0
+        except OSError:
+            pass
+    return total or None
+
+
 def _fail(message: str) -> int:
     print(f"deposium-submit: error: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -76,7 +90,7 @@ def _main(args: argparse.Namespace) -> int:
     from producer.backends import BackendError
     from producer.job import build_runner, job_store, plan_job, with_in_flight
     from producer.progress import Progress
-    from producer.readers import read_inputs, spool
+    from producer.readers import Meter, read_inputs, spool
     from producer.runner import JobError, JobOptions
     from producer.sinks import SinkError
     from worker.artifact import ArtifactError
@@ -122,9 +136,12 @@ def _main(args: argparse.Namespace) -> int:
                         local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
                         errors_path=errors)
         plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format)
-        progress = Progress(enabled=args.progress)
+        meter = Meter()
+        progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),
+                            read_bytes=lambda: meter.nbytes)
         runner = build_runner(plan, progress=progress, replace=args.replace)
-        summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format))
+        summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
+                                         meter=meter))
         if stdin_path is not None:
             stdin_path.unlink(missing_ok=True)
     except (BackendError, SinkError, JobError, ArtifactError, ConfigError, EmbedRequestError,

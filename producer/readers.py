@@ -13,7 +13,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -77,17 +76,36 @@ def check_text_file(path: Path) -> str | None:
     return None
 
 
-def _text_lines(path: Path) -> Iterator[str]:
+class Meter:
+    """Bytes of input consumed so far (read pass only): the progress bar's ETA basis."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+
+def _text_lines(path: Path, meter: Meter | None = None) -> Iterator[str]:
     with open(path, encoding="utf-8", errors="strict") as fh:
-        yield from fh
+        for line in fh:
+            if meter is not None:
+                meter.nbytes += len(line)
+            yield line
 
 
-def text_file_sources(path: Path, doc_id: str) -> Iterator[Source | InputError]:
+def text_file_sources(path: Path, doc_id: str, meter: Meter | None = None) -> Iterator[Source | InputError]:
     problem = check_text_file(path)
     if problem:
+        if meter is not None:
+            meter.nbytes += _size(path)
         yield InputError(origin=str(path), reason=problem, document=doc_id)
         return
-    yield Source(id=doc_id, origin=str(path), blocks=lambda: blocks_of_lines(_text_lines(path)))
+    yield Source(id=doc_id, origin=str(path), blocks=lambda: blocks_of_lines(_text_lines(path, meter)))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _check_record_text(text: str) -> str | None:
@@ -98,7 +116,7 @@ def _check_record_text(text: str) -> str | None:
     return None
 
 
-def jsonl_sources(path: Path) -> Iterator[Source | InputError]:
+def jsonl_sources(path: Path, meter: Meter | None = None) -> Iterator[Source | InputError]:
     """One document per line: ``{"id": ..., "text": ...}``. A bad line is an error of its own."""
     try:
         fh = open(path, "rb")
@@ -108,6 +126,8 @@ def jsonl_sources(path: Path) -> Iterator[Source | InputError]:
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             origin = f"{path}:{lineno}"
+            if meter is not None:
+                meter.nbytes += len(raw)
             if not raw.strip():
                 continue
             try:
@@ -187,7 +207,8 @@ def _walk(directory: str) -> Iterator[tuple[str, Path]]:
 
 
 def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
-                stdin_format: str = "txt", stdin_path: Path | None = None) -> Iterator[Source | InputError]:
+                stdin_format: str = "txt", stdin_path: Path | None = None,
+                meter: Meter | None = None) -> Iterator[Source | InputError]:
     """Every document of ``inputs`` in a stable order, or an error for what cannot be read.
 
     ``stdin_path`` is an already spooled copy of stdin (see :func:`spool`).
@@ -197,14 +218,14 @@ def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
         if path is None:
             if stdin_path is None:
                 stdin_path, _ = spool(stdin or sys.stdin.buffer)
-            items = jsonl_sources(stdin_path) if stdin_format == "jsonl" else \
-                text_file_sources(stdin_path, "<stdin>")
+            items = jsonl_sources(stdin_path, meter) if stdin_format == "jsonl" else \
+                text_file_sources(stdin_path, "<stdin>", meter)
         elif not path.exists():
             items = iter([InputError(origin=str(path), reason="no such file or directory")])
         elif path.suffix.lower() in JSONL_SUFFIXES:
-            items = jsonl_sources(path)
+            items = jsonl_sources(path, meter)
         else:
-            items = text_file_sources(path, doc_id)
+            items = text_file_sources(path, doc_id, meter)
         for item in items:
             if isinstance(item, Source):
                 first = seen.get(item.id)
@@ -214,8 +235,3 @@ def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
                     continue
                 seen[item.id] = item.origin
             yield item
-
-
-def copy_stdin_to(path: Path, stream: BinaryIO) -> None:
-    with open(path, "wb") as out:
-        shutil.copyfileobj(stream, out, _CHUNK)

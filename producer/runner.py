@@ -198,6 +198,7 @@ class JobRunner:
                         reason = f"paragraph {p.id}: {size} bytes, over the limit {self.max_paragraph_bytes}"
                         self._input_error(InputError(origin=item.origin, document=item.id, reason=reason))
                         continue
+                    self.progress.text_read += len(p.text)
                     yield p
             except (OSError, UnicodeDecodeError) as exc:
                 self._input_error(InputError(origin=item.origin, document=item.id,
@@ -238,7 +239,7 @@ class JobRunner:
                 self.errors.add({"kind": "batch", "id": p.id, "document": p.document, "batch": batch.id,
                                  "reason": reason})
             s.failed_paragraphs += len(batch.rows)
-            self.progress.update(0, 0, len(batch.rows), 0)
+            self.progress.update(0, 0, len(batch.rows), sum(len(p.text) for p in batch.rows))
             self._save(force=True)
             return
         wanted = [h for h, owner in batch.refs.items() if owner in self._committed]
@@ -286,7 +287,7 @@ class JobRunner:
                         "reason": reason} for p, reason in problems]
             self._record.setdefault("paragraph_errors", {})[batch.id] = entries
             s.failed_paragraphs += len(problems)
-        self.progress.update(len(keep), tokens, len(problems), sum(len(p.text) for p in keep))
+        self.progress.update(len(keep), tokens, len(problems), sum(len(p.text) for p in batch.rows))
         if self.on_progress is not None:
             self.on_progress(s)
         self._save(force=bool(problems))
@@ -318,6 +319,7 @@ class JobRunner:
                     self._waiting.append(Outcome(batch, np.zeros((0, self.dim), np.float32)))
                 self._drain(block=False)
                 s.batches_sent = self.backend.sent
+            self.progress.input_done(s.paragraphs)
             while self.backend.in_flight() or self._waiting:
                 self._drain(block=True)
             s.batches_sent = self.backend.sent
@@ -360,4 +362,6 @@ class JobRunner:
         failed_here = len(previous_errors.get(batch.id, []))
         s.failed_paragraphs += failed_here
         s.already_done += len(batch.rows) - failed_here
+        # done before this run: neither work read nor work done for this run's ETA
+        self.progress.text_read -= sum(len(p.text) for p in batch.rows)
         self.progress.update(0, 0, 0, 0)
