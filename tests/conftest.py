@@ -32,7 +32,7 @@ def minilm_artifact(minilm_dir: Path, artifact_cache: Path) -> Path:
     from convert.api import build_artifact
 
     out = artifact_cache / "minilm-int8"
-    build_artifact(str(minilm_dir), out)
+    build_artifact(str(minilm_dir), out, stsb=None, paragraph_limit=48)
     return out
 
 
@@ -41,7 +41,7 @@ def minilm_fp32_artifact(minilm_dir: Path, artifact_cache: Path) -> Path:
     from convert.api import build_artifact
 
     out = artifact_cache / "minilm-fp32"
-    build_artifact(str(minilm_dir), out, recipe="fp32")
+    build_artifact(str(minilm_dir), out, recipe="fp32", stsb=None, paragraph_limit=48)
     return out
 
 

@@ -85,6 +85,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(manifest.to_json())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; non-root workers must read it
     os.replace(tmp, directory / MANIFEST)
     return directory / MANIFEST
 

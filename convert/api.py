@@ -1,0 +1,222 @@
+"""``build_artifact``: source model -> validated artifact directory, all or nothing.
+
+Why staging + rename: a worker must never load half an artifact. Everything is built in a
+sibling temporary directory; only when the gate has passed is it renamed to ``out``. A failure
+at any step (bad source, export, quantization, gate) leaves ``out`` untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert.quantize import DEFAULT_RECIPE, QuantizeOptions, quantize
+from convert.source import SentenceTransformerSource, read_source, resolve_source
+from convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
+from worker.artifact import (
+    FORMAT_VERSION,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    VALIDATION_FILE,
+    Manifest,
+    sha256_file,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STSB = Path(__file__).resolve().parents[2] / "shared" / "eval" / "stsb_test.tsv"
+
+
+class ConvertError(RuntimeError):
+    """Any failure that leaves nothing published."""
+
+
+@dataclass
+class ConvertOptions:
+    recipe: str = DEFAULT_RECIPE
+    weight_bits: int | str = "auto"
+    quantize_embeddings: bool = True
+    keep_fp32: list[str] = field(default_factory=list)
+    #: None = model defaults (stricter for EmbeddingGemma).
+    thresholds: Thresholds | None = None
+    #: STS-B file; "default" finds ../shared/eval/stsb_test.tsv when present; None skips STS-B.
+    stsb: Path | str | None = "default"
+    validate: bool = True
+    paragraph_limit: int | None = None
+    matryoshka_dims: list[int] | None = None
+    revision: str | None = None
+    force: bool = False
+
+
+def _tools() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tools = {}
+    for package in ("onnx", "onnxruntime", "optimum-onnx", "optimum", "transformers", "torch",
+                    "sentence-transformers", "tokenizers", "deposium-embeddings"):
+        try:
+            tools[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return tools
+
+
+def _write_tokenizer(source: SentenceTransformerSource, out: Path) -> int:
+    """Copy tokenizer.json with padding and truncation off (the Embedder sets both)."""
+    from tokenizers import Tokenizer, normalizers
+
+    tokenizer = Tokenizer.from_file(str(source.transformer_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    if source.do_lower_case:  # sentence-transformers lower-cases before tokenizing
+        existing = tokenizer.normalizer
+        parts = [normalizers.Lowercase()] + ([existing] if existing is not None else [])
+        tokenizer.normalizer = normalizers.Sequence(parts)
+    tokenizer.save(str(out / TOKENIZER_FILE))
+    config = json.loads((source.transformer_dir / "config.json").read_text())
+    pad = tokenizer.token_to_id(tokenizer.padding["pad_token"]) if tokenizer.padding else None
+    for candidate in (config.get("pad_token_id"), pad, 0):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _graph_inputs(path: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+
+
+def _write_artifact_dir(directory: Path, model_src: Path, source: SentenceTransformerSource,
+                        quant: dict[str, Any], dims: list[int], pad_id: int, tokenizer_dir: Path,
+                        validation: dict[str, Any] | None) -> Manifest:
+    directory.mkdir(parents=True, exist_ok=True)
+    if model_src != directory / MODEL_FILE:
+        shutil.copyfile(model_src, directory / MODEL_FILE)
+    if tokenizer_dir != directory:
+        shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, directory / TOKENIZER_FILE)
+    files = [MODEL_FILE, TOKENIZER_FILE]
+    if validation is not None:
+        (directory / VALIDATION_FILE).write_text(json.dumps(validation, indent=2, sort_keys=True) + "\n")
+        files.append(VALIDATION_FILE)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        source=source.source_id,
+        source_revision=source.revision,
+        architecture=source.architecture,
+        dim=source.dim,
+        matryoshka_dims=dims,
+        pooling=source.pooling,
+        max_seq_length=source.max_seq_length,
+        inputs=_graph_inputs(directory / MODEL_FILE),
+        pad_token_id=pad_id,
+        prompts=dict(source.prompts),
+        default_prompt_name=source.default_prompt_name,
+        quantization=quant,
+        files={name: sha256_file(directory / name) for name in files},
+        tools=_tools(),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def _resolve_stsb(value: Path | str | None) -> Path | None:
+    if value is None:
+        return None
+    if value == "default":
+        return DEFAULT_STSB if DEFAULT_STSB.is_file() else None
+    path = Path(value)
+    if not path.is_file():
+        raise ConvertError(f"STS-B file {path} does not exist")
+    return path
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvertError(f"cannot write the artifact under {out.parent}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ConvertError(f"cannot write the artifact: {out.parent} is not writable")
+
+
+def build_artifact(source: str, out: Path | str, options: ConvertOptions | None = None, **overrides: Any) -> Path:
+    """Convert ``source`` (directory or hub id) into a validated artifact at ``out``."""
+    from convert.export import ExportError, export_transformer
+    from convert.head import append_head
+    from convert.quantize import QuantizeError
+    from convert.source import SourceError
+
+    opts = options or ConvertOptions()
+    for key, value in overrides.items():
+        if not hasattr(opts, key):
+            raise TypeError(f"unknown option {key!r}")
+        setattr(opts, key, value)
+    out = Path(out).expanduser().absolute()
+    _check_output(out, opts.force)
+    stsb = _resolve_stsb(opts.stsb)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        try:
+            path, revision = resolve_source(source, opts.revision)
+            src = read_source(path, source_id=source, revision=revision)
+        except SourceError as exc:
+            raise ConvertError(str(exc)) from None
+        dims = opts.matryoshka_dims or src.matryoshka_dims()
+        if dims[0] != src.dim or any(d <= 0 or d > src.dim for d in dims):
+            raise ConvertError(f"matryoshka dims {dims} must start with the model dim {src.dim}")
+        thresholds = opts.thresholds or (
+            EMBEDDINGGEMMA_THRESHOLDS if (src.model_type, src.dim) == ("gemma3_text", 768) else Thresholds()
+        )
+        work = staging / "work"
+        log.info("exporting %s (%s) with optimum", source, src.architecture)
+        try:
+            transformer = export_transformer(src, work / "export")
+        except ExportError as exc:
+            raise ConvertError(str(exc)) from None
+        import onnx
+
+        fp32_dir = work / "fp32"
+        fp32_dir.mkdir(parents=True)
+        onnx.save(append_head(onnx.load(str(transformer)), src), str(fp32_dir / MODEL_FILE))
+        pad_id = _write_tokenizer(src, fp32_dir)
+        _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
+        final = staging / "artifact"
+        final.mkdir()
+        log.info("quantizing with recipe %s", opts.recipe)
+        try:
+            quant = quantize(fp32_dir / MODEL_FILE, final / MODEL_FILE,
+                             QuantizeOptions(recipe=opts.recipe, weight_bits=opts.weight_bits,
+                                             quantize_embeddings=opts.quantize_embeddings,
+                                             keep_fp32=list(opts.keep_fp32)))
+        except QuantizeError as exc:
+            raise ConvertError(str(exc)) from None
+        _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, None)
+        validation = None
+        if opts.validate:
+            log.info("validating against sentence-transformers (torch fp32)")
+            validation = validate_artifact(final, fp32_dir, src.path, thresholds=thresholds, stsb_path=stsb,
+                                           paragraph_limit=opts.paragraph_limit)
+            validation["recipe"] = quant
+            if not validation["passed"]:
+                (out.parent / f"{out.name}.rejected-validation.json").write_text(
+                    json.dumps(validation, indent=2, sort_keys=True) + "\n")
+                raise ConvertError("validation gate failed, nothing published: " + "; ".join(validation["failures"]))
+        _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, validation)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(final, out)
+        return out
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
