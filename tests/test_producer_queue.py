@@ -141,3 +141,70 @@ def test_producer_killed_mid_job_resumes_without_resending_finished_batches(
     deliveries = collections.Counter(t.split(":")[1] for t in received_task_ids(worker))
     assert all(deliveries[b] == 1 for b in done_at_kill), {b: deliveries[b] for b in done_at_kill}
     assert set(deliveries) == {f"b{i:07d}" for i in range(summary["batches"])}
+
+
+def _other_model_artifact(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose model.onnx differs by one metadata entry: same vectors, other sha256."""
+    import dataclasses
+    import shutil
+
+    import onnx
+
+    from worker.artifact import MODEL_FILE, read_manifest, sha256_file, write_manifest
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / MODEL_FILE))
+    model.metadata_props.add(key="deposium-test", value="another build")
+    onnx.save(model, str(dst / MODEL_FILE))
+    manifest = read_manifest(dst)
+    files = dict(manifest.files, **{MODEL_FILE: sha256_file(dst / MODEL_FILE)})
+    write_manifest(dst, dataclasses.replace(manifest, files=files))
+    return dst
+
+
+def test_batches_failing_every_attempt_are_retried_a_bounded_number_of_times_then_resumed(
+        tmp_path: Path, redis_server, minilm_artifact: Path, short_corpus: list[str]):
+    """A worker running another model build fails every batch (its sha256 is not the job's).
+
+    Each batch is sent 1 + DEPOSIUM_MAX_BATCH_RETRIES times, recorded as failed with the reason,
+    and the job still finishes (exit 1). With the right worker, the same command completes it.
+    """
+    texts = short_corpus[:80]
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    wrong = _other_model_artifact(minilm_artifact, tmp_path / "other-build")
+    env = dict(_env(tmp_path, minilm_artifact, redis_server.url), DEPOSIUM_MAX_BATCH_RETRIES="2")
+    args = ["in.jsonl", "--out", "f.parquet", "--batch-tokens", "100", "--no-progress", "--json"]
+    log = tmp_path / "wrong.log"
+    proc = start_worker(redis_server.url, wrong, log, concurrency=2, name="wrong")
+    try:
+        wait_for_worker(redis_server.url, proc, log)
+        r = subprocess.run(submit_cmd(*args), env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    finally:
+        stop(proc)
+    assert r.returncode == 1, r.stderr
+    summary = json.loads(r.stdout)
+    batches = summary["batches"]
+    assert batches >= 3 and summary["batches_failed"] == batches
+    assert summary["failed_paragraphs"] == len(texts)
+    deliveries = collections.Counter(received_task_ids(log))
+    assert len(deliveries) == batches and set(deliveries.values()) == {3}
+    errors = [json.loads(line) for line in (tmp_path / "f.parquet.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == len(texts)
+    assert all(e["kind"] == "batch" and "after 3 attempt(s)" in e["reason"]
+               and "worker runs model" in e["reason"] for e in errors)
+    assert pq.read_table(tmp_path / "f.parquet").num_rows == 0
+    # the right worker, the same command: the failed batches are sent again and the job completes
+    good_log = tmp_path / "good.log"
+    proc = start_worker(redis_server.url, minilm_artifact, good_log, concurrency=2, name="good")
+    try:
+        wait_for_worker(redis_server.url, proc, good_log)
+        r = subprocess.run(submit_cmd(*args), env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    finally:
+        stop(proc)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["batches_sent"] == batches
+    ids = pq.read_table(tmp_path / "f.parquet").column("id").to_pylist()
+    assert sorted(ids) == [f"p{i:06d}#0" for i in range(len(texts))]
+    assert not (tmp_path / "f.parquet.errors.jsonl").exists()
