@@ -75,7 +75,7 @@ class Sink(Protocol):
 def open_sink(target: str) -> Sink:
     """Pick the sink for a target string: a ``.parquet`` path (default), or a URL scheme.
 
-    ``postgresql://`` and ``lancedb://`` are reserved for the pgvector and LanceDB sinks.
+    ``postgresql://user@host/db?table=NAME`` (pgvector) and ``lancedb://PATH?table=NAME``.
     """
     scheme = target.split("://", 1)[0].lower() if "://" in target else ""
     if scheme in {"", "file"}:
@@ -83,7 +83,31 @@ def open_sink(target: str) -> Sink:
 
         return ParquetSink(target.split("://", 1)[1] if scheme == "file" else target)
     if scheme in {"postgresql", "postgres"}:
-        raise SinkError("the PostgreSQL + pgvector sink is not implemented yet (issue 11)")
+        from producer.sinks.pgvector import PgVectorSink
+
+        return PgVectorSink(target)
     if scheme == "lancedb":
-        raise SinkError("the LanceDB sink is not implemented yet (issue 11)")
-    raise SinkError(f"unknown sink target {target!r}: use a .parquet path, postgresql:// or lancedb://")
+        from producer.sinks.lancedb import LanceDBSink
+
+        return LanceDBSink(target)
+    from worker.config import mask_url
+
+    raise SinkError(f"unknown sink target {mask_url(target)!r}: use a .parquet path, postgresql:// or lancedb://")
+
+
+def configure_sink(sink: Sink, *, index: str | None = None, model_id: str = "") -> None:
+    """Options that shape no row and so stay out of the target string and the job's identity.
+
+    Why separate from :func:`open_sink`: adding ``--index`` to a re-run must resume the same
+    job, and the model id is known only once the job is planned. Raises :class:`SinkError`
+    for an index on a sink that has none (Parquet).
+    """
+    if index:
+        kinds = getattr(sink, "index_kinds", None)
+        if kinds is None:
+            raise SinkError(f"--index {index}: {sink.target} is a file sink without vector indexes")
+        if index not in kinds:
+            raise SinkError(f"--index {index!r} is not offered by {sink.target}; use one of {', '.join(kinds)}")
+        sink.index = index  # type: ignore[attr-defined]
+    if model_id and hasattr(sink, "model_id"):
+        sink.model_id = model_id  # type: ignore[attr-defined]
