@@ -20,6 +20,7 @@ from producer.model import Document, InputError
 from producer.progress import Progress
 from producer.readers import Source, blocks_of_text
 from producer.runner import JobOptions, Summary
+from producer.sinks import configure_sink
 from worker.config import Settings, load_settings
 
 Item = str | tuple[str, str] | Document
@@ -98,13 +99,16 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
            max_in_flight: int | None = None, min_chars: int = 20, max_tokens: int | None = None,
            artifact_dir: Path | None = None, job_id: str | None = None, name: str = "",
            settings: Settings | None = None, replace_output: bool = False, progress: bool = False,
-           total: int | None = None, errors_path: Path | None = None, background: bool = True) -> JobHandle:
+           total: int | None = None, errors_path: Path | None = None, background: bool = True,
+           index: str | None = None) -> JobHandle:
     """Start a job over ``documents`` writing to ``out``; returns at once (``background``).
 
     Calling it again with the same documents, options and ``out`` (or the same ``job_id``)
     resumes the job: committed batches are skipped. ``name`` distinguishes two different
     inputs written to the same target over time. Raises before starting when the artifact,
-    the options, Redis or the sink are unusable.
+    the options, Redis or the sink are unusable. ``out`` is any sink target: a ``.parquet``
+    path, ``postgresql://user@host/db?table=NAME`` or ``lancedb://PATH?table=NAME``;
+    ``index`` (``"hnsw"``) builds a vector index in those stores once the job is complete.
     """
     settings = settings or load_settings()
     options = with_in_flight(JobOptions(task=task, dim=dim, dtype=dtype, batch_tokens=batch_tokens,
@@ -114,6 +118,7 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
     handle = JobHandle(plan.job_id, plan.target)
     runner = build_runner(plan, progress=Progress(enabled=progress, total=total), replace=replace_output,
                           on_progress=handle._update)
+    configure_sink(runner.sink, index=index, model_id=str(plan.spec.get("model_source", "")))
 
     def run() -> None:
         try:

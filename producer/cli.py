@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
                "Exit: 0 ok, 1 finished with failures, 2 could not run, 130 interrupted.")
     p.add_argument("paths", nargs="*", help="files, directories, globs, or - for stdin")
     p.add_argument("--out", "--sink", dest="out", default=None,
-                   help="output: a .parquet path (default embeddings.parquet); postgresql:// and "
-                        "lancedb:// targets are reserved for those sinks")
+                   help="output: a .parquet path (default embeddings.parquet), "
+                        "postgresql://user@host/db?table=NAME (pgvector; password from the URL or PGPASSWORD) "
+                        "or lancedb://PATH?table=NAME")
     p.add_argument("--local", action="store_true",
                    help="embed in this process (default when REDIS_URL is unset)")
     p.add_argument("--resume", metavar="JOB_ID",
@@ -50,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", type=Path, default=None, help="errors file (default OUT.errors.jsonl)")
     p.add_argument("--stdin-format", choices=["txt", "jsonl"], default="txt")
     p.add_argument("--replace", action="store_true", help="overwrite an output that holds another job")
+    p.add_argument("--index", choices=["hnsw", "ivf_pq"], default=None,
+                   help="build a cosine vector index once the job is complete (pgvector: hnsw; "
+                        "LanceDB: hnsw or ivf_pq)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show the progress bar even when stderr is not a terminal")
@@ -92,7 +96,7 @@ def _main(args: argparse.Namespace) -> int:
     from producer.progress import Progress
     from producer.readers import Meter, read_inputs, spool
     from producer.runner import JobError, JobOptions
-    from producer.sinks import SinkError
+    from producer.sinks import SinkError, configure_sink
     from worker.artifact import ArtifactError
     from worker.config import ConfigError, load_settings
     from worker.errors import EmbedRequestError
@@ -140,6 +144,7 @@ def _main(args: argparse.Namespace) -> int:
         progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),
                             read_bytes=lambda: meter.nbytes)
         runner = build_runner(plan, progress=progress, replace=args.replace)
+        configure_sink(runner.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
         summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
                                          meter=meter))
         if stdin_path is not None:
