@@ -11,3 +11,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[producer,convert,monitor,bench,sinks,dev]'
+# pgvector for the machine's PostgreSQL (tests start their own cluster with it). A no-op when
+# installed; builds Debian's source package through a temporary apt source list otherwise.
+if ! scripts/install-pgvector.sh --check 2>/dev/null; then
+  scripts/install-pgvector.sh || echo "WARNING: pgvector could not be installed; tests/test_sinks_pgvector.py will fail" >&2
+fi
