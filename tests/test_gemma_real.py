@@ -1,0 +1,94 @@
+"""Opt-in checks on the real EmbeddingGemma-300m weights (1.2 GB; never in CI).
+
+Enable with ``DEPOSIUM_GEMMA_DIR=$(../shared/tools/fetch-embeddinggemma) pytest -m gemma_real``.
+Set ``DEPOSIUM_GEMMA_ARTIFACT`` to reuse an artifact converted earlier (it is built once,
+with the shipped recipe and the model's own strict gate, otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.validate import load_paragraphs
+from worker.artifact import load_manifest
+from worker.config import Settings
+
+GEMMA_DIR = os.environ.get("DEPOSIUM_GEMMA_DIR")
+
+pytestmark = [
+    pytest.mark.gemma_real,
+    pytest.mark.skipif(not GEMMA_DIR, reason="opt-in: set DEPOSIUM_GEMMA_DIR to the real EmbeddingGemma-300m "
+                       "directory (../shared/tools/fetch-embeddinggemma prints it)"),
+]
+
+BIG = Settings(max_batch_paragraphs=10_000, max_batch_bytes=1 << 28)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def gemma_st():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(GEMMA_DIR, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gemma_artifact(tmp_path_factory) -> Path:
+    reuse = os.environ.get("DEPOSIUM_GEMMA_ARTIFACT")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        return Path(reuse)
+    from convert.api import build_artifact
+
+    out = Path(reuse) if reuse else tmp_path_factory.mktemp("gemma") / "artifact"
+    return build_artifact(GEMMA_DIR, out, force=True)
+
+
+def test_gate_passed_with_the_models_strict_thresholds(gemma_artifact):
+    report = json.loads((gemma_artifact / "validation.json").read_text())
+    assert report["passed"], report["failures"]
+    assert report["thresholds"]["min_mean_cosine"] >= 0.999
+    assert report["thresholds"]["max_stsb_drop"] <= 0.1
+    stsb = report["stsb_spearman_x100"]
+    for dim in ("768", "512", "256", "128"):
+        assert stsb["torch_fp32"][dim] - stsb["onnx_int8"][dim] <= 0.1
+    assert report["batch_invariance_min_cosine"] >= 0.9999
+
+
+def test_prompts_come_from_the_models_config(gemma_artifact, gemma_st):
+    from worker.embedder import Embedder
+
+    manifest = load_manifest(gemma_artifact)
+    assert manifest.prompts == gemma_st.prompts
+    assert manifest.matryoshka_dims == [768, 512, 256, 128]
+    queries = ["which planet is the largest?", "how do I reset my password"]
+    ours = Embedder(gemma_artifact, settings=BIG).embed(queries, task="query").vectors
+    ref = gemma_st.encode(queries, prompt_name="query", convert_to_numpy=True, show_progress_bar=False)
+    assert _cos(ours, ref).min() >= 0.998
+
+
+def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_st):
+    from worker.embedder import Embedder
+
+    paragraphs = load_paragraphs()
+    long_texts = [" ".join(paragraphs[i:i + k]) for i, k in ((0, 6), (10, 12), (30, 24))]
+    embedder = Embedder(gemma_artifact, settings=BIG)
+    ours = embedder.embed(long_texts, task="document")
+    assert max(ours.token_counts) > 1024 and min(ours.token_counts) > 512
+    ref = gemma_st.encode(long_texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
+    assert _cos(ours.vectors, ref).min() >= 0.999
+
+
+def test_plain_dynamic_recipe_is_rejected(tmp_path):
+    from convert.api import ConvertError, build_artifact
+
+    with pytest.raises(ConvertError, match="validation gate failed"):
+        build_artifact(GEMMA_DIR, tmp_path / "dyn", recipe="int8-dynamic", stsb=None, paragraph_limit=48)
+    assert not (tmp_path / "dyn").exists()
