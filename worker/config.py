@@ -125,6 +125,13 @@ class Settings:
     #: before it stops; the job then resumes with the same command.
     redis_reconnect_timeout_s: int = 120
 
+    # --- tests only ----------------------------------------------------------------------------
+    #: Fault injection for the reliability tests (tests/test_faults.py). Empty = off; never set it
+    #: in a deployment. ``crash:MARKER`` SIGKILLs the worker child running a batch that holds a
+    #: paragraph containing MARKER, ``hang:MARKER`` blocks that batch until its time limit, and
+    #: ``sleep=SECONDS:MARKER`` delays it (so a test can kill a process that is mid-batch).
+    test_fault: str = ""
+
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -155,7 +162,11 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_BATCH_TOKENS": "batch_tokens",
     "DEPOSIUM_BATCH_TIMEOUT": "batch_timeout_s",
     "DEPOSIUM_REDIS_RECONNECT_TIMEOUT": "redis_reconnect_timeout_s",
+    "DEPOSIUM_TEST_FAULT": "test_fault",
 }
+
+#: Accepted values of DEPOSIUM_TEST_FAULT (tests only, see Settings.test_fault).
+TEST_FAULT = re.compile(r"(?P<action>crash|hang|sleep=(?P<seconds>[0-9]+(?:\.[0-9]+)?)):(?P<marker>.+)", re.S)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -194,6 +205,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "DEPOSIUM_VISIBILITY_TIMEOUT must be greater than DEPOSIUM_TASK_TIME_LIMIT, "
             "or Redis redelivers batches that are still running"
         )
+    if settings.test_fault and not TEST_FAULT.fullmatch(settings.test_fault):
+        raise ConfigError("DEPOSIUM_TEST_FAULT must be crash:MARKER, hang:MARKER or sleep=SECONDS:MARKER")
     if settings.token_budget < 16:
         raise ConfigError("DEPOSIUM_TOKEN_BUDGET must be at least 16")
     return settings

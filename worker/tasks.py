@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from worker.celery_app import app
-from worker.config import Settings, load_settings
+from worker.config import TEST_FAULT, Settings, load_settings
 from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
 
 if TYPE_CHECKING:
@@ -73,6 +75,25 @@ def run_request(embedder: Embedder, payload: dict[str, Any]) -> dict[str, Any]:
     ).to_wire()
 
 
+def inject_test_fault(spec: str, task_id: str, paragraphs: object) -> None:
+    """Tests only (``DEPOSIUM_TEST_FAULT``, off by default): misbehave on a marked batch, the way
+    a poison batch or a slow batch would, so fault tests need no mocks. Logs before acting so a
+    test can tell which process holds the batch."""
+    m = TEST_FAULT.fullmatch(spec)
+    if m is None or not isinstance(paragraphs, list):
+        return
+    if not any(isinstance(p, str) and m["marker"] in p for p in paragraphs):
+        return
+    log.warning("test fault %s in batch %s, process %d", m["action"], task_id, os.getpid())
+    if m["action"] == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif m["action"] == "hang":
+        while True:  # until the soft time limit raises in here, or the hard one kills the process
+            time.sleep(1)
+    else:
+        time.sleep(float(m["seconds"]))
+
+
 @app.task(name=TASK_NAME, bind=True)
 def embed_batch(self: Any, *args: Any, **request: Any) -> dict[str, Any]:
     """Embed one batch. Keyword arguments are the wire request (docs/design.md).
@@ -85,4 +106,7 @@ def embed_batch(self: Any, *args: Any, **request: Any) -> dict[str, Any]:
     expected = task_id(str(request.get("job_id")), str(request.get("batch_id")))
     if self.request.id != expected:
         raise WireError(f"task id {self.request.id!r} must be job_id:batch_id = {expected!r}")
-    return run_request(get_embedder(), request)
+    embedder = get_embedder()
+    if embedder.settings.test_fault:
+        inject_test_fault(embedder.settings.test_fault, expected, request.get("paragraphs"))
+    return run_request(embedder, request)
