@@ -218,7 +218,10 @@ class QueueBackend:
             failure = f"no result within {self.batch_timeout_s:.0f}s"
         else:
             return None
-        if p.attempts > self.retries or failure.startswith(("rejected", "EmbedRequestError", "WireError")):
+        # WorkerLostError: the worker already retried the batch max_batch_retries times after its
+        # process died (worker.celery_app); sending it again would multiply the crashes.
+        if p.attempts > self.retries or failure.startswith(
+                ("rejected", "EmbedRequestError", "WireError", "WorkerLostError")):
             return Outcome(p.batch, failure=failure, attempts=p.attempts)
         self._send(p.batch, p.attempts + 1)
         return None

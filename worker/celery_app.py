@@ -6,6 +6,10 @@ Why each setting (all of them protect a batch from being lost or run twice):
   must not be able to execute code in the worker; msgpack carries vectors as raw bytes.
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a batch is acknowledged only after
   it finished, so a worker killed mid-batch (OOM, redeploy) leaves it to be redelivered.
+* ``task_retry_on_worker_lost`` with ``max_retries = max_batch_retries``: a batch whose
+  process died (SIGKILL, OOM) is sent again at once, but only that many times; then it is
+  recorded as failed (``WorkerLostError``). Without the bound, reject_on_worker_lost would
+  requeue a poison batch that kills every process running it forever.
 * ``worker_prefetch_multiplier=1``: a process holds one batch at a time; a slow batch
   never hides others that an idle process could take.
 * ``visibility_timeout`` > hard time limit (enforced by ``load_settings``): Redis must not
@@ -48,6 +52,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_acks_on_failure_or_timeout": True,
         "task_reject_on_worker_lost": True,
+        "task_retry_on_worker_lost": True,
+        "task_annotations": {TASK_NAME: {"max_retries": settings.max_batch_retries, "default_retry_delay": 0}},
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
