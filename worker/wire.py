@@ -110,7 +110,8 @@ class EmbedRequest:
         if dim is not None:
             _check_int(dim, "dim")
         dtype = p["dtype"]
-        if dtype not in WIRE_DTYPES:
+        # isinstance first: a forged list or dict is unhashable, and ``in`` would raise TypeError
+        if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
             raise WireError(f"dtype must be one of {', '.join(WIRE_DTYPES)}, got {dtype!r:.40}")
         return cls(
             job_id=_check_id(p["job_id"], "job_id"),
@@ -164,7 +165,7 @@ class EmbedResponse:
         """Decode a task result, checking that every per-paragraph list matches the vectors."""
         p = _check_fields(payload, RESULT_FIELDS, "embed result")
         dtype = p["dtype"]
-        if dtype not in WIRE_DTYPES:
+        if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
             raise WireError(f"result dtype must be one of {', '.join(WIRE_DTYPES)}, got {dtype!r:.40}")
         dim = _check_int(p["dim"], "dim")
         raw = p["vectors"]
