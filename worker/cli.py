@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +22,34 @@ from worker.cpu import available_cpus, cpu_features, quantization_warning
 
 log = logging.getLogger("deposium.worker")
 
-#: Exit codes: configuration error, artifact refused.
+#: Exit codes: configuration error, artifact refused, Redis unreachable at start-up.
 EXIT_CONFIG = 2
 EXIT_ARTIFACT = 3
+EXIT_REDIS = 4
+
+
+def wait_for_redis(settings: Settings) -> str | None:
+    """Ping the broker, retrying (each attempt logged) for ``redis_connect_timeout_s``; return why
+    it is unreachable, or None. Why here: Celery itself would retry 100 times with back-off, so a
+    worker pointed at a wrong or dead Redis would hang for many minutes instead of saying so."""
+    import redis
+
+    url = settings.redis_url or ""
+    give_up = time.monotonic() + settings.redis_connect_timeout_s
+    while True:
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+            try:
+                client.ping()
+            finally:
+                client.close()
+            return None
+        except (redis.exceptions.RedisError, OSError, ValueError) as exc:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                return f"cannot reach Redis at {mask_url(url)}: {exc}"
+            log.warning("Redis at %s unreachable (%s); retrying for %.0fs more", mask_url(url), exc, left)
+            time.sleep(min(1.0, left))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArtifactError as exc:
         print(f"deposium-worker: refusing to start: {exc}", file=sys.stderr)
         return EXIT_ARTIFACT
+    problem = wait_for_redis(settings)
+    if problem:
+        print(f"deposium-worker: {problem}", file=sys.stderr)
+        return EXIT_REDIS
     concurrency = settings.concurrency or available_cpus()
     for line in describe_startup(settings, manifest, concurrency):
         log.info(line)
