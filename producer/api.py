@@ -45,6 +45,12 @@ def documents_to_sources(items: Iterable[Item]) -> Iterator[Source | InputError]
         except UnicodeEncodeError:
             yield InputError(origin=origin, document=doc_id, reason="text holds a lone surrogate")
             continue
+        try:  # the id is part of every row id: a sink cannot store it (pyarrow raised mid-job)
+            doc_id.encode("utf-8")
+        except UnicodeEncodeError:
+            yield InputError(origin=origin, document=doc_id.encode("utf-8", "backslashreplace").decode(),
+                             reason="document id holds a lone surrogate")
+            continue
         if doc_id in seen:
             yield InputError(origin=origin, document=doc_id, reason="duplicate document id")
             continue
