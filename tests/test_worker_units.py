@@ -27,9 +27,7 @@ from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(st.integers(min_value=1, max_value=300), max_size=80), st.integers(min_value=16, max_value=5000)
-)
+@given(st.lists(st.integers(min_value=1, max_value=300), max_size=80), st.integers(min_value=16, max_value=5000))
 def test_pack_batches_respects_budget_and_covers_every_index(lengths, budget):
     batches = pack_batches(lengths, budget)
     flat = [i for b in batches for i in b]
@@ -159,9 +157,7 @@ def test_response_vectors_travel_as_little_endian_bytes(dtype):
     ],
 )
 def test_forged_results_are_rejected(change, message):
-    wire = EmbedResponse(
-        "j", "b", "0" * 64, np.zeros((3, 4), np.float32), [1, 2, 3], [False] * 3, [None] * 3
-    ).to_wire()
+    wire = EmbedResponse("j", "b", "0" * 64, np.zeros((3, 4), np.float32), [1, 2, 3], [False] * 3, [None] * 3).to_wire()
     wire.update(change)
     with pytest.raises(WireError, match=message):
         EmbedResponse.from_wire(wire)
@@ -220,9 +216,7 @@ def test_cgroup_v1_cfs_quota(tmp_path):
 
 def test_cpu_features_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text(
-        "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n\nprocessor: 1\n"
-    )
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n\nprocessor: 1\n")
     assert cpu_features(info) == {"avx2", "avx512bw", "avx512_vnni"}
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx_vnni\n")
     assert cpu_features(info) == {"avx2", "avx_vnni"}
@@ -230,12 +224,18 @@ def test_cpu_features_from_cpuinfo(tmp_path):
 
 
 def test_quantization_warning_depends_on_cpu():
-    block = {"recipe": "int8-block"}
-    assert quantization_warning(block, frozenset({"avx2", "avx512_vnni"})) is None
-    assert quantization_warning(block, frozenset({"avx2", "avx_vnni"})) is None
-    assert "no VNNI" in quantization_warning(block, frozenset({"avx2"}))
-    assert "neither AVX2 nor VNNI" in quantization_warning(block, frozenset())
-    assert "saturate" in quantization_warning({"recipe": "int8-dynamic"}, frozenset({"avx2"}))
+    avx2, vnni = frozenset({"avx2"}), frozenset({"avx2", "avx512_vnni"})
+    token8, token7 = {"recipe": "int8-token", "weight_bits": 8}, {"recipe": "int8-token", "weight_bits": 7}
+    assert quantization_warning(token7, avx2) is None
+    assert quantization_warning(token8, vnni) is None
+    assert quantization_warning(token8, frozenset({"avx2", "avx_vnni"})) is None
+    assert "saturate" in quantization_warning(token8, avx2)
+    assert "saturate" in quantization_warning({"recipe": "int8-dynamic"}, avx2)
+    assert quantization_warning({"recipe": "int8-dynamic", "reduce_range": True}, avx2) is None
+    assert "7-bit weights" in quantization_warning(token7, vnni)
+    assert "no VNNI" in quantization_warning({"recipe": "int8-block"}, avx2)
+    assert quantization_warning({"recipe": "int8-block"}, vnni) is None
+    assert "neither AVX2 nor VNNI" in quantization_warning(token7, frozenset())
     assert quantization_warning({"recipe": "fp32"}, frozenset()) is None
 
 
@@ -294,9 +294,7 @@ def test_cli_flags_override_environment_settings(tmp_path):
 
 
 def test_cli_help_runs():
-    out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "--help"], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], capture_output=True, text=True, check=True)
     assert "--concurrency" in out.stdout and "--artifact" in out.stdout
 
 

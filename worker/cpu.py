@@ -109,13 +109,15 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 def quantization_warning(quantization: Mapping[str, Any], features: frozenset[str]) -> str | None:
     """A warning when the artifact's quantization recipe does not suit these CPU features, else None.
 
-    * int8 recipes need at least AVX2 for usable int8 kernels; without VNNI they run, but
-      at roughly half the int8 throughput the recipe was measured with.
-    * ``int8-dynamic`` (u8 x s8 ``MatMulInteger``) without ``reduce_range`` can saturate the
-      16-bit intermediate sums of AVX2's ``vpmaddubsw`` on CPUs without VNNI: accuracy drops.
+    * any int8 recipe needs at least AVX2 for usable int8 kernels;
+    * ``MatMulInteger`` recipes (``int8-token``, ``int8-dynamic``) with full 8-bit weights on a CPU
+      without VNNI: AVX2's ``vpmaddubsw`` sums pairs of u8 x s8 products in int16 and saturates,
+      so accuracy drops (``convert`` picks 7-bit weights on such CPUs for this reason);
+    * 7-bit weights on a VNNI CPU work, but give away precision the CPU did not need to lose;
+    * ``int8-block`` (``MatMulNBits``) without VNNI runs correctly, at lower int8 throughput.
     """
-    recipe = str(quantization.get("recipe", quantization.get("name", ""))).lower()
-    if "int8" not in recipe and "q8" not in recipe:
+    recipe = str(quantization.get("recipe", "")).lower()
+    if "int8" not in recipe:
         return None
     vnni = bool(features & {"avx512_vnni", "avx_vnni"})
     if not vnni and "avx2" not in features:
@@ -123,14 +125,22 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
             f"artifact is quantized ({recipe}) but this CPU has neither AVX2 nor VNNI: int8 kernels fall "
             "back to slow generic code; an fp32 artifact will likely be faster here"
         )
-    if not vnni and "dynamic" in recipe and not quantization.get("reduce_range", False):
+    bits = quantization.get("weight_bits", 8)
+    integer_matmul = recipe in {"int8-token", "int8-dynamic"}
+    if integer_matmul and not vnni and bits == 8 and not quantization.get("reduce_range", False):
         return (
-            f"artifact recipe {recipe} (MatMulInteger without reduce_range) on a CPU without VNNI: AVX2 "
-            "int8 kernels can saturate and lose accuracy; prefer the int8-block recipe on this machine"
+            f"artifact recipe {recipe} uses 8-bit weights but this CPU has no VNNI (avx512_vnni / "
+            "avx_vnni): AVX2 int8 kernels can saturate and lose accuracy; rebuild it on (or for) "
+            "this CPU with 7-bit weights (deposium-convert picks them automatically without VNNI)"
         )
-    if not vnni:
+    if integer_matmul and vnni and bits == 7:
         return (
-            f"this CPU has AVX2 but no VNNI (avx512_vnni / avx_vnni): the {recipe} artifact runs correctly "
-            "but int8 throughput is lower than on VNNI hardware"
+            f"artifact recipe {recipe} uses 7-bit weights (built for CPUs without VNNI) but this CPU has "
+            "VNNI: rebuilding with 8-bit weights gives slightly more accurate vectors at the same speed"
+        )
+    if recipe == "int8-block" and not vnni:
+        return (
+            "this CPU has AVX2 but no VNNI (avx512_vnni / avx_vnni): the int8-block artifact runs "
+            "correctly but at lower int8 throughput than on VNNI hardware"
         )
     return None
