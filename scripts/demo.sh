@@ -5,7 +5,7 @@
 # standard library, one document per module — in-process (--local, no Redis needed) into
 # embeddings.parquet, and print the job's summary plus a nearest-neighbour query on the result.
 #
-# Environment: DEPOSIUM_ARTIFACT (artifact dir), DEMO_DIR (output dir, default ./demo-out),
+# Environment: DEPOSIUM_ARTIFACT (artifact dir), DEMO_DIR (output dir, default ./out),
 # DEMO_MODULES (how many stdlib modules, default 150; "all" for every one).
 # Re-running resumes / reuses the finished job (nothing is embedded twice).
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 ART=${DEPOSIUM_ARTIFACT:-$HOME/.cache/deposium/artifacts/all-MiniLM-L6-v2}
-OUT_DIR=${DEMO_DIR:-demo-out}
+OUT_DIR=${DEMO_DIR:-out}  # out/ is git-ignored
 MODULES=${DEMO_MODULES:-150}
 mkdir -p "$OUT_DIR"
 
