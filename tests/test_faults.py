@@ -1,0 +1,210 @@
+"""Faults that really happen to unattended jobs, with real processes: a worker process or a whole
+worker killed mid-batch, Redis restarted mid-job, Redis down at start, poison batches.
+
+Why: the system promises at-least-once processing with exactly-once output. Each test runs a
+real ``deposium-submit`` job against a test-owned redis-server (append-only file) and real
+prefork workers, injects one fault, and then checks the output row by row: every paragraph
+present exactly once, nothing else. Faults are made deterministic with the test-only
+``DEPOSIUM_TEST_FAULT`` hook (worker/config.py): the worker logs which process holds a marked
+batch, so "mid-batch" is an observed fact, not a timing guess.
+
+Covered elsewhere (not repeated here): producer kill -9 and resume (test_producer_queue.py,
+test_producer_local.py), producer with Redis down at start (test_producer_local.py), corrupt or
+wrong-format artifacts refused (test_worker_e2e.py, test_embedder.py), batches failing on every
+attempt for a non-crash reason (test_producer_queue.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.procs import (
+    Worker,
+    clean_env,
+    exactly_once,
+    producer_env,
+    received_task_ids,
+    submit_cmd,
+    wait_for,
+    write_jsonl,
+)
+from tests.redis_proc import free_port
+from tests.test_producer_support import corpus
+
+pytestmark = pytest.mark.slow
+
+#: Short time limits so redelivery after a lost worker happens within the test (production:
+#: 3600/600/900). Visibility > hard limit > soft limit, as load_settings requires.
+#: Normal batches here take well under a second (the first one per process loads the model).
+TIMING = {"DEPOSIUM_VISIBILITY_TIMEOUT": "15", "DEPOSIUM_TASK_SOFT_TIME_LIMIT": "8",
+          "DEPOSIUM_TASK_TIME_LIMIT": "10", "DEPOSIUM_MAX_BATCH_RETRIES": "2"}
+MARK = "ZQXMARKER"
+
+
+def _texts(n: int, marked: tuple[int, ...] = ()) -> list[str]:
+    texts = corpus(n)
+    for i in marked:
+        texts[i] = f"{texts[i]} {MARK}"
+    return texts
+
+
+def _start_job(tmp_path: Path, texts: list[str], env: dict[str, str], out: str = "out.parquet"):
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    args = ["in.jsonl", "--out", out, "--batch-tokens", "300", "--max-in-flight", "4", "--no-progress", "--json"]
+    return subprocess.Popen(submit_cmd(*args), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, (json.loads(out) if out.strip() else {}), err
+
+
+def _expected(texts: list[str]) -> set[str]:
+    return {f"p{i:06d}#0" for i in range(len(texts))}
+
+
+def test_killed_worker_process_and_killed_worker_lose_nothing(tmp_path: Path, redis_server, minilm_artifact):
+    """kill -9 one prefork child mid-batch, then kill -9 the whole worker (parent and children)
+    mid-batch and start another: both batches are redelivered, the job completes exactly once."""
+    texts = _texts(240, marked=(40, 200))
+    fault = {"DEPOSIUM_TEST_FAULT": f"sleep=3:{MARK}", **TIMING}
+    first = Worker(redis_server.url, minilm_artifact, tmp_path / "w1.log", name="w1", **fault).start()
+    second = Worker(redis_server.url, minilm_artifact, tmp_path / "w2.log", name="w2", **fault)
+    try:
+        job = _start_job(tmp_path, texts, producer_env(tmp_path, minilm_artifact, redis_server.url, **TIMING))
+        # 1. a child holding the first marked batch: kill exactly that process
+        task_a, pid_a = wait_for(lambda: first.fault_pids("sleep=3")[:1], "a marked batch", alive=job)[0]
+        children_before = {c.pid for c in first.children()}
+        assert pid_a in children_before
+        os.kill(pid_a, signal.SIGKILL)
+        # the pool replaces the child and the same batch is delivered again (retried by the worker)
+        wait_for(lambda: sum(t == task_a for t, _ in first.fault_pids("sleep=3")) >= 2,
+                 f"{task_a} redelivered", alive=job)
+        assert len(first.children()) == 2 and pid_a not in {c.pid for c in first.children()}
+        # 2. another marked batch (not the first one) in progress: kill the whole worker
+        task_b, _ = wait_for(lambda: [h for h in first.fault_pids("sleep=3") if h[0] != task_a][:1],
+                             "the second marked batch", alive=job)[0]
+        first.kill_all()
+        assert task_b not in _committed(tmp_path / "out.parquet.parts")
+        second.start()
+        rc, summary, err = _finish(job)
+    finally:
+        first.stop()
+        second.stop()
+    assert rc == 0, err
+    found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
+    assert (found, dups, missing) == (len(texts), 0, set())
+    assert summary["batches_failed"] == 0 and summary["failed_paragraphs"] == 0
+    deliveries = collections.Counter(received_task_ids(first.log) + received_task_ids(second.log))
+    assert deliveries[task_a] >= 2 and deliveries[task_b] >= 2
+    assert set(deliveries) == {f"{summary['job_id']}:b{i:07d}" for i in range(summary["batches"])}
+    assert task_b in received_task_ids(second.log), "the batch lost with the whole worker came back"
+
+
+def _committed(parts: Path) -> set[str]:
+    return {p.name.split(".")[0] for p in parts.glob("b*.parquet")}
+
+
+def test_redis_restart_mid_job_producer_and_worker_reconnect(tmp_path: Path, redis_server, minilm_artifact):
+    """Stop Redis mid-job (its append-only file keeps queue, unacked batches and the job
+    record) and start it again: the running producer and worker reconnect by themselves."""
+    texts = _texts(300)
+    with Worker(redis_server.url, minilm_artifact, tmp_path / "w.log", **TIMING) as worker:
+        parent = worker.proc.pid
+        job = _start_job(tmp_path, texts, producer_env(tmp_path, minilm_artifact, redis_server.url, **TIMING))
+        parts = tmp_path / "out.parquet.parts"
+        wait_for(lambda: len(_committed(parts)) >= 3, "3 committed batches", alive=job)
+        redis_server.stop()
+        # both sides noticed the outage before Redis comes back
+        wait_for(lambda: "Cannot connect to redis" in worker.text() or "Connection to broker lost" in
+                 worker.text(), "the worker to notice the outage", alive=worker.proc)
+        assert job.poll() is None, "the producer must wait for Redis, not exit"
+        redis_server.start()
+        rc, summary, err = _finish(job)
+        assert worker.proc.poll() is None and worker.proc.pid == parent, "the worker must survive the restart"
+    assert rc == 0, err
+    found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
+    assert (found, dups, missing) == (len(texts), 0, set())
+    record = json.loads(redis_server.client().get(f"deposium:job:{summary['job_id']}"))
+    assert record["state"] == "done" and record["counts"]["written"] == len(texts)
+    assert summary["batches_failed"] == 0
+
+
+def test_worker_with_redis_down_at_start_fails_within_its_configured_retry(tmp_path: Path, minilm_artifact):
+    """No Redis at start: the worker retries for DEPOSIUM_REDIS_CONNECT_TIMEOUT seconds, logging
+    each attempt with the password masked, then exits with one clear line (not Celery's 100
+    retries with back-off, which would leave a deployment hanging for minutes)."""
+    url = f"redis://:hunter2-pw@127.0.0.1:{free_port()}/0"
+    env = clean_env(REDIS_URL=url, DEPOSIUM_ARTIFACT=str(minilm_artifact), DEPOSIUM_REDIS_CONNECT_TIMEOUT="3")
+    r = subprocess.run([sys.executable, "-m", "worker.cli", "--concurrency", "1"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    output = r.stdout + r.stderr
+    assert r.returncode == 4, output
+    assert "cannot reach Redis at redis://:***@127.0.0.1" in r.stderr
+    assert "retrying" in output  # the bounded retry is logged
+    assert "hunter2-pw" not in output and "Traceback" not in output and " ready." not in output
+
+
+def _poison_job(tmp_path: Path, redis_server, artifact: Path, action: str, **timing: str):
+    texts = _texts(160, marked=(80,))
+    env = dict(TIMING, **timing)
+    with Worker(redis_server.url, artifact, tmp_path / "w.log", DEPOSIUM_TEST_FAULT=f"{action}:{MARK}",
+                **env) as worker:
+        job = _start_job(tmp_path, texts, producer_env(tmp_path, artifact, redis_server.url, **env))
+        rc, summary, err = _finish(job)
+        # the pool is healthy afterwards: the parent is alive with its two children
+        assert worker.proc.poll() is None and len(worker.children()) == 2
+        hits = collections.Counter(t for t, _ in worker.fault_pids(action))
+        deliveries = collections.Counter(received_task_ids(worker.log))
+    assert rc == 1, err  # finished, with a failure recorded
+    assert summary["batches_failed"] == 1 and len(hits) == 1
+    (bad_task,) = hits
+    bad_batch = bad_task.split(":")[1]
+    table = pq.read_table(tmp_path / "out.parquet")
+    ids = table.column("id").to_pylist()
+    errors = [json.loads(line) for line in (tmp_path / "out.parquet.errors.jsonl").read_text().splitlines()]
+    failed_ids = {e["id"] for e in errors}
+    assert {e["batch"] for e in errors} == {bad_batch} and f"p{80:06d}#0" in failed_ids
+    # the rest of the job: every other paragraph exactly once
+    assert len(ids) == len(set(ids)) and set(ids) == _expected(texts) - failed_ids
+    assert summary["failed_paragraphs"] == len(failed_ids)
+    return hits[bad_task], deliveries[bad_task], summary["failed_batches"][bad_batch], errors[0]["reason"]
+
+
+def test_poison_batch_that_kills_its_worker_process_is_failed_after_bounded_retries(
+        tmp_path: Path, redis_server, minilm_artifact):
+    """A batch that SIGKILLs whichever process runs it must not be redelivered forever
+    (acks_late + reject_on_worker_lost alone would requeue it endlessly): 1 + DEPOSIUM_MAX_BATCH_RETRIES
+    deliveries, then it is recorded as failed with the reason and the job finishes."""
+    crashes, deliveries, reason, logged = _poison_job(tmp_path, redis_server, minilm_artifact, "crash")
+    assert crashes == deliveries == 3, (crashes, deliveries)
+    assert "WorkerLostError" in reason and "after 1 attempt(s)" in logged, (reason, logged)
+
+
+def test_poison_batch_that_hangs_is_failed_after_bounded_retries(tmp_path: Path, redis_server, minilm_artifact):
+    """A batch that never returns hits the soft time limit each time: retried by the producer
+    DEPOSIUM_MAX_BATCH_RETRIES times, then recorded as failed; the worker process survives."""
+    hangs, deliveries, reason, logged = _poison_job(tmp_path, redis_server, minilm_artifact, "hang")
+    assert hangs == deliveries == 3, (hangs, deliveries)
+    assert "SoftTimeLimitExceeded" in reason and "after 3 attempt(s)" in logged, (reason, logged)
+
+
+def test_fault_hook_is_off_by_default_and_validated():
+    """The hook is test-only: empty unless set, and a typo is a configuration error, not a no-op."""
+    from worker.config import ConfigError, load_settings
+
+    assert load_settings({}).test_fault == ""
+    assert load_settings({"DEPOSIUM_TEST_FAULT": "sleep=1.5:x"}).test_fault == "sleep=1.5:x"
+    with pytest.raises(ConfigError, match="DEPOSIUM_TEST_FAULT"):
+        load_settings({"DEPOSIUM_TEST_FAULT": "explode:x"})
+
