@@ -28,6 +28,7 @@ from worker.bench.timing import (
     fixed_batches,
     int8_ops_per_token,
     measure_roofline,
+    padded_ratio,
     summarize_profile,
     time_configs,
 )
@@ -131,6 +132,12 @@ def test_token_stats_histogram_and_format():
 def test_batching_helpers():
     assert batch_one(3) == [[0], [1], [2]]
     assert fixed_batches([5, 1, 4, 2, 3], 2) == [[1, 3], [4, 2], [0]]
+
+
+def test_padded_ratio_counts_tokens_padded_to_each_groups_longest_row():
+    lengths = [2, 4, 4, 8]
+    assert padded_ratio([[0], [1], [2], [3]], lengths) == 1.0
+    assert padded_ratio([[0, 1], [2, 3]], lengths) == pytest.approx((2 * 4 + 2 * 8) / 18)
 
 
 def test_time_configs_feeds_every_paragraph_once_per_pass():

@@ -140,6 +140,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
         configs = peer_configs(source, cache, lengths, batch1=not args.no_batch1_peers)
         configs += our_configs({"int8": int8, "fp32": fp32}, lengths, token_budget)
         result.timings = time_configs(configs, paragraphs, lengths, args.repeats, log=_say)
+        from worker.bench.timing import padded_ratio
+
+        seen = set()
+        for c in configs:
+            if c.batching != "1" and c.batching not in seen:
+                seen.add(c.batching)
+                result.notes.append(f"Padding: batching \"{c.batching}\" makes the model compute "
+                                    f"{padded_ratio(c.groups, lengths):.2f} tokens per real token on this sample.")
+        result.notes.append("")
         del configs
         if not args.skip_profile:
             from worker.bench.timing import profile_op_types

@@ -90,6 +90,17 @@ def fixed_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def padded_ratio(groups: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Tokens the model computes (each group padded to its longest row) per real token.
+
+    Why report it: on one core every padded token costs as much as a real one, so a packing
+    that looks efficient per call can lose to batch 1 on short, mixed-length paragraphs.
+    """
+    real = sum(lengths[i] for g in groups for i in g)
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups if g)
+    return padded / real if real else 1.0
+
+
 def time_configs(configs: Sequence[Config], paragraphs: Sequence[str], lengths: Sequence[int],
                  repeats: int, *, warmup: int = 4, log: Callable[[str], None] = print) -> list[Timing]:
     """Time every config over the same paragraphs, ``repeats`` passes each, round-robin."""
