@@ -143,6 +143,8 @@ def _main(args: argparse.Namespace) -> int:
         meter = Meter()
         progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),
                             read_bytes=lambda: meter.nbytes)
+        if plan.errors_path is not None:  # a URL target's errors file lives in the (maybe new) cache
+            plan.errors_path.parent.mkdir(parents=True, exist_ok=True)
         runner = build_runner(plan, progress=progress, replace=args.replace)
         configure_sink(runner.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
         summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,

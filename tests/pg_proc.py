@@ -72,7 +72,7 @@ class PgCluster:
         if r.returncode != 0:
             log = (self.root / "server.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"pg_ctl start failed: {r.stderr[-1000:]} {log}")
-        self.sql("CREATE ROLE deposium LOGIN PASSWORD %s" % self._lit(self.PASSWORD))
+        self.sql(f"CREATE ROLE deposium LOGIN PASSWORD {self._lit(self.PASSWORD)}")
         self.sql("CREATE ROLE stranger LOGIN PASSWORD 'other'")
         self.sql("CREATE DATABASE vectors OWNER deposium")
         self.sql("CREATE EXTENSION vector", db="vectors")

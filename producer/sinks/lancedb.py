@@ -24,7 +24,7 @@ from producer.schema import output_schema
 from producer.sinks import SinkError, SinkJob, Stored
 
 EXTRA = ("job_id", "model_id", "model_sha256", "batch_id", "batch_digest")
-#: IVF partitions need training data; below this many rows an index is skipped (a flat scan is fast).
+#: IVF_PQ codebooks need training data; below this many rows that index is skipped (a flat scan is fast).
 MIN_INDEX_ROWS = 256
 
 
@@ -204,14 +204,21 @@ class LanceDBSink:
             self.build_index()
 
     def build_index(self) -> None:
-        """A cosine vector index (IVF_PQ, or IVF_HNSW_SQ for ``hnsw``), when there is enough to train it."""
+        """A cosine vector index: IVF_HNSW_SQ for ``hnsw`` (any size), IVF_PQ (needs training rows)."""
+        from lancedb.index import HnswSq, IvfPq
+
         rows = self.table.count_rows()
-        if rows < MIN_INDEX_ROWS:
-            print(f"lancedb: {rows} rows, fewer than {MIN_INDEX_ROWS}: no vector index needed (flat search)",
-                  file=sys.stderr)
-            return
-        kind = "IVF_PQ" if self.index == "ivf_pq" else "IVF_HNSW_SQ"
+        partitions = max(1, rows // 100_000)  # few large partitions: HNSW does the searching
+        if self.index == "ivf_pq":
+            if rows < MIN_INDEX_ROWS:
+                print(f"lancedb: {rows} rows, fewer than {MIN_INDEX_ROWS} to train IVF_PQ: no index "
+                      "(a flat search is exact and fast at this size)", file=sys.stderr)
+                return
+            config: Any = IvfPq(distance_type="cosine", num_partitions=max(1, int(rows ** 0.5)))
+        else:
+            config = HnswSq(distance_type="cosine", num_partitions=partitions)
+        kind = type(config).__name__
         started = time.monotonic()
         print(f"building {kind} index on {self.name} ({rows:,} rows)...", file=sys.stderr, flush=True)
-        self.table.create_index(metric="cosine", vector_column_name="embedding", index_type=kind, replace=True)
+        self.table.create_index("embedding", config=config, replace=True)
         print(f"{kind} index ready in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
