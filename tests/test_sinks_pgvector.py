@@ -174,9 +174,11 @@ def test_bad_target_is_one_clear_line_and_nothing_written(case: str, pg: PgClust
         pg.sql(f"CREATE TABLE {table} (id text PRIMARY KEY, embedding vector(384))", db="vectors")
         pg.sql(f"ALTER TABLE {table} OWNER TO stranger", db="vectors")
     elif case == "other-model":
-        pg.sql(f"CREATE TABLE {table} (id text PRIMARY KEY, model_sha256 text, embedding vector(384))",
-               db="vectors", user="deposium")
-        pg.sql(f"INSERT INTO {table} VALUES ('x#0', 'ffff', array_fill(0.5, ARRAY[384])::vector)", db="vectors")
+        pg.sql(f'CREATE TABLE {table} (id text PRIMARY KEY, document text, "index" int, content_hash text, '
+               "text text, token_count int, truncated bool, job_id text, model_id text, model_sha256 text, "
+               "embedding vector(384))", db="vectors", user="deposium")
+        pg.sql(f"INSERT INTO {table} VALUES ('x#0', 'x', 0, 'h', 't', 1, false, 'j', 'm', 'ffff', "
+               "array_fill(0.5, ARRAY[384])::vector)", db="vectors")
     before = pg.sql(f"SELECT count(*) FROM pg_class WHERE relname LIKE '{table}%'", db="vectors")
     (tmp_path / "a.txt").write_text("A paragraph that must never reach the table.\n\nAnd a second one.\n")
     r = subprocess.run(submit_cmd("a.txt", "--sink", url, "--local", "--no-progress"),

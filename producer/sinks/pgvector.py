@@ -164,17 +164,18 @@ class PgVectorSink:
                     raise SinkError(f"{self.target}: float16 needs pgvector >= 0.7 (halfvec)")
             existing = self._describe_table(cur)
             if existing is not None:
-                owner, coltype, can_write = existing
+                owner, coltype, can_write, columns = existing
                 if not can_write:
                     raise SinkError(
                         f"table {self._qualified(self.name)} is owned by role {owner!r} and the current user "
                         "may not write to it (needs SELECT, INSERT, UPDATE, DELETE); choose another "
                         "table or have its owner GRANT those privileges")
                 mismatch = None
-                if coltype is None:
-                    mismatch = "has no 'embedding' column (not a deposium table)"
-                elif coltype != want:
+                missing = [c for c in _COLUMNS if c not in columns]
+                if coltype is not None and coltype != want:
                     mismatch = f"stores {coltype}, this job writes {want}"
+                elif missing:
+                    mismatch = f"lacks the columns {', '.join(missing)} (not a deposium table)"
                 else:
                     cur.execute(sql.SQL("SELECT model_sha256 FROM {} WHERE model_sha256 <> %s LIMIT 1")
                                 .format(self._table), (job.model_sha256,))
@@ -216,8 +217,8 @@ class PgVectorSink:
         conn.commit()
         register_vector(conn)
 
-    def _describe_table(self, cur: Any) -> tuple[str, str | None, bool] | None:
-        """(owner, embedding column type, may write) of the existing table, or None if absent."""
+    def _describe_table(self, cur: Any) -> tuple[str, str | None, bool, set[str]] | None:
+        """(owner, embedding column type, may write, column names) of the existing table, or None."""
         cur.execute("SELECT to_regclass(%s)::oid", (self._quoted_name(),))
         row = cur.fetchone()
         if row is None or row[0] is None:
@@ -231,7 +232,9 @@ class PgVectorSink:
             " WHERE a.attrelid = c.oid AND a.attname = 'embedding' AND NOT a.attisdropped) "
             "FROM pg_class c WHERE c.oid = %s", (oid,))
         owner, s, i, u, d, coltype = cur.fetchone()
-        return owner, coltype, bool(s and i and u and d)
+        cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+                    (oid,))
+        return owner, coltype, bool(s and i and u and d), {r[0] for r in cur.fetchall()}
 
     def _quoted_name(self, suffix: str = "") -> str:
         def q(part: str) -> str:
