@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {"rows": args.rows, "batch_rows": args.batch_rows}
     try:
         for dim in (384, 768):
+            print(f"  sinks alone, {dim} dimensions...", file=sys.stderr)
             results[f"pgvector_copy_rows_per_s_{dim}"] = round(
                 sink_rate(f"{pg}?table=bench{dim}", args.rows, dim, args.batch_rows))
             results[f"lancedb_rows_per_s_{dim}"] = round(
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                        "lancedb": f"lancedb://{work}/lance?table=job{r}"}
             for name, target in targets.items():
                 rates[name].append(job_rate(target, args.artifact, docs, work / "cache"))
+                print(f"  round {r + 1}: job into {name}: {rates[name][-1]:.1f} paragraphs/s", file=sys.stderr)
         med = {k: statistics.median(v) for k, v in rates.items()}
         results["job_paragraphs"] = len(docs)
         results["job_rate_paragraphs_per_s"] = {k: [round(x, 1) for x in v] for k, v in rates.items()}
