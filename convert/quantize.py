@@ -51,6 +51,8 @@ class QuantizeOptions:
     #: fnmatch patterns of MatMul node names left in fp32 (e.g. outlier-heavy projections).
     keep_fp32: list[str] = field(default_factory=list)
     block_size: int = 32  # int8-block only
+    #: int8-token activation bits (8, or 7 to pair with 8-bit weights on non-VNNI CPUs).
+    activation_bits: int = 8
 
 
 def cpu_has_vnni() -> bool:
@@ -107,7 +109,7 @@ def _quantize_embedding_tables(graph: onnx.GraphProto, nodes: list[onnx.NodeProt
 
 
 def _per_token_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.ndarray,
-                      weight_bits: int) -> list[onnx.NodeProto]:
+                      weight_bits: int, activation_bits: int = 8) -> list[onnx.NodeProto]:
     """MatMul(X, W) -> per-row int8 X (shifted to u8) x per-column int8 W -> float."""
     qmax = float(2 ** (weight_bits - 1) - 1)
     w_scale = np.maximum(np.abs(weights).max(axis=0), 1e-12) / qmax
@@ -123,14 +125,15 @@ def _per_token_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.
     x = node.input[0]
     w_name = _const(graph, f"{p}/w_int8", w_q)
     ws_name = _const(graph, f"{p}/w_scale", w_scale.astype(np.float32))
-    shared = "tq/shared"
+    a_max = 2 ** (activation_bits - 1) - 1
+    shared = f"tq/shared{activation_bits}"
     if not any(i.name == f"{shared}/axis" for i in graph.initializer):
         _const(graph, f"{shared}/axis", np.array([-1], np.int64))
-        _const(graph, f"{shared}/q", np.array(127.0, np.float32))
-        _const(graph, f"{shared}/nq", np.array(-127.0, np.float32))
+        _const(graph, f"{shared}/q", np.array(float(a_max), np.float32))
+        _const(graph, f"{shared}/nq", np.array(-float(a_max), np.float32))
         _const(graph, f"{shared}/eps", np.array(1e-10, np.float32))
-        _const(graph, f"{shared}/offset", np.array(128.0, np.float32))
-        _const(graph, f"{shared}/zp", np.array(128, np.uint8))
+        _const(graph, f"{shared}/offset", np.array(float(a_max + 1), np.float32))
+        _const(graph, f"{shared}/zp", np.array(a_max + 1, np.uint8))
     absmax = op("ReduceMax", [op("Abs", [x], "abs"), f"{shared}/axis"], "absmax", keepdims=1)
     scale = op("Max", [op("Div", [absmax, f"{shared}/q"], "scale_raw"), f"{shared}/eps"], "scale")
     rounded = op("Clip", [op("Round", [op("Div", [x, scale], "scaled")], "rounded"),
@@ -154,7 +157,8 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
         if weight is None or len(weight.dims) != 2 or keep:
             nodes.append(node)
             continue
-        nodes += _per_token_matmul(graph, node, numpy_helper.to_array(weight).astype(np.float32), weight_bits)
+        nodes += _per_token_matmul(graph, node, numpy_helper.to_array(weight).astype(np.float32), weight_bits,
+                                   opts.activation_bits)
         quantized += 1
     if quantized == 0:
         raise QuantizeError("no MatMul with constant weights found to quantize")
@@ -181,7 +185,10 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
             bits = 8 if cpu_has_vnni() else 7
         if bits not in (7, 8):
             raise QuantizeError(f"weight_bits must be 7, 8 or auto, not {bits!r}")
-        settings.update(weight_bits=bits, activations="int8 per token row (u8, zero point 128)",
+        if opts.activation_bits not in (7, 8):
+            raise QuantizeError(f"activation_bits must be 7 or 8, not {opts.activation_bits!r}")
+        settings.update(weight_bits=bits, activation_bits=opts.activation_bits,
+                        activations=f"{opts.activation_bits}-bit per token row (u8 with zero point)",
                         weights="int8 per output channel, symmetric",
                         embedding_table="int8 per row" if opts.quantize_embeddings else "fp32",
                         batch_invariant=True)

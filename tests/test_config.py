@@ -32,6 +32,12 @@ def test_bad_values_are_rejected_with_the_variable_name(env, fragment):
         load_settings(env)
 
 
+def test_zero_connect_timeout_means_fail_fast_and_negative_is_refused():
+    assert load_settings({"DEPOSIUM_REDIS_CONNECT_TIMEOUT": "0"}).redis_connect_timeout_s == 0
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_settings({"DEPOSIUM_REDIS_CONNECT_TIMEOUT": "-1"})
+
+
 def test_mask_url_hides_passwords_only():
     assert mask_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert mask_url("postgresql://bob:pw@db/x?table=t") == "postgresql://bob:***@db/x?table=t"

@@ -45,8 +45,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={value} must be > 0")
+    if value < 0:
+        raise ConfigError(f"{name}={value} must be >= 0")
     return value
 
 
