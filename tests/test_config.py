@@ -42,3 +42,11 @@ def test_mask_url_hides_passwords_only():
     assert mask_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert mask_url("postgresql://bob:pw@db/x?table=t") == "postgresql://bob:***@db/x?table=t"
     assert mask_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_mmap_threshold_is_applied_once_per_process():
+    from worker.memory import fix_mmap_threshold
+
+    assert fix_mmap_threshold(0) is False  # 0 = leave glibc alone
+    assert fix_mmap_threshold(1 << 20) is True  # glibc on this platform
+    assert load_settings({"DEPOSIUM_MALLOC_MMAP_THRESHOLD": "0"}).malloc_mmap_threshold == 0

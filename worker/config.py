@@ -95,6 +95,9 @@ class Settings:
     #: upwards as batch shapes vary; measured in BENCHMARKS.md).
     ort_arena: bool = False
     ort_mem_pattern: bool = False
+    #: glibc mmap threshold (bytes) fixed per worker process so RSS stays flat as batch shapes
+    #: vary (worker/memory.py has the measurement); 0 keeps glibc's dynamic default.
+    malloc_mmap_threshold: int = 1024 * 1024
 
     # --- limits enforced by the worker (not only by the producer) ----------------------------
     max_batch_paragraphs: int = 512
@@ -150,6 +153,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_TOKEN_BUDGET": "token_budget",
     "DEPOSIUM_ORT_ARENA": "ort_arena",
     "DEPOSIUM_ORT_MEM_PATTERN": "ort_mem_pattern",
+    "DEPOSIUM_MALLOC_MMAP_THRESHOLD": "malloc_mmap_threshold",
     "DEPOSIUM_MAX_BATCH_PARAGRAPHS": "max_batch_paragraphs",
     "DEPOSIUM_MAX_BATCH_BYTES": "max_batch_bytes",
     "DEPOSIUM_MAX_PARAGRAPH_BYTES": "max_paragraph_bytes",

@@ -33,6 +33,7 @@ from worker.artifact import (  # noqa: E402
 )
 from worker.config import Settings, load_settings  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
+from worker.memory import fix_mmap_threshold  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
 
 __all__ = ["DTYPES", "EmbedRequestError", "EmbedResult", "Embedder", "pack_batches", "session_options"]
@@ -155,6 +156,7 @@ class Embedder:
         self.artifact_dir = Path(artifact_dir)
         self.settings = settings or load_settings()
         self.token_budget = token_budget if token_budget is not None else self.settings.token_budget
+        fix_mmap_threshold(self.settings.malloc_mmap_threshold)
         if self.token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
         # verify=True hashes every file: a truncated copy must fail here, naming the file.
