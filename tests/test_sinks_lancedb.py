@@ -46,7 +46,7 @@ def test_full_job_equals_parquet_and_query_finds_own_document(minilm_artifact: P
     for k, q in enumerate(queries(minilm_artifact)):
         # through the index, as README's query does (ef: HNSW candidates; the default for k=1 is too few)
         hit = (table.search(q, vector_column_name="embedding").distance_type("cosine").limit(1).ef(64)
-               .select(["document"]).to_arrow())
+               .select(["document", "_distance"]).to_arrow())
         assert hit.column("document")[0].as_py() == f"pair{k}", PAIRS[k][1]
     again = run_job(target, minilm_artifact, documents())
     assert again.batches_sent == 0 and again.already_done == got.num_rows
