@@ -336,7 +336,7 @@ def plot(result: BenchResult, path: Path) -> Path | None:
         right.plot(xs, ys, style, marker="o", markersize=3, label=f"{t.name}, batch {t.batching}")
     if result.gemma:
         pts = sorted((float(g["tokens"]), g["summary"].median) for g in result.gemma.values())
-        right.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color="#2ca02c", label="Gemma-shaped int8, batch 1")
+        right.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color="black", label="Gemma-shaped int8, batch 1")
     right.set_xlabel("paragraph length (tokens)")
     right.set_ylabel("CPU ms per paragraph (median per length bin)")
     right.set_yscale("log")
