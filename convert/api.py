@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.quantize import DEFAULT_RECIPE, QuantizeOptions, quantize
+from convert.quantize import AUTO_RECIPES, QuantizeOptions, quantize
 from convert.source import SentenceTransformerSource, read_source, resolve_source
 from convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
 from worker.artifact import (
@@ -41,7 +41,8 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
-    recipe: str = DEFAULT_RECIPE
+    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, else int8-block).
+    recipe: str = "auto"
     weight_bits: int | str = "auto"
     quantize_embeddings: bool = True
     keep_fp32: list[str] = field(default_factory=list)
@@ -192,27 +193,39 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
         onnx.save(append_head(onnx.load(str(transformer)), src), str(fp32_dir / MODEL_FILE))
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
-        final = staging / "artifact"
-        final.mkdir()
-        log.info("quantizing with recipe %s", opts.recipe)
-        try:
-            quant = quantize(fp32_dir / MODEL_FILE, final / MODEL_FILE,
-                             QuantizeOptions(recipe=opts.recipe, weight_bits=opts.weight_bits,
-                                             quantize_embeddings=opts.quantize_embeddings,
-                                             keep_fp32=list(opts.keep_fp32)))
-        except QuantizeError as exc:
-            raise ConvertError(str(exc)) from None
-        _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, None)
-        validation = None
-        if opts.validate:
-            log.info("validating against sentence-transformers (torch fp32)")
+        candidates = list(AUTO_RECIPES) if opts.recipe == "auto" else [opts.recipe]
+        rejected: list[dict[str, Any]] = []
+        for attempt, recipe in enumerate(candidates):
+            final = staging / f"artifact-{attempt}"
+            final.mkdir()
+            log.info("quantizing with recipe %s", recipe)
+            try:
+                quant = quantize(fp32_dir / MODEL_FILE, final / MODEL_FILE,
+                                 QuantizeOptions(recipe=recipe, weight_bits=opts.weight_bits,
+                                                 quantize_embeddings=opts.quantize_embeddings,
+                                                 keep_fp32=list(opts.keep_fp32)))
+            except QuantizeError as exc:
+                raise ConvertError(str(exc)) from None
+            _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, None)
+            validation = None
+            if not opts.validate:
+                break
+            log.info("validating %s against sentence-transformers (torch fp32)", recipe)
             validation = validate_artifact(final, fp32_dir, src.path, thresholds=thresholds, stsb_path=stsb,
                                            paragraph_limit=opts.paragraph_limit)
             validation["recipe"] = quant
-            if not validation["passed"]:
-                (out.parent / f"{out.name}.rejected-validation.json").write_text(
-                    json.dumps(validation, indent=2, sort_keys=True) + "\n")
-                raise ConvertError("validation gate failed, nothing published: " + "; ".join(validation["failures"]))
+            validation["rejected_recipes"] = list(rejected)
+            if validation["passed"]:
+                break
+            rejected.append({"recipe": recipe, "failures": validation["failures"],
+                             "int8_vs_torch_cosine": validation["paragraphs"]["int8_vs_torch_cosine"]})
+            if attempt + 1 < len(candidates):
+                log.warning("recipe %s failed the gate (%s); trying %s", recipe,
+                            "; ".join(validation["failures"]), candidates[attempt + 1])
+                continue
+            (out.parent / f"{out.name}.rejected-validation.json").write_text(
+                json.dumps(validation, indent=2, sort_keys=True) + "\n")
+            raise ConvertError("validation gate failed, nothing published: " + "; ".join(validation["failures"]))
         _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, validation)
         if out.exists():
             shutil.rmtree(out)

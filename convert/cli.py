@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from convert.quantize import DEFAULT_RECIPE, RECIPES
+from convert.quantize import RECIPES
 from convert.validate import Thresholds
 
 
@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="sentence-transformers model directory, or a hub id such as org/name")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create")
-    p.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE,
-                   help=f"quantization recipe (default {DEFAULT_RECIPE}: int8 per token, batch invariant)")
+    p.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
+                   help="quantization recipe (default auto: int8-token, the fast batch-invariant one, "
+                   "falling back to int8-block when the gate rejects it)")
     p.add_argument("--weight-bits", default="auto", choices=["auto", "7", "8"],
                    help="int8-token weight bits: auto = 8 on VNNI CPUs, 7 otherwise (no int16 saturation)")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token-embedding table fp32")

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 RECIPES = ("int8-token", "int8-block", "int8-dynamic", "fp32")
 DEFAULT_RECIPE = "int8-token"
+#: What ``--recipe auto`` (convert's default) tries, fastest first; the first one to pass the gate
+#: ships. On real EmbeddingGemma-300m int8-token reached cosine 0.996 / 0.995 on paragraphs,
+#: below that model's 0.999 / 0.998 gate, so it falls back to the block-wise recipe (0.9997).
+AUTO_RECIPES = ("int8-token", "int8-block")
 #: Gather tables at least this large (elements) are quantized; position tables are small.
 MIN_GATHER_TABLE = 1 << 20
 

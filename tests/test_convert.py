@@ -233,3 +233,14 @@ def test_cli_help_lists_options(capsys):
     out = capsys.readouterr().out
     for option in ("--out", "--recipe", "--stsb", "--min-mean-cosine", "HF_TOKEN"):
         assert option in out
+
+
+def test_auto_recipe_falls_back_to_block_wise_when_the_gate_rejects_int8_token(tiny_gemma, tmp_path):
+    """EmbeddingGemma's strict gate rejects int8-token on the real weights; auto must then ship int8-block."""
+    out = build_artifact(str(tiny_gemma), tmp_path / "auto", stsb=None, paragraph_limit=24,
+                         thresholds=Thresholds(min_mean_cosine=0.9998, min_min_cosine=0.999))
+    manifest = load_manifest(out)
+    assert manifest.quantization["recipe"] == "int8-block"
+    report = json.loads((out / "validation.json").read_text())
+    assert [r["recipe"] for r in report["rejected_recipes"]] == ["int8-token"]
+    assert report["paragraphs"]["int8_vs_torch_cosine"]["mean"] >= 0.9998
