@@ -74,6 +74,18 @@ def machine_info() -> dict[str, str]:
               "avx512_bf16", "amx_int8")
     info["flags"] = " ".join(f for f in wanted if f in flags) or "none of the SIMD flags we look for"
     info["missing flags"] = " ".join(f for f in wanted if f not in flags) or "none"
+    try:  # which code produced the figures (a dirty tree is said so)
+        import subprocess
+
+        here = Path(__file__).parent
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if rev:
+            info["git commit"] = rev + (" (working tree has uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
     info["cores"] = f"{os.cpu_count()} visible, {len(os.sched_getaffinity(0))} usable by this process"
     try:
         info["load average at start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
