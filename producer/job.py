@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ def job_id_for(identity: dict[str, Any]) -> str:
     return f"j{digest[:15]}"
 
 
+_URL_PASSWORD = re.compile(r"^(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:@/]*):[^@/]*@")
+
+
+def without_password(target: str) -> str:
+    """``scheme://user:pw@host/...`` -> ``scheme://user@host/...`` (libpq then reads PGPASSWORD)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}@", target)
+
+
 def is_file_target(target: str) -> bool:
     return "://" not in target or target.startswith("file://")
 
@@ -65,8 +74,11 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
     if is_file_target(target):
         target = str(Path(target.removeprefix("file://")).expanduser().absolute())
     use_local = local if local is not None else not settings.redis_url
+    # A password inside a sink URL is a secret: it never enters the job id, the job record
+    # (Redis or file) or `deposium-jobs`; resuming by id then needs it from PG* variables.
+    stored_target = without_password(target)
     identity = {
-        "inputs": inputs, "target": target, "model": manifest.model_sha256,
+        "inputs": inputs, "target": stored_target, "model": manifest.model_sha256,
         "task": options.task, "dim": options.dim or manifest.dim, "dtype": options.dtype,
         "batch_tokens": options.batch_tokens, "max_tokens": options.max_tokens,
         "min_chars": options.min_chars, "max_batch_paragraphs": settings.max_batch_paragraphs,
@@ -76,7 +88,7 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
     if errors_path is None:
         errors_path = (Path(target + ".errors.jsonl") if is_file_target(target)
                        else settings.cache_dir / "jobs" / f"{job_id}.errors.jsonl")
-    spec = {"inputs": inputs, "target": target, "artifact_dir": str(artifact_dir.absolute()),
+    spec = {"inputs": inputs, "target": stored_target, "artifact_dir": str(artifact_dir.absolute()),
             "options": asdict(options), "errors_path": str(errors_path), "local": use_local,
             "model_sha256": manifest.model_sha256, "model_source": manifest.source}
     return Plan(job_id=job_id, local=use_local, settings=settings, options=options,

@@ -223,3 +223,18 @@ def test_parquet_sink_refuses_another_jobs_output(tmp_path: Path):
 def test_unknown_sink_targets_are_refused_clearly():
     with pytest.raises(SinkError, match="unknown sink target"):
         open_sink("ftp://x/y")
+
+
+def test_sink_url_passwords_never_reach_the_job_record(minilm_artifact):
+    from producer.job import plan_job, without_password
+    from producer.runner import JobOptions
+    from worker.config import Settings
+
+    assert without_password("postgresql://bob:s3cret@db:5432/x?table=t") == "postgresql://bob@db:5432/x?table=t"
+    assert without_password("/data/out.parquet") == "/data/out.parquet"
+    settings = Settings(cache_dir=minilm_artifact.parent)
+    plans = [plan_job(inputs=["a.txt"], target=f"postgresql://bob:{pw}@db/x?table=t", options=JobOptions(batch_tokens=2048, max_in_flight=2),
+                      settings=settings, local=True, artifact_dir=minilm_artifact) for pw in ("s3cret", "other")]
+    assert "s3cret" not in repr(plans[0].spec)
+    assert plans[0].job_id == plans[1].job_id
+    assert plans[0].target.startswith("postgresql://bob:s3cret@")  # the live connection still has it
