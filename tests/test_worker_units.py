@@ -19,7 +19,7 @@ from worker.celery_app import celery_config
 from worker.cli import apply_overrides, build_parser
 from worker.config import ConfigError, Settings
 from worker.cpu import available_cpus, cgroup_cpu_limit, cpu_features, quantization_warning
-from worker.embedder import check_paragraphs, pack_batches, truncate_dims
+from worker.embedder import PAD_RATIO, PAD_SLACK, check_paragraphs, pack_batches, truncate_dims
 from worker.threads import SINGLE_THREAD_ENV
 from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
 
@@ -37,6 +37,8 @@ def test_pack_batches_respects_budget_and_covers_every_index(lengths, budget):
         # a single over-budget paragraph may run alone; anything packed together fits
         assert len(batch) == 1 or len(batch) * width <= budget
         assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+        shortest = min(lengths[i] for i in batch)
+        assert width <= max(shortest * PAD_RATIO, shortest + PAD_SLACK)  # padding stays bounded
 
 
 def test_pack_batches_groups_similar_lengths():
@@ -317,3 +319,12 @@ def test_thread_variables_are_forced_before_onnxruntime_is_imported():
     ort_already_imported, values = eval(out.stdout)  # noqa: S307 (our own subprocess output)
     assert ort_already_imported is False
     assert values == SINGLE_THREAD_ENV
+
+
+def test_success_log_line_carries_no_vectors():
+    import celery.app.trace as trace
+
+    from worker.celery_app import create_app
+
+    create_app(Settings())
+    assert "return_value" not in trace.LOG_SUCCESS and "%(id)s" in trace.LOG_SUCCESS

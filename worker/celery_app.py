@@ -73,8 +73,21 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _quiet_success_log() -> None:
+    """Log a finished batch without its return value.
+
+    Why: Celery's default success line embeds the whole result, i.e. every vector's bytes
+    and per-paragraph data, at INFO for every batch: megabytes of log per minute and
+    document-derived data in log storage. Name, id and runtime are what operators need.
+    """
+    import celery.app.trace as trace
+
+    trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app; ``worker.tasks`` registers the task on import."""
+    _quiet_success_log()
     celery = Celery("deposium", include=["worker.tasks"])
     celery.conf.update(celery_config(settings or load_settings()))
     return celery

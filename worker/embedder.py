@@ -74,21 +74,32 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     return opts
 
 
-def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group indices (sorted by length) so each group's rows x longest row <= ``token_budget``.
+#: A batch's longest row may exceed its shortest by this factor (or by PAD_SLACK tokens).
+PAD_RATIO = 1.1
+PAD_SLACK = 8
 
-    Why sort then pack: padding to the longest row is wasted compute on one core, and
-    neighbours in length order waste least. A paragraph longer than the budget alone
-    still runs, as a batch of one.
+
+def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group indices (sorted by length) so each group's rows x longest row <= ``token_budget``
+    and no row is padded by more than ~10 % (``PAD_RATIO``, ``PAD_SLACK``).
+
+    Why sort then pack, and why cap padding: on one core every padded token is computed
+    like a real one (attention even grows with the padded length). Measured on real
+    paragraphs, budget-only packing computed 1.68 tokens per real token and ran at half the
+    speed of batch 1; with the cap it ran 1.25x faster than batch 1. A paragraph longer than
+    the budget alone still runs, as a batch of one.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         # ascending order: this row is the longest so far in ``current``
-        if current and (len(current) + 1) * lengths[index] > token_budget:
-            batches.append(current)
-            current = []
+        if current:
+            shortest = lengths[current[0]]
+            too_much_padding = lengths[index] > max(shortest * PAD_RATIO, shortest + PAD_SLACK)
+            if too_much_padding or (len(current) + 1) * lengths[index] > token_budget:
+                batches.append(current)
+                current = []
         current.append(index)
     if current:
         batches.append(current)
