@@ -233,7 +233,8 @@ def test_sink_url_passwords_never_reach_the_job_record(minilm_artifact):
     assert without_password("postgresql://bob:s3cret@db:5432/x?table=t") == "postgresql://bob@db:5432/x?table=t"
     assert without_password("/data/out.parquet") == "/data/out.parquet"
     settings = Settings(cache_dir=minilm_artifact.parent)
-    plans = [plan_job(inputs=["a.txt"], target=f"postgresql://bob:{pw}@db/x?table=t", options=JobOptions(batch_tokens=2048, max_in_flight=2),
+    options = JobOptions(batch_tokens=2048, max_in_flight=2)
+    plans = [plan_job(inputs=["a.txt"], target=f"postgresql://bob:{pw}@db/x?table=t", options=options,
                       settings=settings, local=True, artifact_dir=minilm_artifact) for pw in ("s3cret", "other")]
     assert "s3cret" not in repr(plans[0].spec)
     assert plans[0].job_id == plans[1].job_id
