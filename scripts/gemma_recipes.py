@@ -1,0 +1,93 @@
+"""Compare quantization recipes on a real sentence-transformers model (e.g. EmbeddingGemma-300m).
+
+Usage: python scripts/gemma_recipes.py MODEL_DIR WORK_DIR [N_PARAGRAPHS] [recipe,recipe...]
+Prints size, cosine vs torch fp32 on held-out paragraphs, batch invariance and CPU-time tokens/s.
+Builds everything under WORK_DIR (never commit it).
+"""
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from convert.api import _write_artifact_dir, _write_tokenizer
+from convert.export import export_transformer
+from convert.head import append_head
+from convert.quantize import QuantizeOptions, quantize
+from convert.source import read_source
+from convert.validate import load_paragraphs
+from worker.config import Settings
+from worker.embedder import Embedder
+
+G = Path(sys.argv[1])
+W = Path(sys.argv[2])
+W.mkdir(parents=True, exist_ok=True)
+src = read_source(G)
+print(src.max_seq_length, src.dim, src.matryoshka_dims(), src.pooling, len(src.dense), flush=True)
+fp32 = W / "fp32"
+if not (fp32 / "manifest.json").exists():
+    t = time.time()
+    tr = export_transformer(src, W / "export")
+    print("export", time.time() - t, flush=True)
+    fp32.mkdir(exist_ok=True)
+    onnx.save(append_head(onnx.load(str(tr)), src), str(fp32 / "model.onnx"))
+    pad = _write_tokenizer(src, fp32)
+    _write_artifact_dir(fp32, fp32 / "model.onnx", src, {"recipe": "fp32"}, src.matryoshka_dims(), pad, fp32, None)
+    shutil.rmtree(W / "export")
+N = int(sys.argv[3]) if len(sys.argv) > 3 else 48
+paras = load_paragraphs(limit=N)
+refp = W / f"torch_{N}.npy"
+if refp.exists():
+    ref = np.load(refp)
+else:
+    import torch
+
+    torch.set_num_threads(1)
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(G), device="cpu")
+    t = time.time()
+    ref = st.encode(paras, prompt_name="document", batch_size=8, show_progress_bar=False)
+    print("torch", time.time() - t, flush=True)
+    np.save(refp, ref)
+S = Settings(max_batch_paragraphs=100000, max_batch_bytes=1 << 30)
+
+
+def cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+variants = {
+    "fp32": None,
+    "int8-token": QuantizeOptions(recipe="int8-token"),
+    "int8-token-keepdown": QuantizeOptions(recipe="int8-token", keep_fp32=["*down_proj*"]),
+    "int8-block": QuantizeOptions(recipe="int8-block"),
+    "tok-w8": QuantizeOptions(recipe="int8-token", weight_bits=8),
+    "tok-a7w8": QuantizeOptions(recipe="int8-token", weight_bits=8, activation_bits=7),
+}
+sel = sys.argv[4].split(",") if len(sys.argv) > 4 else list(variants)
+for name in sel:
+    opts = variants[name]
+    d = W / name
+    if opts is not None and not (d / "manifest.json").exists():
+        d.mkdir(exist_ok=True)
+        t = time.time()
+        q = quantize(fp32 / "model.onnx", d / "model.onnx", opts)
+        print(name, "quantize", round(time.time() - t, 1), flush=True)
+        _write_artifact_dir(d, d / "model.onnx", src, q, src.matryoshka_dims(), 0, fp32, None)
+    d = fp32 if opts is None else d
+    e = Embedder(d, settings=S, verify=False)
+    t = time.process_time()
+    r = e.embed(paras, task="document")
+    cpu = time.process_time() - t
+    alone = np.stack([e.embed([p], task="document").vectors[0] for p in paras[:16]])
+    c = cos(r.vectors, ref)
+    inv = cos(alone, r.vectors[:16])
+    ntok = sum(r.token_counts)
+    print(
+        f"{name:22s} size {(d / 'model.onnx').stat().st_size / 1e6:7.1f}MB cos mean {c.mean():.5f} min {c.min():.5f} inv {inv.min():.6f} cpu tok/s {ntok / cpu:6.0f} ({ntok} tok)",
+        flush=True,
+    )
