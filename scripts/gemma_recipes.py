@@ -56,7 +56,7 @@ else:
 S = Settings(max_batch_paragraphs=100000, max_batch_bytes=1 << 30)
 
 
-def cos(a, b):
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
@@ -88,6 +88,7 @@ for name in sel:
     inv = cos(alone, r.vectors[:16])
     ntok = sum(r.token_counts)
     print(
-        f"{name:22s} size {(d / 'model.onnx').stat().st_size / 1e6:7.1f}MB cos mean {c.mean():.5f} min {c.min():.5f} inv {inv.min():.6f} cpu tok/s {ntok / cpu:6.0f} ({ntok} tok)",
+        f"{name:22s} size {(d / 'model.onnx').stat().st_size / 1e6:7.1f}MB "
+        f"cos mean {c.mean():.5f} min {c.min():.5f} inv {inv.min():.6f} cpu tok/s {ntok / cpu:6.0f} ({ntok} tok)",
         flush=True,
     )
