@@ -50,3 +50,12 @@ def test_mmap_threshold_is_applied_once_per_process():
     assert fix_mmap_threshold(0) is False  # 0 = leave glibc alone
     assert fix_mmap_threshold(1 << 20) is True  # glibc on this platform
     assert load_settings({"DEPOSIUM_MALLOC_MMAP_THRESHOLD": "0"}).malloc_mmap_threshold == 0
+
+
+def test_readme_configuration_table_matches_the_config_module():
+    from worker.config import ENVIRONMENT, configuration_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert configuration_table() in readme, "README is stale: paste `python -m worker.config` output"
+    for var in ENVIRONMENT:
+        assert f"`{var}`" in readme

@@ -76,6 +76,7 @@ class Settings:
     visibility_timeout_s: int = 3600
     #: Soft and hard per-batch time limits (seconds). The soft limit records a clean failure.
     task_soft_time_limit_s: int = 600
+    #: Hard per-batch time limit (seconds): the child running the batch is killed.
     task_time_limit_s: int = 900
     #: Seconds a finished batch's result stays in Redis if the producer never collects it.
     result_expires_s: int = 86400
@@ -94,14 +95,18 @@ class Settings:
     #: ONNX Runtime CPU memory arena / memory pattern (off by default: RSS must not ratchet
     #: upwards as batch shapes vary; measured in BENCHMARKS.md).
     ort_arena: bool = False
+    #: ONNX Runtime memory pattern planning (off by default, same measurement).
     ort_mem_pattern: bool = False
     #: glibc mmap threshold (bytes) fixed per worker process so RSS stays flat as batch shapes
     #: vary (worker/memory.py has the measurement); 0 keeps glibc's dynamic default.
     malloc_mmap_threshold: int = 1024 * 1024
 
     # --- limits enforced by the worker (not only by the producer) ----------------------------
+    #: Most paragraphs one task may carry; a larger batch is refused whole by the worker.
     max_batch_paragraphs: int = 512
+    #: Most UTF-8 bytes of text one task may carry; a larger batch is refused whole.
     max_batch_bytes: int = 8 * 1024 * 1024
+    #: Largest paragraph the worker embeds; a larger one gets a per-paragraph error.
     max_paragraph_bytes: int = 1024 * 1024
 
     # --- worker process ----------------------------------------------------------------------
@@ -113,6 +118,7 @@ class Settings:
     metrics_addr: str = "0.0.0.0"
     #: Directory for prometheus_client multiprocess files (prefork-safe metrics).
     metrics_dir: Path | None = None
+    #: Log level of deposium-worker and deposium-submit.
     log_level: str = "INFO"
 
     # --- producer ----------------------------------------------------------------------------
@@ -224,3 +230,39 @@ def mask_url(url: str | None) -> str:
     if not url:
         return str(url)
     return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+
+
+def _field_docs() -> dict[str, str]:
+    """The ``#:`` comment above each Settings field, read from this file (one source of truth)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(Settings).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+        elif ":" in stripped and not stripped.startswith(("#", '"')) and pending is not None:
+            name = stripped.split(":", 1)[0].strip()
+            if name.isidentifier():
+                docs[name] = " ".join(pending)
+            pending = []
+        elif not stripped.startswith("#"):
+            pending = []
+    return docs
+
+
+def configuration_table() -> str:
+    """Markdown table of every environment variable, its default and meaning (README mirrors it)."""
+    defaults = Settings()
+    docs = _field_docs()
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for var, name in ENVIRONMENT.items():
+        default = getattr(defaults, name)
+        shown = "unset" if default in (None, "") else str(default).replace(str(Path.home()), "~")
+        rows.append(f"| `{var}` | `{shown}` | {docs.get(name, '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(configuration_table())
