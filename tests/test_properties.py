@@ -81,7 +81,19 @@ def test_any_payload_is_a_request_or_one_wire_error(payload):
             wire = encode(req.to_wire())
         except (TypeError, ValueError, UnicodeEncodeError):
             continue
-        assert EmbedRequest.from_wire(decode(wire)) == req or _has_nan(payload)
+        assert EmbedRequest.from_wire(decode(wire)) == req or _has_nan(payload) or _has_surrogates(payload)
+
+
+def _has_surrogates(value: object) -> bool:
+    """JSON joins two lone surrogates into one character on the way back; the Embedder refuses
+    such paragraphs anyway (per-paragraph error), so only their round trip differs."""
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogates(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_surrogates(v) for v in value)
+    return False
 
 
 def _has_nan(value: object) -> bool:

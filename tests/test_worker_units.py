@@ -328,3 +328,17 @@ def test_success_log_line_carries_no_vectors():
 
     create_app(Settings())
     assert "return_value" not in trace.LOG_SUCCESS and "%(id)s" in trace.LOG_SUCCESS
+
+
+def test_wire_errors_quoting_forged_surrogates_stay_encodable():
+    """A forged field name with a lone surrogate must not break storing the failure (msgpack)."""
+    import msgpack
+
+    from worker.wire import EmbedRequest, WireError
+
+    payload = {"v": 1, "job_id": "j", "batch_id": "b", "paragraphs": ["x"], "task": None, "dim": None,
+               "dtype": "float32", "bad\udc80": 1}
+    with pytest.raises(WireError) as exc:
+        EmbedRequest.from_wire(payload)
+    msgpack.packb(str(exc.value))  # raised UnicodeEncodeError before the fix
+    assert "\\udc80" in str(exc.value)

@@ -34,7 +34,15 @@ RESULT_FIELDS = frozenset(
 
 
 class WireError(ValueError):
-    """A payload that does not follow the wire format (wrong version, types or fields)."""
+    """A payload that does not follow the wire format (wrong version, types or fields).
+
+    The message quotes parts of the forged payload, which may hold lone surrogates; those
+    are escaped here, or storing the failure in the msgpack/JSON result backend would raise
+    a second, unrelated EncodeError and hide this one.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def task_id(job_id: str, batch_id: str) -> str:
