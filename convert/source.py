@@ -145,22 +145,18 @@ def _load_dense(directory: Path) -> DenseLayer:
 
 def _pooling_mode(config: dict, directory: Path) -> str:
     if isinstance(config.get("pooling_mode"), str):  # sentence-transformers >= 5 format
-        mode = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max",
-                "lasttoken": "lasttoken"}.get(config["pooling_mode"], config["pooling_mode"])
-        if mode not in POOLING_MODES:
-            raise SourceError(f"{directory}: pooling mode {mode!r} is not supported ({sorted(POOLING_MODES)})")
-        if config.get("include_prompt") is False:
-            raise SourceError(f"{directory}: pooling with include_prompt=false is not supported")
-        return mode
-    flags = {
-        "cls": config.get("pooling_mode_cls_token", False),
-        "mean": config.get("pooling_mode_mean_tokens", False),
-        "max": config.get("pooling_mode_max_tokens", False),
-        "lasttoken": config.get("pooling_mode_lasttoken", False),
-        "mean_sqrt_len": config.get("pooling_mode_mean_sqrt_len_tokens", False),
-        "weightedmean": config.get("pooling_mode_weightedmean_tokens", False),
-    }
-    chosen = [k for k, v in flags.items() if v]
+        chosen = [{"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}.get(
+            config["pooling_mode"], config["pooling_mode"])]
+    else:  # older format: one boolean flag per mode
+        flags = {
+            "cls": config.get("pooling_mode_cls_token", False),
+            "mean": config.get("pooling_mode_mean_tokens", False),
+            "max": config.get("pooling_mode_max_tokens", False),
+            "lasttoken": config.get("pooling_mode_lasttoken", False),
+            "mean_sqrt_len": config.get("pooling_mode_mean_sqrt_len_tokens", False),
+            "weightedmean": config.get("pooling_mode_weightedmean_tokens", False),
+        }
+        chosen = [k for k, v in flags.items() if v]
     if len(chosen) != 1:
         raise SourceError(f"{directory}: pooling must use exactly one mode, found {chosen or 'none'}")
     if chosen[0] not in POOLING_MODES:
