@@ -41,11 +41,14 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
-    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, else int8-block).
+    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, int8-wide, int8-block).
     recipe: str = "auto"
     weight_bits: int | str = "auto"
     quantize_embeddings: bool = True
     keep_fp32: list[str] = field(default_factory=list)
+    #: int8-token: MatMul name patterns given ~15-bit activations (see convert.quantize).
+    wide_activations: list[str] = field(default_factory=list)
+    quantize_head: bool = False
     #: None = model defaults (stricter for EmbeddingGemma).
     thresholds: Thresholds | None = None
     #: STS-B file; "default" finds ../shared/eval/stsb_test.tsv when present; None skips STS-B.
@@ -203,7 +206,9 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
                 quant = quantize(fp32_dir / MODEL_FILE, final / MODEL_FILE,
                                  QuantizeOptions(recipe=recipe, weight_bits=opts.weight_bits,
                                                  quantize_embeddings=opts.quantize_embeddings,
-                                                 keep_fp32=list(opts.keep_fp32)))
+                                                 keep_fp32=list(opts.keep_fp32),
+                                                 wide_activations=list(opts.wide_activations),
+                                                 quantize_head=opts.quantize_head))
             except QuantizeError as exc:
                 raise ConvertError(str(exc)) from None
             _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, None)

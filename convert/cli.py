@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token-embedding table fp32")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of MatMul node names to leave in fp32 (repeatable)")
+    p.add_argument("--wide-activations", action="append", default=[], metavar="PATTERN",
+                   help="int8-token: fnmatch pattern of MatMul node names whose activations get a second "
+                        "int8 pass (~15 bits; repeatable; int8-wide = every MatMul)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the head's Dense layers (smaller, less faithful, no faster)")
     p.add_argument("--matryoshka-dims", type=_dims, help="comma-separated dims, first = model dim")
     p.add_argument("--revision", help="hub revision (hub ids only)")
     p.add_argument("--stsb", default="default",
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         weight_bits=args.weight_bits if args.weight_bits == "auto" else int(args.weight_bits),
         quantize_embeddings=not args.no_quantize_embeddings,
         keep_fp32=args.keep_fp32,
+        wide_activations=args.wide_activations,
+        quantize_head=args.quantize_head,
         thresholds=thresholds,
         stsb=None if args.stsb == "none" else args.stsb,
         validate=not args.no_validate,

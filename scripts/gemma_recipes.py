@@ -67,11 +67,19 @@ variants = {
     "int8-block": QuantizeOptions(recipe="int8-block"),
     "tok-w8": QuantizeOptions(recipe="int8-token", weight_bits=8),
     "tok-a7w8": QuantizeOptions(recipe="int8-token", weight_bits=8, activation_bits=7),
+    "tok-widedown": QuantizeOptions(recipe="int8-token", wide_activations=["*down_proj*"]),
+    "tok-wideall": QuantizeOptions(recipe="int8-token", wide_activations=["*"]),
+    "tok-fp32table": QuantizeOptions(recipe="int8-token", quantize_embeddings=False),
 }
 sel = sys.argv[4].split(",") if len(sys.argv) > 4 else list(variants)
+for name in sel:  # ad-hoc variants: "wide=PATTERN+PATTERN[~keep=PATTERN+PATTERN]"
+    if name.startswith("wide="):
+        wide, _, keep = name[5:].partition("~keep=")
+        variants[name] = QuantizeOptions(recipe="int8-token", wide_activations=wide.split("+") if wide else [],
+                                         keep_fp32=keep.split("+") if keep else [])
 for name in sel:
     opts = variants[name]
-    d = W / name
+    d = W / name.replace("*", "S").replace("/", "_").replace("+", "_").replace("~", "-")
     if opts is not None and not (d / "manifest.json").exists():
         d.mkdir(exist_ok=True)
         t = time.time()

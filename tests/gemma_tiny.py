@@ -20,8 +20,13 @@ EMBEDDINGGEMMA_PROMPTS = {
 
 
 def build_tiny_gemma(out: Path, tokenizer_dir: Path, *, hidden: int = 64, layers: int = 2,
-                     sliding_window: int = 8, seed: int = 0) -> Path:
-    """Save the model to ``out`` and return it. ``tokenizer_dir`` lends a real tokenizer."""
+                     sliding_window: int = 8, seed: int = 0, mlp_outliers: float = 1.0) -> Path:
+    """Save the model to ``out`` and return it. ``tokenizer_dir`` lends a real tokenizer.
+
+    ``mlp_outliers`` > 1 scales two intermediate channels of every MLP by that factor (rows of
+    ``up_proj``), so the down-projection inputs carry outlier channels like real EmbeddingGemma's
+    (45-230x their RMS) while the weights stay ordinary.
+    """
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
@@ -48,6 +53,8 @@ def build_tiny_gemma(out: Path, tokenizer_dir: Path, *, hidden: int = 64, layers
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
+        for layer in model.layers:
+            layer.mlp.up_proj.weight[:2] *= mlp_outliers
     raw = out.parent / (out.name + "-transformer")
     if raw.exists():
         shutil.rmtree(raw)
