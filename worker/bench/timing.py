@@ -35,6 +35,10 @@ class Config:
     batching: str
     groups: list[list[int]]
     call: EmbedCall
+    #: Warm up with one untimed pass over every group, not just a few: for runtimes that compile
+    #: kernels per new input shape (OpenVINO), whose first sight of a length costs several times
+    #: its steady state; a worker sees the same lengths again and again.
+    warm_all: bool = False
 
 
 @dataclass
@@ -52,6 +56,14 @@ class Timing:
     wall_s: list[float] = field(default_factory=list)
     #: Per paragraph (input order), the median over repeats of its share of its call's CPU ms.
     ms_per_paragraph: list[float] = field(default_factory=list)
+    #: Vectors of the last pass (input order; None when the call returned none), kept only until
+    #: :func:`worker.bench.fidelity.apply_fidelity` has compared them with the reference's.
+    vectors: object = field(default=None, repr=False)
+    #: Cosine vs the reference configuration (torch fp32) on the same paragraphs: mean and min.
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    #: This configuration is the reference the cosines are measured against.
+    is_reference: bool = False
 
     @property
     def pass_cpu(self) -> Summary:
@@ -103,14 +115,24 @@ def padded_ratio(groups: Sequence[Sequence[int]], lengths: Sequence[int]) -> flo
 
 def time_configs(configs: Sequence[Config], paragraphs: Sequence[str], lengths: Sequence[int],
                  repeats: int, *, warmup: int = 4, log: Callable[[str], None] = print) -> list[Timing]:
-    """Time every config over the same paragraphs, ``repeats`` passes each, round-robin."""
+    """Time every config over the same paragraphs, ``repeats`` passes each, round-robin.
+
+    The vectors each call returns in the last pass are copied (outside the timed window) into
+    ``Timing.vectors`` in input order, for the fidelity columns.
+    """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
+    import numpy as np
+
     tokens = int(sum(lengths))
     results = [Timing(c.name, c.kind, c.batching, len(paragraphs), tokens) for c in configs]
     shares: list[list[list[float]]] = [[[] for _ in paragraphs] for _ in configs]
     for c in configs:  # warm-up: first-call allocations and lazy initialisation are not the steady state
-        c.call([paragraphs[i] for g in c.groups[:warmup] for i in g][: max(1, warmup)])
+        if c.warm_all:
+            for g in c.groups:
+                c.call([paragraphs[i] for i in g])
+        else:
+            c.call([paragraphs[i] for g in c.groups[:warmup] for i in g][: max(1, warmup)])
     for r in range(repeats):
         for ci, c in enumerate(configs):
             cpu_total = 0.0
@@ -118,18 +140,37 @@ def time_configs(configs: Sequence[Config], paragraphs: Sequence[str], lengths: 
             for group in c.groups:
                 texts = [paragraphs[i] for i in group]
                 t0 = time.process_time()
-                c.call(texts)
+                out = c.call(texts)
                 dt = time.process_time() - t0
                 cpu_total += dt
                 for i in group:
                     shares[ci][i].append(1000 * dt / len(group))
+                if r == repeats - 1:
+                    _keep_rows(results[ci], out, group, len(paragraphs))
             results[ci].cpu_s.append(cpu_total)
             results[ci].wall_s.append(time.perf_counter() - wall0)
             log(f"  pass {r + 1}/{repeats} {c.name:<32} {cpu_total:7.2f} s CPU, "
                 f"{results[ci].wall_s[-1]:7.2f} s wall, {tokens / cpu_total:8,.0f} tokens/s")
     for ci, res in enumerate(results):
         res.ms_per_paragraph = [median(s) for s in shares[ci]]
+        if res.vectors is not None and bool(np.isnan(res.vectors).all(axis=1).any()):  # type: ignore[arg-type]
+            res.vectors = None  # some call returned no vectors: no fidelity rather than a partial one
     return results
+
+
+def _keep_rows(timing: Timing, output: object, group: Sequence[int], n: int) -> None:
+    """Store one call's vectors at their paragraphs' rows of ``timing.vectors`` (n x dim)."""
+    import numpy as np
+
+    from worker.bench.fidelity import as_vectors
+
+    rows = as_vectors(output)
+    if rows is None or rows.shape[0] != len(group):
+        return
+    if timing.vectors is None:
+        timing.vectors = np.full((n, rows.shape[1]), np.nan, dtype=np.float32)
+    if timing.vectors.shape[1] == rows.shape[1]:  # type: ignore[attr-defined]
+        timing.vectors[list(group)] = rows  # type: ignore[index]
 
 
 # --- int8 roofline --------------------------------------------------------------------------------
