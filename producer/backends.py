@@ -127,6 +127,10 @@ class QueueBackend:
     the task fails or its deadline passes, at most ``max_batch_retries`` times; then it is
     returned as failed. Redis connection errors while polling are retried until
     ``reconnect_timeout_s`` passes without one success (a Redis restart mid-job).
+
+    Nothing of a batch stays in Redis once its outcome is final: the batch id leaves the job's
+    set of awaited batches (``worker.celery_app.awaited_key``), then its result is deleted; a
+    duplicate delivery still queued or running is then skipped by the worker, storing nothing.
     """
 
     def __init__(self, settings: Settings, request: Request, *, model_sha256: str,
@@ -134,12 +138,13 @@ class QueueBackend:
                  poll_interval_s: float = 0.02) -> None:
         if not settings.redis_url:
             raise BackendError("queue mode needs REDIS_URL (or use --local)")
-        from worker.celery_app import create_app
+        from worker.celery_app import awaited_key, create_app
         from worker.wire import TASK_NAME
 
         check_redis(settings)
         self.settings = settings
         self.app = create_app(settings)
+        self.awaited = awaited_key(request.job_id)
         self.task_name = TASK_NAME
         self.request = request
         self.model_sha256 = model_sha256
@@ -153,12 +158,23 @@ class QueueBackend:
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, batch: Batch, attempts: int) -> None:
+        from worker.celery_app import AWAITED_HEADER
         from worker.wire import EmbedRequest
 
         req = EmbedRequest(job_id=self.request.job_id, batch_id=batch.id, paragraphs=batch.texts,
                            task=self.request.task, dim=self.request.dim, dtype=self.request.dtype)
-        result = self._retrying(lambda: self.app.send_task(
-            self.task_name, kwargs=req.to_wire(), task_id=req.task_id, queue=self.settings.queue))
+
+        def send() -> Any:
+            # awaited before it can possibly run; the TTL only matters if this producer dies for good
+            pipe = self.app.backend.client.pipeline()
+            pipe.sadd(self.awaited, batch.id)
+            if self.settings.result_expires_s > 0:  # 0: results never expire, neither does this
+                pipe.expire(self.awaited, int(self.settings.result_expires_s))
+            pipe.execute()
+            return self.app.send_task(self.task_name, kwargs=req.to_wire(), task_id=req.task_id,
+                                      queue=self.settings.queue, headers={AWAITED_HEADER: 1})
+
+        result = self._retrying(send)
         self.sent += 1
         self._pending[batch.id] = _Pending(batch, result, attempts, time.monotonic() + self.batch_timeout_s)
 
@@ -193,9 +209,9 @@ class QueueBackend:
 
         state = self._retrying(lambda: p.result.state)
         failure: str | None = None
+        outcome: Outcome | None = None
         if state == "SUCCESS":
             payload = self._retrying(lambda: p.result.result)
-            self._retrying(p.result.forget)
             try:
                 resp = EmbedResponse.from_wire(payload)
             except WireError as exc:
@@ -208,21 +224,25 @@ class QueueBackend:
                     failure = (f"worker returned {resp.vectors.shape[0]} vectors for "
                                f"{len(p.batch.texts)} texts")
                 else:
-                    return Outcome(p.batch, resp.vectors, list(resp.token_counts), list(resp.truncated),
-                                   list(resp.errors), attempts=p.attempts)
+                    outcome = Outcome(p.batch, resp.vectors, list(resp.token_counts), list(resp.truncated),
+                                      list(resp.errors), attempts=p.attempts)
         elif state == "FAILURE":
             exc = self._retrying(lambda: p.result.result)
             failure = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
-            self._retrying(p.result.forget)
         elif time.monotonic() > p.deadline:
             failure = f"no result within {self.batch_timeout_s:.0f}s"
         else:
             return None
         # WorkerLostError: the worker already retried the batch max_batch_retries times after its
         # process died (worker.celery_app); sending it again would multiply the crashes.
-        if p.attempts > self.retries or failure.startswith(
-                ("rejected", "EmbedRequestError", "WireError", "WorkerLostError")):
-            return Outcome(p.batch, failure=failure, attempts=p.attempts)
+        final = outcome is not None or p.attempts > self.retries or str(failure).startswith(
+            ("rejected", "EmbedRequestError", "WireError", "WorkerLostError"))
+        if final:  # first no longer awaited, then deleted: a late duplicate then stores nothing
+            self._retrying(lambda: self.app.backend.client.srem(self.awaited, p.batch.id))
+        if state in {"SUCCESS", "FAILURE"}:
+            self._retrying(p.result.forget)
+        if final:
+            return outcome or Outcome(p.batch, failure=failure, attempts=p.attempts)
         self._send(p.batch, p.attempts + 1)
         return None
 

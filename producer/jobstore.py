@@ -120,5 +120,11 @@ class RedisJobStore:
         return records
 
     def forget(self, job_id: str) -> None:
-        self.client.delete(REDIS_PREFIX + job_id)
+        """Delete the record and what an abandoned run of the job may have left (its set of
+        awaited batches, results nobody collected; both would otherwise expire)."""
+        from worker.celery_app import awaited_key
+
+        self.client.delete(REDIS_PREFIX + job_id, awaited_key(job_id))
         self.client.srem(REDIS_INDEX, job_id)
+        for key in self.client.scan_iter(f"celery-task-meta-{job_id}:*", count=1000):
+            self.client.delete(key)

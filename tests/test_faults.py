@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.procs import (
+    VENV_BIN,
     Worker,
     clean_env,
     exactly_once,
@@ -155,6 +156,37 @@ def test_worker_with_redis_down_at_start_fails_within_its_configured_retry(tmp_p
     assert "hunter2-pw" not in output and "Traceback" not in output and " ready." not in output
 
 
+def test_a_forgotten_abandoned_job_leaves_nothing_and_its_queued_batches_are_not_embedded(
+        tmp_path: Path, redis_server, minilm_artifact):
+    """A producer killed while its batches wait in the queue (no worker yet), then ``deposium-jobs
+    forget``: the record and the set of awaited batches go at once, and when a worker comes it
+    acknowledges the abandoned batches without embedding them or storing a result."""
+    client = redis_server.client()
+    env = producer_env(tmp_path, minilm_artifact, redis_server.url, **TIMING)
+    with Worker(redis_server.url, minilm_artifact, tmp_path / "w.log", **TIMING) as worker:
+        before = _keyspace(client)  # with the worker's queue bindings
+    job = _start_job(tmp_path, _texts(120), env)
+    wait_for(lambda: client.llen("deposium") >= 4, "4 queued batches", alive=job)
+    job.kill()
+    job.communicate()
+    (job_key,) = [k.decode() for k in client.scan_iter("deposium:job:*")]
+    job_id = job_key.rsplit(":", 1)[1]
+    assert client.scard(f"deposium:awaited:{job_id}") == 4
+    forget = subprocess.run([str(VENV_BIN / "deposium-jobs"), "forget", job_id], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert forget.returncode == 0, forget.stderr
+    assert not client.exists(job_key, f"deposium:awaited:{job_id}")
+    worker = Worker(redis_server.url, minilm_artifact, tmp_path / "w2.log", name="w2", **TIMING)
+    with worker:
+        _wait_until_idle(client, worker)
+        received = received_task_ids(worker.log)
+        skipped = worker.text().count("is no longer awaited")
+    assert len(received) == 4 and skipped == 4, worker.text()[-3000:]
+    assert "succeeded in" not in worker.text()
+    left = {k: v for k, v in _keyspace(client).items() if k not in before}
+    assert not left, f"left in Redis by the forgotten job: {left}"
+
+
 def _poison_job(tmp_path: Path, redis_server, artifact: Path, action: str, **timing: str):
     texts = _texts(160, marked=(80,))
     env = dict(TIMING, **timing)
@@ -197,6 +229,75 @@ def test_poison_batch_that_hangs_is_failed_after_bounded_retries(tmp_path: Path,
     hangs, deliveries, reason, logged = _poison_job(tmp_path, redis_server, minilm_artifact, "hang")
     assert hangs == deliveries == 3, (hangs, deliveries)
     assert "SoftTimeLimitExceeded" in reason and "after 3 attempt(s)" in logged, (reason, logged)
+
+
+#: Keys a finished job keeps on purpose: its record (``deposium-jobs``, ``--resume``) and the index of
+#: records. Everything else a job creates (results, queued and unacknowledged messages, the set of
+#: batches still awaited) must be gone once the job and every delivery of its batches are over.
+def _kept(job_ids: set[str]) -> set[str]:
+    return {"deposium:jobs", *(f"deposium:job:{j}" for j in job_ids)}
+
+
+def _keyspace(client) -> dict[str, str]:
+    """Every key with its type, TTL and size (what a failure message shows)."""
+    return {k.decode(): f"{client.type(k).decode()}, ttl {client.ttl(k)}s, {client.memory_usage(k)} bytes"
+            for k in client.scan_iter(count=1000)}
+
+
+def _finished(line: str) -> bool:
+    return " succeeded in " in line or line.rstrip().endswith(" ignored") or " raised " in line
+
+
+def _wait_until_idle(client, worker: Worker) -> None:
+    """Until every delivery the worker received has finished and nothing is queued or unacknowledged
+    (a late duplicate of a batch may still run after the producer exited: that is the case to see)."""
+    def idle() -> bool:
+        lines = worker.text().splitlines()
+        received = sum(" received" in line and "deposium.embed_batch[" in line for line in lines)
+        done = sum("deposium.embed_batch[" in line and _finished(line) for line in lines)
+        return received == done and not client.exists("deposium", "unacked", "unacked_index")
+    wait_for(idle, "the worker to finish every delivery", alive=worker.proc)
+
+
+def test_nothing_of_a_job_stays_in_redis_after_it_even_after_a_producer_kill_and_resume(
+        tmp_path: Path, redis_server, minilm_artifact):
+    """Redis returns to its pre-job keys (plus the job records, kept on purpose) after a job, and
+    also after a job whose producer was killed with batches in flight and then resumed: the
+    killed run's messages are still queued or running, so batches are delivered twice, and a
+    copy that finishes after the producer consumed the batch must not leave its result behind
+    (it did: one ``celery-task-meta-*`` key of ~50 KB per such batch, for DEPOSIUM_RESULT_EXPIRES)."""
+    texts = _texts(240)
+    client = redis_server.client()
+    with Worker(redis_server.url, minilm_artifact, tmp_path / "w.log", **TIMING) as worker:
+        before = _keyspace(client)
+        env = producer_env(tmp_path, minilm_artifact, redis_server.url, **TIMING)
+        rc, plain, err = _finish(_start_job(tmp_path, texts[:60], env, out="plain.parquet"))
+        assert rc == 0, err
+        _wait_until_idle(client, worker)
+        left = {k: v for k, v in _keyspace(client).items() if k not in before and k not in _kept({plain["job_id"]})}
+        assert not left, f"left in Redis after a plain job: {left}"
+        forget = subprocess.run([str(VENV_BIN / "deposium-jobs"), "forget", plain["job_id"]], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert forget.returncode == 0, forget.stderr
+        assert set(_keyspace(client)) == set(before), "deposium-jobs forget leaves the record or the index"
+
+        job = _start_job(tmp_path, texts, env, out="k.parquet")
+        wait_for(lambda: len(_committed(tmp_path / "k.parquet.parts")) >= 3, "3 committed batches", alive=job)
+        job.kill()
+        job.communicate()
+        rc, summary, err = _finish(_start_job(tmp_path, texts, env, out="k.parquet"))
+        assert rc == 0, err
+        _wait_until_idle(client, worker)
+        deliveries = collections.Counter(received_task_ids(worker.log))
+        twice = sorted(t for t, n in deliveries.items() if n > 1 and t.startswith(summary["job_id"]))
+        assert twice, "no batch was delivered twice: the kill left nothing in flight, the test proves nothing"
+        after = _keyspace(client)
+    left = {k: v for k, v in after.items() if k not in before and k not in _kept({summary["job_id"]})}
+    assert not left, f"left in Redis after the resumed job (batches delivered twice: {twice}): {left}"
+    found, dups, missing = exactly_once(tmp_path / "k.parquet", _expected(texts))
+    assert (found, dups, missing) == (len(texts), 0, set())
+    record = json.loads(client.get(f"deposium:job:{summary['job_id']}"))
+    assert record["state"] == "done"
 
 
 def test_fault_hook_is_off_by_default_and_validated():

@@ -15,6 +15,18 @@ Why each setting (all of them protect a batch from being lost or run twice):
 * ``visibility_timeout`` > hard time limit (enforced by ``load_settings``): Redis must not
   redeliver a batch that is still running.
 * events on, so Flower can show throughput.
+* ``result_expires``: a result is deleted by the producer as soon as it is consumed; the expiry
+  only bounds what a producer that died (and is never resumed) leaves behind.
+
+Why :func:`awaited_key`: a batch can be delivered twice (a producer killed and resumed re-sends
+what the dead one had in flight; a producer re-sends a batch past its deadline; Redis redelivers
+after the visibility timeout). Both copies have the same task id, so a copy finishing after the
+producer consumed and deleted the result would store it again, and it would sit in Redis until
+``result_expires``. So the producer keeps, per job, the set of batch ids it still awaits (added
+before sending, removed once the batch's outcome is final) and marks its messages with
+:data:`AWAITED_HEADER`; the worker skips such a message, and stores nothing for it, when its
+batch is no longer in the set (``worker.tasks``). Messages without the header (other senders,
+older producers) are always run.
 
 The producer imports :func:`create_app` / :data:`app` to send batches by name; it never
 imports the task code (and so never onnxruntime).
@@ -33,6 +45,19 @@ from worker.wire import TASK_NAME
 #: Seconds a freshly forked child may take to report itself alive. The model is loaded
 #: lazily on the first task, so start-up is quick; the margin covers slow, throttled CPUs.
 PROC_ALIVE_TIMEOUT_S = 60.0
+
+#: Message header of a batch whose producer tracks it in :func:`awaited_key`.
+AWAITED_HEADER = "deposium_awaited"
+
+
+def awaited_key(job_id: str) -> str:
+    """Redis set of the batch ids a job's producer still awaits (sent, outcome not yet final).
+
+    Empty (so absent) once the job is over; its TTL (``result_expires``, refreshed on each send)
+    removes it when a producer dies and its job is never resumed.
+    """
+    return f"deposium:awaited:{job_id}"
+
 
 #: Broker used when REDIS_URL is unset, only so the module can be imported (the CLI refuses
 #: to start a worker without REDIS_URL).

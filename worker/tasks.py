@@ -13,9 +13,11 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from worker.celery_app import app
+from celery.exceptions import Ignore
+
+from worker.celery_app import AWAITED_HEADER, app, awaited_key
 from worker.config import TEST_FAULT, Settings, load_settings
 from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
 
@@ -94,19 +96,53 @@ def inject_test_fault(spec: str, task_id: str, paragraphs: object) -> None:
         time.sleep(float(m["seconds"]))
 
 
+def is_awaited(task: Any, job_id: str, batch_id: str) -> bool:
+    """Whether the producer still awaits this batch: it is in the job's set of awaited batches."""
+    try:
+        return bool(task.backend.client.sismember(awaited_key(job_id), batch_id))
+    except Exception as exc:  # noqa: BLE001 - when in doubt, embed: a skipped batch someone awaits is worse
+        log.warning("cannot tell whether batch %s:%s is still awaited (%s); embedding it", job_id, batch_id, exc)
+        return True
+
+
+def skip_unawaited(task: Any, task_id: str) -> NoReturn:
+    """End a delivery nobody awaits without storing a result: delete the STARTED state Celery
+    stored for it (``task_track_started``) and raise ``Ignore`` (acknowledged, nothing stored)."""
+    try:
+        task.backend.client.delete(task.backend.get_key_for_task(task_id))
+    except Exception as exc:  # noqa: BLE001 - the state expires anyway (result_expires)
+        log.warning("could not delete the state of skipped batch %s: %s", task_id, exc)
+    log.info("batch %s is no longer awaited (already written, or its job ended): skipped", task_id)
+    raise Ignore()
+
+
 @app.task(name=TASK_NAME, bind=True)
 def embed_batch(self: Any, *args: Any, **request: Any) -> dict[str, Any]:
     """Embed one batch. Keyword arguments are the wire request (docs/design.md).
 
     The task id must be ``job_id:batch_id``: that is what makes a re-sent or redelivered
-    batch overwrite one result key instead of producing a second copy.
+    batch overwrite one result key instead of producing a second copy. A delivery marked with
+    ``AWAITED_HEADER`` whose batch the producer no longer awaits (a duplicate of a batch already
+    written, worker.celery_app) is skipped before and after embedding, leaving no result behind.
     """
     if args:
         raise WireError("embed_batch takes keyword arguments only (the wire request)")
-    expected = task_id(str(request.get("job_id")), str(request.get("batch_id")))
+    job_id, batch_id = str(request.get("job_id")), str(request.get("batch_id"))
+    expected = task_id(job_id, batch_id)
     if self.request.id != expected:
         raise WireError(f"task id {self.request.id!r} must be job_id:batch_id = {expected!r}")
+    tracked = bool((self.request.headers or {}).get(AWAITED_HEADER) or getattr(self.request, AWAITED_HEADER, None))
+    if tracked and not is_awaited(self, job_id, batch_id):
+        skip_unawaited(self, expected)
     embedder = get_embedder()
-    if embedder.settings.test_fault:
-        inject_test_fault(embedder.settings.test_fault, expected, request.get("paragraphs"))
-    return run_request(embedder, request)
+    try:
+        if embedder.settings.test_fault:
+            inject_test_fault(embedder.settings.test_fault, expected, request.get("paragraphs"))
+        result = run_request(embedder, request)
+    except Exception:
+        if tracked and not is_awaited(self, job_id, batch_id):
+            skip_unawaited(self, expected)
+        raise
+    if tracked and not is_awaited(self, job_id, batch_id):
+        skip_unawaited(self, expected)
+    return result
