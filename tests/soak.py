@@ -10,8 +10,18 @@ runs one long job, samples every worker process's RSS once a second, and compare
 * any worker process's RSS envelope grew more than ``--max-growth`` (5 %) after warm-up (the
   first ``--warmup`` fraction of the paragraphs): peak of the last third of the samples over the
   peak of the first third (all samples are written to ``rss.csv`` in the work directory), or
-* a result, queued or unacknowledged batch is left in Redis, or its ``used_memory_dataset``
-  (keys and values, not client buffers) ends more than 512 KiB above the pre-job baseline.
+* any key the job created is left in Redis once the job is over (results, queued or unacknowledged
+  batches, the set of awaited batches) other than the job record and the index of records, which
+  are kept on purpose (``deposium-jobs``, ``--resume``); or a result channel is still subscribed;
+  or Redis's ``used_memory_dataset`` ends more than those two keys plus 64 KiB above its pre-job
+  baseline.
+
+Why latency tracking is switched off on this test-owned Redis before the baseline: Redis >= 7
+keeps a latency histogram of about 24 KB per command name (``INFO latencystats``), allocated the
+first time a command is used and counted in ``used_memory_dataset``. A job uses a dozen commands
+the idle worker had not used (SET, GET, DEL, PUBLISH, SUBSCRIBE, SADD, ...), which was the ~300 KB
+an earlier version of this soak found above the baseline (constant in the job size; ``CONFIG
+RESETSTAT`` frees it): Redis's statistics, not data. Without it the dataset is a measure of data.
 
 Run: ``.venv/bin/python -m tests.soak [--paragraphs 100000] [--artifact DIR]`` (builds the
 MiniLM int8 artifact into the cache when --artifact is not given). Takes several minutes on
@@ -82,13 +92,41 @@ class Sampler(threading.Thread):
             self.stop_event.wait(1.0)
 
 
+#: Seconds to let Redis's cron catch up before reading INFO memory: it updates each client's memory
+#: (counted as overhead, not dataset) a few clients per tick, so a client that just sent big
+#: commands is briefly counted as dataset (measured: 200 KB of such noise right after start-up).
+SETTLE_S = 2.0
+
+
+def disable_latency_tracking(client) -> bool:
+    """Switch off Redis's per-command latency histograms and free those already allocated (see the
+    module docstring); False when this Redis has none to switch off (Redis < 7)."""
+    import redis
+
+    try:
+        client.config_set("latency-tracking", "no")
+    except redis.exceptions.ResponseError:
+        return False
+    client.config_resetstat()
+    return True
+
+
+def wait_until_drained(client, timeout: float = 600.0) -> None:
+    """Until nothing is queued or unacknowledged (a late duplicate delivery would still be running)."""
+    deadline = time.monotonic() + timeout
+    while client.exists("deposium", "unacked", "unacked_index") and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--paragraphs", type=int, default=100_000)
-    ap.add_argument("--artifact", type=Path)
+    ap.add_argument("--paragraphs", type=int, default=100_000, help="distinct paragraphs in the job")
+    ap.add_argument("--artifact", type=Path,
+                    help="artifact directory (default: build MiniLM int8 into ~/.cache/deposium/soak)")
     ap.add_argument("--warmup", type=float, default=0.2, help="fraction of the job treated as warm-up")
-    ap.add_argument("--max-growth", type=float, default=0.05)
-    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--max-growth", type=float, default=0.05,
+                    help="largest RSS envelope growth per worker process after warm-up (0.05 = 5%%)")
+    ap.add_argument("--workdir", type=Path, help="keep logs, rss.csv and the output here (default: a temp dir)")
     args = ap.parse_args(argv)
     # SIGTERM (a CI timeout) must still stop the worker and redis-server this script started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -107,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker.start()
         client = redis.client()
+        latency_tracking_off = disable_latency_tracking(client)
+        time.sleep(SETTLE_S)
+        keys_before = set(client.scan_iter(count=1000))
         baseline = int(client.info("memory")["used_memory"])
         baseline_dataset = int(client.info("memory")["used_memory_dataset"])
         settings = load_settings({"REDIS_URL": redis.url, "DEPOSIUM_CACHE_DIR": str(work / "cache")})
@@ -123,9 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop_event.set()
         sampler.join()
         seconds = time.monotonic() - started
+        wait_until_drained(client)
+        time.sleep(SETTLE_S)
         after = int(client.info("memory")["used_memory"])
         after_dataset = int(client.info("memory")["used_memory_dataset"])
         keys = {k.decode(): client.memory_usage(k) for k in sorted(client.scan_iter(count=1000))}
+        kept = {"deposium:jobs", f"deposium:job:{summary.job_id}"}
+        left = {k: v for k, v in keys.items() if k.encode() not in keys_before and k not in kept}
+        channels = [c.decode() for c in client.pubsub_channels(f"celery-task-meta-{summary.job_id}:*")]
         found, dups, missing = exactly_once(work / "soak.parquet", {f"s{i:06d}#0" for i in range(len(texts))})
         # RSS per process after warm-up. A process's RSS steps between a few plateaus as batch
         # shapes vary (buffers freed and re-allocated), so one sample against another says little;
@@ -152,15 +198,20 @@ def main(argv: list[str] | None = None) -> int:
             "found": found, "duplicates": dups, "missing": len(missing), "rss": rss,
             "rss_samples": len(sampler.samples), "rss_samples_after_warmup": len(warm),
             "redis_used_memory": {"baseline": baseline, "peak": peak_redis, "after": after,
-                                  "dataset_baseline": baseline_dataset, "dataset_after": after_dataset},
-            "redis_keys_after": keys,
+                                  "dataset_baseline": baseline_dataset, "dataset_after": after_dataset,
+                                  "dataset_growth": after_dataset - baseline_dataset,
+                                  "latency_tracking_off": latency_tracking_off},
+            "redis_keys_after": keys, "redis_left_by_the_job": left, "result_channels_subscribed": channels,
         })
-        # used_memory also counts the producer's still-open client buffers. Nothing the job left
-        # may remain (results, queued or unacked batches), and the dataset may exceed its baseline
-        # by a constant only: about 250 KB was measured after both a 2,000 and a 30,000 paragraph
-        # job (Redis-internal, not per batch), so 512 KiB still catches results left behind.
-        leftovers = [k for k in keys if k.startswith(("celery-task-meta-", "unacked")) or k == "deposium"]
-        ok_redis = not leftovers and after_dataset <= baseline_dataset + 512 * 1024
+        # used_memory also counts the producer's still-open client buffers, so the dataset is
+        # compared. Allowed above the baseline: the job record and the index (kept on purpose),
+        # plus 64 KiB for Redis's own dictionaries resized during the job (measured: none, the
+        # dataset ended ~10 KB *below* its baseline after a 2,000 paragraph job); one result left
+        # behind is ~50 KB and is caught by name anyway.
+        allowed = baseline_dataset + sum(keys.get(k) or 0 for k in kept) + 64 * 1024
+        if not latency_tracking_off:  # Redis < 7: no histograms to account for; keep a margin anyway
+            allowed += 512 * 1024
+        ok_redis = not left and not channels and after_dataset <= allowed
         report["ok"] = bool(summary.ok and found == len(texts) and not dups and not missing and ok_rss
                             and ok_redis)
     finally:
