@@ -1,8 +1,10 @@
 """``deposium-submit``: embed files, directories, globs or stdin into a sink, resumably.
 
 Exit codes: 0 every paragraph written; 1 the job finished but something failed (see the
-errors file); 2 the job could not run (bad option, Redis unreachable, sink refused);
-130 interrupted (resume with the same command or ``--resume JOB_ID``).
+errors file); 2 the job could not run (unknown flag or bad value, a task or dim the model does
+not offer, unknown or malformed sink target, Redis unreachable, sink refused), with one line
+saying why, before any paragraph is sent; 130 interrupted (resume with the same command or
+``--resume JOB_ID``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (0 would otherwise silently mean "the default")."""
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,15 +53,15 @@ def parser() -> argparse.ArgumentParser:
                    help="continue a job by id with its recorded inputs and options")
     p.add_argument("--job-id", help="name the job yourself instead of deriving it from inputs and options")
     p.add_argument("--task", help="task prompt name from the model's manifest (e.g. query, document)")
-    p.add_argument("--dim", type=int, help="Matryoshka dimension (one of the model's dims)")
+    p.add_argument("--dim", type=_at_least(1), help="Matryoshka dimension (one of the model's dims)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--batch-tokens", type=int, default=None,
+    p.add_argument("--batch-tokens", type=_at_least(1), default=None,
                    help="tokens per batch sent as one task (default DEPOSIUM_BATCH_TOKENS, 8192)")
-    p.add_argument("--max-in-flight", type=int, default=None,
+    p.add_argument("--max-in-flight", type=_at_least(1), default=None,
                    help="batches sent but not yet written (default DEPOSIUM_MAX_IN_FLIGHT)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=_at_least(1), default=None,
                    help="split paragraphs longer than this (default: the model's max sequence length)")
-    p.add_argument("--min-chars", type=int, default=20, help="merge fragments shorter than this")
+    p.add_argument("--min-chars", type=_at_least(0), default=20, help="merge fragments shorter than this")
     p.add_argument("--artifact", type=Path, default=None,
                    help="artifact directory (default DEPOSIUM_ARTIFACT)")
     p.add_argument("--errors", type=Path, default=None, help="errors file (default OUT.errors.jsonl)")

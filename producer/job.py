@@ -69,8 +69,10 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
                          f"{manifest.matryoshka_dims}")
     if options.dtype not in {"float32", "float16"}:
         raise ValueError(f"--dtype must be float32 or float16, not {options.dtype!r}")
-    if options.max_in_flight < 1 or options.batch_tokens < 1:
-        raise ValueError("--max-in-flight and --batch-tokens must be at least 1")
+    if options.max_in_flight < 1:
+        raise ValueError(f"max_in_flight (--max-in-flight) must be at least 1, not {options.max_in_flight}")
+    if options.batch_tokens < 1:
+        raise ValueError(f"batch_tokens (--batch-tokens) must be at least 1, not {options.batch_tokens}")
     if is_file_target(target):
         target = str(Path(target.removeprefix("file://")).expanduser().absolute())
     use_local = local if local is not None else not settings.redis_url
@@ -135,7 +137,7 @@ def build_runner(plan: Plan, *, progress: Progress | None = None, replace: bool 
 
 def with_in_flight(options: JobOptions, settings: Settings, max_in_flight: int | None) -> JobOptions:
     """Fill options left unset (None) from the environment's settings."""
-    return replace(options, max_in_flight=max_in_flight or settings.max_in_flight,
+    return replace(options, max_in_flight=settings.max_in_flight if max_in_flight is None else max_in_flight,
                    batch_tokens=options.batch_tokens or settings.batch_tokens)
 
 

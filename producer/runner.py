@@ -101,31 +101,45 @@ class Summary:
 
 
 class ErrorLog:
-    """Errors file (JSON lines) written to a temporary name and renamed at the end of a run."""
+    """Errors file (JSON lines) written to a temporary name and renamed at the end of a run.
+
+    The temporary file is created by the first error only, so a run refused before it started
+    (a bad option, a sink that refuses the job) leaves no file behind.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.count = 0
-        self._fh = None
-        if path is not None:
-            self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            self._fh = open(self._tmp, "w", encoding="utf-8")
+        self._fh: Any = None
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if path is not None else None
 
     def add(self, entry: dict[str, Any]) -> None:
         self.count += 1
-        if self._fh is not None:
-            self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        if self._tmp is None:
+            return
+        if self._fh is None:
+            self._fh = open(self._tmp, "w", encoding="utf-8")
+        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def close(self) -> str | None:
-        if self._fh is None or self.path is None:
+        """End of a finished run: publish the errors (or remove a previous run's file if none)."""
+        if self.path is None:
             return None
-        self._fh.close()
-        if self.count:
-            os.replace(self._tmp, self.path)
-            return str(self.path)
-        os.unlink(self._tmp)
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            if self.count:
+                os.replace(self._tmp, self.path)
+                return str(self.path)
         self.path.unlink(missing_ok=True)
         return None
+
+    def discard(self) -> None:
+        """End of an interrupted run: the next run reads everything again and rewrites the file."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            Path(self._tmp).unlink(missing_ok=True)
 
 
 class JobRunner:
@@ -342,8 +356,7 @@ class JobRunner:
                     s.state = "done_with_errors"
             else:
                 s.errors_path = None
-                if self.errors._fh is not None:
-                    self.errors._fh.close()
+                self.errors.discard()
             try:
                 self._save(force=True)
             except Exception:  # noqa: BLE001 - the record is advisory; never mask the real error

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from producer import submit
+from producer.sinks import SinkError
 from tests.redis_proc import free_port
 from tests.test_producer_support import ROOT, VENV_BIN, corpus, submit_cmd, write_jsonl
+from worker.errors import EmbedRequestError
 
 
 def _env(tmp_path: Path, artifact: Path, **extra: str) -> dict[str, str]:
@@ -141,3 +144,70 @@ def test_local_jobs_are_listed(tmp_path: Path, minilm_artifact: Path):
                        text=True, timeout=60, cwd=ROOT)
     jobs = json.loads(r.stdout)
     assert [(j["mode"], j["state"], j["counts"]["written"]) for j in jobs] == [("local", "done", 1)]
+
+
+#: Options the producer must refuse up front: (arguments, what the one error line must say).
+REFUSED = {
+    "unknown flag": (["--colour", "blue"], "unrecognized arguments: --colour blue"),
+    "unknown task": (["--task", "search"], "unknown task 'search'; known tasks: none"),
+    "dim not offered": (["--dim", "100"], "--dim 100 is not offered by this model; choose one of [384]"),
+    "dim zero": (["--dim", "0"], "argument --dim: must be at least 1, not 0"),
+    "dim not a number": (["--dim", "big"], "argument --dim: 'big' is not an integer"),
+    "unknown dtype": (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    "batch tokens zero": (["--batch-tokens", "0"], "argument --batch-tokens: must be at least 1, not 0"),
+    "max in flight zero": (["--max-in-flight", "0"], "argument --max-in-flight: must be at least 1, not 0"),
+    "negative min chars": (["--min-chars", "-1"], "argument --min-chars: must be at least 0, not -1"),
+    "unknown stdin format": (["--stdin-format", "xml"], "argument --stdin-format: invalid choice: 'xml'"),
+    "unknown index": (["--index", "flat"], "argument --index: invalid choice: 'flat'"),
+    "index on parquet": (["--index", "hnsw"], "is a file sink without vector indexes"),
+    "unknown sink scheme": (["--out", "ftp://host/x"], "unknown sink target 'ftp://host/x'"),
+    "unknown lancedb parameter": (["--out", "lancedb://vec?table=t&colour=blue"], "unknown parameters ['colour']"),
+    "unknown lancedb index": (["--out", "lancedb://vec?table=t&index=flat"], "unknown index 'flat'"),
+    "unknown postgresql parameter": (["--out", "postgresql://me@127.0.0.1:1/db?table=t&colour=blue"],
+                                     'invalid URI query parameter: "colour"'),
+    "unknown postgresql index": (["--out", "postgresql://me@127.0.0.1:1/db?table=t&index=ivf"],
+                                 "unknown index 'ivf'; use index=hnsw"),
+    "unknown job": (["--resume", "jnope"], "no job jnope found (in Redis)"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_unknown_or_unusable_options_are_refused_with_one_line_and_exit_2(case: str, tmp_path: Path,
+                                                                        minilm_artifact: Path, redis_server):
+    """Each is refused before any work: exit code 2, one ``deposium-submit: error:`` line naming the
+    option (argparse adds its usage line), no traceback, nothing sent to Redis (queue mode), no
+    job record, no output or errors file."""
+    args, expect = REFUSED[case]
+    (tmp_path / "a.txt").write_text("A paragraph that must never be embedded.\n")
+    env = _env(tmp_path, minilm_artifact, REDIS_URL=redis_server.url)
+    r = _run(["a.txt", "--no-progress", *args], env, tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith(("usage:", " "))]
+    assert len(lines) == 1 and lines[0].startswith("deposium-submit: error: "), r.stderr
+    assert expect in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert redis_server.client().dbsize() == 0, sorted(redis_server.client().scan_iter())
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "redis" not in p.parts)
+    assert files == ["a.txt"], files
+
+
+def test_library_submit_refuses_unknown_options_before_starting(tmp_path: Path, minilm_artifact: Path):
+    """``producer.submit`` raises at the call (not later from ``wait()``), with the same messages."""
+    docs = ["A paragraph that must never be embedded."]
+    out = tmp_path / "x.parquet"
+    cases = [
+        ({"task": "search"}, EmbedRequestError, "unknown task 'search'"),
+        ({"dim": 100}, ValueError, r"--dim 100 is not offered by this model; choose one of \[384\]"),
+        ({"dtype": "float64"}, ValueError, "dtype must be float32 or float16, not 'float64'"),
+        ({"max_in_flight": 0}, ValueError, r"max_in_flight \(--max-in-flight\) must be at least 1, not 0"),
+        ({"batch_tokens": -1}, ValueError, r"batch_tokens \(--batch-tokens\) must be at least 1, not -1"),
+        ({"index": "hnsw"}, SinkError, "file sink without vector indexes"),
+        ({"out": "ftp://host/x"}, SinkError, "unknown sink target"),
+        ({"out": f"lancedb://{tmp_path}/v?table=t&colour=blue"}, SinkError, r"unknown parameters \['colour'\]"),
+        ({"dims": 128}, TypeError, "unexpected keyword argument 'dims'"),
+    ]
+    for options, error, message in cases:
+        kwargs = {"out": out, "local": True, "artifact_dir": minilm_artifact, **options}
+        with pytest.raises(error, match=message):
+            submit(docs, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
