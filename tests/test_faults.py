@@ -187,6 +187,30 @@ def test_a_forgotten_abandoned_job_leaves_nothing_and_its_queued_batches_are_not
     assert not left, f"left in Redis by the forgotten job: {left}"
 
 
+def test_worker_exit_code_is_celerys_so_a_supervisor_sees_a_failure(tmp_path: Path, redis_server, minilm_artifact):
+    """``deposium-worker`` exits 0 after SIGTERM (a redeploy) but 1, like ``celery worker``, after an
+    unrecoverable error; it used to return 0 for both, so "restart on failure" never restarted it.
+    The error here is real: the queue's Redis key holds a string (another application's key)."""
+    env = clean_env(REDIS_URL=redis_server.url, DEPOSIUM_ARTIFACT=str(minilm_artifact))
+    cmd = [sys.executable, "-m", "worker.cli", "--concurrency", "1"]
+    log = tmp_path / "ok.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = Worker(redis_server.url, minilm_artifact, log)
+    worker.proc = proc
+    try:
+        worker.wait_ready()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, worker.text()[-3000:]
+    finally:
+        worker.stop()
+    redis_server.client().delete("deposium")
+    redis_server.client().set("deposium", "not a queue")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert "Unrecoverable error" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 1, r.stderr[-3000:]
+
+
 def _poison_job(tmp_path: Path, redis_server, artifact: Path, action: str, **timing: str):
     texts = _texts(160, marked=(80,))
     env = dict(TIMING, **timing)

@@ -22,7 +22,9 @@ from worker.cpu import available_cpus, cpu_features, quantization_warning
 
 log = logging.getLogger("deposium.worker")
 
-#: Exit codes: configuration error, artifact refused, Redis unreachable at start-up.
+#: Exit codes: configuration error, artifact refused, Redis unreachable at start-up. Once Celery
+#: runs, its own: 0 after a shutdown by SIGTERM (warm) or SIGQUIT (cold), 1 after SIGINT or an
+#: unrecoverable error (e.g. the queue's Redis key holds something else).
 EXIT_CONFIG = 2
 EXIT_ARTIFACT = 3
 EXIT_REDIS = 4
@@ -156,8 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_argv.append(f"--hostname={args.hostname}")
     if args.max_tasks_per_child:
         worker_argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
-    app.worker_main(argv=worker_argv)
-    return 0
+    # Celery's own exit code (1 after an unrecoverable error), so a supervisor's "restart on
+    # failure" sees the failure: app.worker_main() drops it and always returns as if all went well.
+    from celery.bin.celery import celery as celery_command
+
+    code = celery_command.main(args=["-A", "worker.celery_app", *worker_argv], standalone_mode=False)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
