@@ -574,7 +574,7 @@ def test_ensure_converter_downloads_the_installed_versions_sdist_once(tmp_path, 
         _fake_sdist(Path(cmd[cmd.index("-d") + 1]) / "llama_cpp_python-9.9.9.tar.gz")
 
     out = bl.ensure_converter(tmp_path, run=run)
-    assert out == tmp_path / "llama.cpp-9.9.9"
+    assert out == tmp_path / "llama.cpp-9.9.9" and out.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in out.iterdir()) == ["conversion", "convert_hf_to_gguf.py", "gguf-py"]
     assert (out / "gguf-py" / "gguf" / "__init__.py").read_text() == "# gguf"
     assert "llama-cpp-python==9.9.9" in ran[0] and "--no-binary" in ran[0] and "--no-deps" in ran[0]
@@ -636,6 +636,27 @@ def test_load_llama_one_thread_whole_input_in_one_batch_and_no_amx_buffers(monke
     assert built["n_threads"] == built["n_threads_batch"] == 1 and built["embedding"] is True
     assert built["n_ctx"] == built["n_batch"] == built["n_ubatch"] == 192
     assert capi.llama_model_default_params is Params  # restored after the load
+
+
+def test_llama_configs_reuse_a_cached_gguf_and_size_the_context(tmp_path, monkeypatch):
+    model = tmp_path / "embeddinggemma-300m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    (tmp_path / "embeddinggemma-300m-q8_0.gguf").write_bytes(b"GGUF" * 1024)
+    loaded: list[tuple[Path, int]] = []
+
+    def no_converter(*a, **kw):
+        raise AssertionError("the converter is needed only when the GGUF is missing")
+
+    monkeypatch.setattr(bl, "llama_missing", lambda: None)
+    monkeypatch.setattr(bl, "installed_version", lambda: "9.9.9")
+    monkeypatch.setattr(bl, "ensure_converter", no_converter)
+    monkeypatch.setattr(bl, "load_llama", lambda gguf, n_ctx: loaded.append((gguf, n_ctx)) or object())
+    configs, note = bl.llama_configs(model, tmp_path, [12, 300, 40], prompt="title: none | text: ")
+    assert loaded == [(tmp_path / "embeddinggemma-300m-q8_0.gguf", 320)]
+    assert [(c.name, c.kind, c.batching, c.groups) for c in configs] == [
+        ("llama.cpp Q8_0", "peer", "1", [[0], [1], [2]])]
+    assert "n_ctx = n_batch = n_ubatch = 320" in note and "'title: none | text: '" in note
 
 
 def test_llama_peer_skips_with_a_reason(tmp_path, monkeypatch):

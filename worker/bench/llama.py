@@ -93,6 +93,7 @@ def extract_converter(sdist: Path, out: Path) -> Path:
             if not any(m.name == CONVERTER_PARTS[0] for m in members):
                 raise RuntimeError(f"{sdist} has no vendor/llama.cpp/{CONVERTER_PARTS[0]}")
             tar.extractall(staging, members=members, filter="data")
+        staging.chmod(0o755)  # mkdtemp made it private; the cache is shared like the artifacts beside it
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -200,7 +201,9 @@ def llama_configs(model_dir: Path, cache: Path, lengths: Sequence[int], *, promp
         raise PeerUnavailable(missing)
     if not is_gemma3(model_dir):
         raise PeerUnavailable(f"{Path(model_dir).name} is not a Gemma3 (EmbeddingGemma) model")
-    gguf = ensure_gguf(model_dir, cache, ensure_converter(cache, converter), outtype)
+    gguf = gguf_path(cache, model_dir, outtype)
+    if not gguf.is_file():  # the converter (an sdist download) is needed only to build it
+        gguf = ensure_gguf(model_dir, cache, ensure_converter(cache, converter), outtype)
     n_ctx = context_size(max(lengths))
     llm = load_llama(gguf, n_ctx)
     note = (f"llama.cpp: `{gguf.name}` ({gguf.stat().st_size / 2 ** 20:,.0f} MiB, converted with "

@@ -338,7 +338,8 @@ def render(result: BenchResult, plot_name: str | None) -> str:
                                        if k.startswith("version "))]
     out += ["", "## Command", "", "```", result.command, "```", "",
             f"Total run time {result.elapsed_s / 60:.1f} min.", "",
-            "## Corpus", "", f"{result.corpus_label}. Token lengths (MiniLM tokenizer, special tokens included):",
+            "## Corpus", "", f"{result.corpus_label}. Token lengths (the model's tokenizer, prompt and special tokens "
+            "included):",
             "", "```", format_token_stats(result.token_stats), "```", "",
             "## Single core", "", *_single_section(result), "",
             "## Goals", "", "Goals from issue 7, shown against, never asserted in tests.", "",
