@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.quantize import AUTO_RECIPES, QuantizeOptions, quantize
+import onnx
+
+from convert.quantize import AUTO_RECIPES, QuantizeOptions, quantize, save_model
 from convert.source import SentenceTransformerSource, read_source, resolve_source
 from convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
 from worker.artifact import (
@@ -25,6 +27,7 @@ from worker.artifact import (
     MODEL_FILE,
     TOKENIZER_FILE,
     VALIDATION_FILE,
+    WEIGHTS_FILE,
     Manifest,
     sha256_file,
     write_manifest,
@@ -94,8 +97,6 @@ def _write_tokenizer(source: SentenceTransformerSource, out: Path) -> int:
 
 
 def _graph_inputs(path: Path) -> list[str]:
-    import onnx
-
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
 
@@ -104,10 +105,10 @@ def _write_artifact_dir(directory: Path, model_src: Path, source: SentenceTransf
                         validation: dict[str, Any] | None) -> Manifest:
     directory.mkdir(parents=True, exist_ok=True)
     if model_src != directory / MODEL_FILE:
-        shutil.copyfile(model_src, directory / MODEL_FILE)
+        save_model(onnx.load(str(model_src)), directory / MODEL_FILE)
     if tokenizer_dir != directory:
         shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, directory / TOKENIZER_FILE)
-    files = [MODEL_FILE, TOKENIZER_FILE]
+    files = [MODEL_FILE, TOKENIZER_FILE] + ([WEIGHTS_FILE] if (directory / WEIGHTS_FILE).is_file() else [])
     if validation is not None:
         (directory / VALIDATION_FILE).write_text(json.dumps(validation, indent=2, sort_keys=True) + "\n")
         files.append(VALIDATION_FILE)
@@ -189,11 +190,9 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
             transformer = export_transformer(src, work / "export")
         except ExportError as exc:
             raise ConvertError(str(exc)) from None
-        import onnx
-
         fp32_dir = work / "fp32"
         fp32_dir.mkdir(parents=True)
-        onnx.save(append_head(onnx.load(str(transformer)), src), str(fp32_dir / MODEL_FILE))
+        save_model(append_head(onnx.load(str(transformer)), src), fp32_dir / MODEL_FILE)
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
         candidates = list(AUTO_RECIPES) if opts.recipe == "auto" else [opts.recipe]

@@ -22,7 +22,8 @@ so int8 there saves no time, only ~14 MB on EmbeddingGemma, yet it was most of t
 quantization error (cosine vs torch 0.99722 -> 0.99877 mean when kept fp32; 48 real paragraphs).
 
 ``int8-wide`` is ``int8-token`` with a second int8 pass over every activation's rounding
-residual (see ``_per_token_matmul``): ~15-bit activations, 8-bit weights. On real
+residual (see ``_per_token_matmul``): ~15-bit activations, 8-bit weights, both passes stacked
+into one ``MatMulInteger`` so the prepacked weights exist once. On real
 EmbeddingGemma-300m it reached cosine 0.99966 mean / 0.99950 min (llama.cpp Q8_0 level) at
 about 1.5x the integer cost of ``int8-token``, still well above the speed of the block-wise
 ``MatMulNBits`` recipe on this CPU family (BENCHMARKS.md).
@@ -171,9 +172,9 @@ def _per_token_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.
     rounded = op("Clip", [op("Round", [op("Div", [x, scale], "scaled")], "rounded"),
                           f"{shared}/nq", f"{shared}/q"], "clipped")
     x_u8 = op("Cast", [op("Add", [rounded, f"{shared}/offset"], "shifted")], "x_u8", to=TensorProto.UINT8)
-    acc = op("MatMulInteger", [x_u8, w_name, f"{shared}/zp"], "acc")
-    acc_f = op("Cast", [acc], "acc_f", to=TensorProto.FLOAT)
-    if wide:
+    if not wide:
+        acc_f = op("Cast", [op("MatMulInteger", [x_u8, w_name, f"{shared}/zp"], "acc")], "acc_f", to=TensorProto.FLOAT)
+    else:
         fine = f"{shared}/fine"  # residual step = scale / (2 * a_max): |residual| <= scale / 2
         if not any(i.name == fine for i in graph.initializer):
             _const(graph, fine, np.array(float(2 * a_max), np.float32))
@@ -183,9 +184,15 @@ def _per_token_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.
                              f"{shared}/nq", f"{shared}/q"], "residual_clipped")
         fine_u8 = op("Cast", [op("Add", [fine_q, f"{shared}/offset"], "residual_shifted")], "residual_u8",
                      to=TensorProto.UINT8)
-        fine_acc = op("Cast", [op("MatMulInteger", [fine_u8, w_name, f"{shared}/zp"], "residual_acc")],
-                      "residual_acc_f", to=TensorProto.FLOAT)
-        acc_f = op("Add", [acc_f, op("Mul", [fine_acc, f"{shared}/coarse"], "residual_term")], "acc_wide")
+        # Both passes in ONE MatMulInteger (stacked on the batch axis): one prepacked copy of W, one GEMM.
+        both = op("MatMulInteger", [op("Concat", [x_u8, fine_u8], "stacked", axis=0), w_name, f"{shared}/zp"],
+                  "acc_both")
+        coarse_acc, fine_acc = f"{p}/acc", f"{p}/residual_acc"
+        nodes.append(helper.make_node("Split", [both], [coarse_acc, fine_acc], name=f"{p}/split", axis=0,
+                                      num_outputs=2))
+        acc_f = op("Add", [op("Cast", [coarse_acc], "acc_f", to=TensorProto.FLOAT),
+                           op("Mul", [op("Cast", [fine_acc], "residual_acc_f", to=TensorProto.FLOAT),
+                                      f"{shared}/coarse"], "residual_term")], "acc_wide")
     scaled = op("Mul", [acc_f, scale], "row_scaled")
     nodes.append(helper.make_node("Mul", [scaled, ws_name], [node.output[0]], name=f"{p}/out"))
     return nodes
@@ -271,10 +278,19 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
                          nodes_to_exclude=_matching_nodes(fp32_path, opts.fp32_patterns()))
         settings.update(per_channel=True, reduce_range=reduce_range, batch_invariant=False,
                         activations="one dynamic scale per tensor (per batch)")
-        return settings
+        model = onnx.load(str(out_path))
     onnx.checker.check_model(model)
-    onnx.save(model, str(out_path))
+    save_model(model, out_path)
     return settings
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save with every weight in ``<name>.data`` beside it (the artifact layout; see worker.artifact)."""
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()  # onnx appends to an existing external-data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
 
 
 def _matching_nodes(path: Path, patterns: list[str]) -> list[str]:

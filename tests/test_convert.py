@@ -15,7 +15,7 @@ from convert.api import ConvertError, build_artifact
 from convert.cli import main as convert_main
 from convert.validate import Thresholds, load_paragraphs
 from tests.gemma_tiny import EMBEDDINGGEMMA_PROMPTS, build_tiny_gemma
-from worker.artifact import load_manifest
+from worker.artifact import ArtifactError, load_manifest
 from worker.config import Settings
 from worker.embedder import Embedder
 
@@ -45,13 +45,13 @@ def _mixed_texts() -> list[str]:
 def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
     manifest = load_manifest(minilm_artifact)
     assert sorted(p.name for p in minilm_artifact.iterdir()) == [
-        "manifest.json", "model.onnx", "tokenizer.json", "validation.json"]
+        "manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"]
     assert manifest.dim == 384 and manifest.matryoshka_dims == [384]
     assert manifest.pooling == "mean" and manifest.max_seq_length == 256
     assert manifest.inputs == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest.quantization["recipe"] == "int8-token"
     assert manifest.quantization["weight_bits"] in (7, 8)
-    assert set(manifest.files) == {"model.onnx", "tokenizer.json", "validation.json"}
+    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"}
     validation = json.loads((minilm_artifact / "validation.json").read_text())
     assert validation["passed"] is True
     assert validation["batch_invariance_min_cosine"] >= 0.9999
@@ -60,11 +60,27 @@ def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
 def test_minilm_int8_is_smaller_and_quantized(minilm_artifact: Path, minilm_fp32_artifact: Path):
     import onnx
 
-    int8 = (minilm_artifact / "model.onnx").stat().st_size
-    fp32 = (minilm_fp32_artifact / "model.onnx").stat().st_size
+    int8, fp32 = (sum(f.stat().st_size for f in a.glob("model.onnx*")) for a in (minilm_artifact, minilm_fp32_artifact))
     assert int8 < fp32 / 3, (int8, fp32)
     ops = {n.op_type for n in onnx.load(str(minilm_artifact / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops
+
+
+def test_weights_live_in_a_hashed_external_data_file(minilm_artifact: Path, tmp_path: Path):
+    """Weights sit in model.onnx.data (memory-mapped, shared by worker processes) and are verified."""
+    manifest = load_manifest(minilm_artifact)
+    assert set(manifest.files) >= {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    sizes = {name: (minilm_artifact / name).stat().st_size for name in ("model.onnx", "model.onnx.data")}
+    assert sizes["model.onnx"] < 1_000_000 < sizes["model.onnx.data"], sizes
+    tampered = tmp_path / "tampered"
+    shutil.copytree(minilm_artifact, tampered)
+    with open(tampered / "model.onnx.data", "r+b") as fh:
+        fh.seek(4096)
+        byte = fh.read(1)
+        fh.seek(4096)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match=r"model\.onnx\.data is corrupt"):
+        Embedder(tampered, settings=BIG)
 
 
 def test_minilm_fp32_artifact_matches_sentence_transformers(minilm_fp32_artifact, minilm_st):
@@ -303,7 +319,7 @@ def test_int8_wide_is_more_faithful_batch_invariant_and_keeps_the_head_fp32(outl
     ops = _op_types(wide)
     assert ops["head/dense0"] == "MatMul" and ops["head/dense1"] == "MatMul"
     integer_matmuls = [sum(op == "MatMulInteger" for op in _op_types(a).values()) for a in (token, wide)]
-    assert integer_matmuls[1] == 2 * integer_matmuls[0] > 0
+    assert integer_matmuls[1] == integer_matmuls[0] > 0  # both passes share one MatMulInteger (one weight copy)
     small = build_artifact(str(outlier_gemma), tmp_path / "head8", recipe="int8-token", stsb=None, validate=False,
                            quantize_head=True)
     assert "head/dense0" not in _op_types(small)

@@ -6,6 +6,11 @@ An artifact is a directory::
                       layers, L2 normalize); inputs ``input_ids``/``attention_mask``
                       (+ ``token_type_ids`` when the model has them), all int64 [batch, seq];
                       output ``sentence_embedding`` float32 [batch, dim], unit norm
+    model.onnx.data   its weights (ONNX external data). Why a separate file: ONNX Runtime
+                      memory-maps external data, so weights it uses in place (the token-
+                      embedding table: two thirds of EmbeddingGemma) are read-only page-cache
+                      pages shared by every worker process instead of a private copy each.
+                      Artifacts with the weights inside model.onnx load too.
     tokenizer.json    Hugging Face ``tokenizers`` file, padding and truncation switched off
     validation.json   what ``convert``'s gate measured (fidelity, STS-B, batch invariance)
     manifest.json     this module's :class:`Manifest`, with the sha256 of every other file
@@ -29,6 +34,7 @@ from typing import Any
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 VALIDATION_FILE = "validation.json"
 OUTPUT_NAME = "sentence_embedding"

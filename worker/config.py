@@ -86,7 +86,7 @@ class Settings:
     redis_connect_timeout_s: float = 10.0
 
     # --- model / runtime ---------------------------------------------------------------------
-    #: Artifact directory written by deposium-convert (model.onnx + tokenizer.json + manifest.json).
+    #: Artifact directory written by deposium-convert (model.onnx + model.onnx.data + tokenizer.json + manifest.json).
     artifact_dir: Path = DEFAULT_CACHE_DIR / "artifacts" / "all-MiniLM-L6-v2"
     #: Cache for artifacts, downloaded models and job state.
     cache_dir: Path = DEFAULT_CACHE_DIR
