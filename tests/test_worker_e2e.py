@@ -96,9 +96,11 @@ def send(app, request: EmbedRequest, **options):
     return app.send_task(TASK_NAME, kwargs=request.to_wire(), task_id=request.task_id, **options)
 
 
-def test_celery_worker_concurrency_2_end_to_end(redis_server, minilm_artifact, tmp_path):
+@pytest.mark.parametrize("share", ["1", "0"], ids=["shared-model", "model-per-child"])
+def test_celery_worker_concurrency_2_end_to_end(redis_server, minilm_artifact, tmp_path, share):
     settings = Settings(redis_url=redis_server.url, queue="e2e", artifact_dir=minilm_artifact)
-    env = clean_env(REDIS_URL=redis_server.url, DEPOSIUM_QUEUE="e2e", DEPOSIUM_ARTIFACT=str(minilm_artifact))
+    env = clean_env(REDIS_URL=redis_server.url, DEPOSIUM_QUEUE="e2e", DEPOSIUM_ARTIFACT=str(minilm_artifact),
+                    DEPOSIUM_SHARE_MODEL=share)
     cmd = [
         str(VENV_BIN / "celery"),
         "-A",
@@ -116,7 +118,10 @@ def test_celery_worker_concurrency_2_end_to_end(redis_server, minilm_artifact, t
         children = parent.children()
         assert len(children) == 2
         before = {c.pid: c.num_threads() for c in children}
-        assert not any(loaded_onnxruntime(c) for c in children), "session must be created lazily"
+        if share == "1":  # loaded once by the parent before forking; children inherit it
+            assert loaded_onnxruntime(parent) and all(loaded_onnxruntime(c) for c in children)
+        else:
+            assert not any(loaded_onnxruntime(c) for c in children), "session must be created lazily"
 
         requests = [
             EmbedRequest(job_id="job1", batch_id=f"b{i:07d}", paragraphs=PARAGRAPHS[i:] + PARAGRAPHS[:i])
@@ -134,15 +139,23 @@ def test_celery_worker_concurrency_2_end_to_end(redis_server, minilm_artifact, t
             assert out.errors == expected.errors
             assert sum(e is not None for e in out.errors) == 2
 
-        # Exactly one ORT thread per child: a child that ran a batch gained only the thread that
-        # `import onnxruntime` itself starts; a session with a pool would add intra_op-1 more.
-        assert not loaded_onnxruntime(parent), "the parent must never load the model"
+        # No session thread pool: a child that loaded the model itself gained only the thread that
+        # `import onnxruntime` starts; one sharing the parent's session gained none (threads do not
+        # survive fork); a session with a pool would add intra_op-1 more.
         assert sorted(c.pid for c in parent.children()) == sorted(before), "no child was replaced"
-        loaded = [c for c in children if loaded_onnxruntime(c)]
-        assert loaded, "no child ran a batch"
-        for child in children:
-            gained = child.num_threads() - before[child.pid]
-            assert gained == (ort_threads if child in loaded else 0), (child.pid, gained, ort_threads)
+        log_text = (tmp_path / "worker.log").read_text()
+        if share == "1":
+            assert "pool children share it" in log_text and "uses the model shared by the main process" in log_text
+            for child in children:
+                assert child.num_threads() == before[child.pid], child.pid
+        else:
+            assert not loaded_onnxruntime(parent), "with DEPOSIUM_SHARE_MODEL=0 the parent never loads the model"
+            assert "pool children share it" not in log_text
+            loaded = [c for c in children if loaded_onnxruntime(c)]
+            assert loaded, "no child ran a batch"
+            for child in children:
+                gained = child.num_threads() - before[child.pid]
+                assert gained == (ort_threads if child in loaded else 0), (child.pid, gained, ort_threads)
 
         # float16 + Matryoshka request, sent as JSON (accepted besides msgpack)
         half = EmbedRequest(job_id="job1", batch_id="half", paragraphs=PARAGRAPHS[:3], dtype="float16")

@@ -100,6 +100,9 @@ class Settings:
     #: glibc mmap threshold (bytes) fixed per worker process so RSS stays flat as batch shapes
     #: vary (worker/memory.py has the measurement); 0 keeps glibc's dynamic default.
     malloc_mmap_threshold: int = 1024 * 1024
+    #: Load the model once in the prefork parent so every child shares its weights copy-on-write
+    #: (PSS per child measured in BENCHMARKS.md); 0 loads a private copy in each child instead.
+    share_model: bool = True
 
     # --- limits enforced by the worker (not only by the producer) ----------------------------
     #: Most paragraphs one task may carry; a larger batch is refused whole by the worker.
@@ -160,6 +163,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_ORT_ARENA": "ort_arena",
     "DEPOSIUM_ORT_MEM_PATTERN": "ort_mem_pattern",
     "DEPOSIUM_MALLOC_MMAP_THRESHOLD": "malloc_mmap_threshold",
+    "DEPOSIUM_SHARE_MODEL": "share_model",
     "DEPOSIUM_MAX_BATCH_PARAGRAPHS": "max_batch_paragraphs",
     "DEPOSIUM_MAX_BATCH_BYTES": "max_batch_bytes",
     "DEPOSIUM_MAX_PARAGRAPH_BYTES": "max_paragraph_bytes",

@@ -1,10 +1,14 @@
 """The ``deposium.embed_batch`` task and the per-process Embedder it uses.
 
-Why the Embedder is created lazily, in the child, on the first task: an ONNX Runtime
-session created in the prefork parent would be shared copy-on-write by every child
-(with thread pools and allocator state that do not survive ``fork``), and loading a
-large model inside ``worker_process_init`` races Celery's child start-up timeout. The
-first batch of each child pays the load (about a second for MiniLM) instead.
+Why the prefork parent loads the model (``DEPOSIUM_SHARE_MODEL``, on by default) before it
+forks its children: every child then shares the session's weights copy-on-write instead of
+holding a private copy (EmbeddingGemma int8: ~430 MB private per child without sharing, ~150
+MB with it; BENCHMARKS.md). That is safe here because the session is single-threaded with
+sequential execution: ONNX Runtime starts no thread pool whose threads ``fork`` would lose,
+and the parent never runs the session after forking, so nothing it shares is written. Loading
+happens in ``celeryd_after_setup`` (logging set up, pool not started yet), not in
+``worker_process_init``, which would race Celery's child start-up timeout. Without sharing,
+each child loads lazily on its first task.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Ignore
+from celery.signals import celeryd_after_setup
 
 from worker.celery_app import AWAITED_HEADER, app, awaited_key
 from worker.config import TEST_FAULT, Settings, load_settings
@@ -29,19 +34,45 @@ log = logging.getLogger(__name__)
 _settings: Settings | None = None
 _embedder: Embedder | None = None
 _embedder_pid: int | None = None
+#: The Embedder was loaded by the prefork parent for its children to share (see module doc).
+_shared = False
 
 
 def configure(settings: Settings) -> None:
     """Use ``settings`` (e.g. with CLI overrides) instead of the environment; call before forking."""
-    global _settings, _embedder, _embedder_pid
+    global _settings, _embedder, _embedder_pid, _shared
     _settings = settings
     _embedder = _embedder_pid = None
+    _shared = False
+
+
+def share_model_with_children(**_: Any) -> None:
+    """``celeryd_after_setup`` (prefork parent, logging set up, pool not started): load the model to share."""
+    global _shared
+    settings = _settings or load_settings()
+    if not settings.share_model:
+        return
+    try:
+        embedder = get_embedder()
+    except Exception as exc:  # noqa: BLE001 - each child retries and reports it per task
+        log.error("could not load the model in the main process (children will try): %s", exc)
+        return
+    _shared = True
+    log.info("main process %d loaded the model; pool children share it (DEPOSIUM_SHARE_MODEL=1)",
+             os.getpid())
+    del embedder
+
+
+celeryd_after_setup.connect(share_model_with_children, weak=False)
 
 
 def get_embedder() -> Embedder:
-    """This process's Embedder, created on first use (and again if we find ourselves in a new
-    process: an instance inherited across ``fork`` is never reused)."""
+    """This process's Embedder: the one the prefork parent shared, else created on first use
+    (an instance inherited across ``fork`` is reused only when the parent loaded it to share)."""
     global _embedder, _embedder_pid
+    if _embedder is not None and _shared and _embedder_pid != os.getpid():
+        log.info("process %d uses the model shared by the main process %d", os.getpid(), _embedder_pid)
+        _embedder_pid = os.getpid()
     if _embedder is None or _embedder_pid != os.getpid():
         from worker.embedder import Embedder  # onnxruntime is imported in the child only
 
