@@ -6,7 +6,8 @@ recorded, never asserted. Every measurement runs single-threaded (ORT session op
 
     python scripts/measure_worker.py throughput --artifact DIR [--model ST_DIR]
     python scripts/measure_worker.py rss --artifact DIR          (arena / mem pattern, varying shapes)
-    python scripts/measure_worker.py worker-rss --artifact DIR   (real Celery child, 10,000 paragraphs)
+    python scripts/measure_worker.py worker-rss --artifact DIR [--concurrency 2] [--share 0|1]
+                                                  (real Celery worker: RSS and PSS per process)
 """
 
 from __future__ import annotations
@@ -165,8 +166,20 @@ def rss(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """RSS and PSS (shared pages divided among the processes mapping them) of one process."""
+    import psutil
+
+    info = psutil.Process(pid).memory_full_info()
+    return {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
+
+
 def worker_rss(args: argparse.Namespace) -> dict:
-    """A real ``celery worker`` (concurrency 1) on a private redis-server; 10,000 paragraphs."""
+    """A real ``celery worker`` (prefork, ``--concurrency``) on a private redis-server.
+
+    Reports RSS and PSS of the parent and of every child after load and after all paragraphs;
+    ``--share 0/1`` sets DEPOSIUM_SHARE_MODEL (model loaded once by the parent, or per child).
+    """
     import os
     import signal
 
@@ -182,51 +195,49 @@ def worker_rss(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis", appendonly=False).start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEPOSIUM_")}
-        env.update(REDIS_URL=server.url, DEPOSIUM_ARTIFACT=str(args.artifact), DEPOSIUM_QUEUE="measure")
+        env.update(REDIS_URL=server.url, DEPOSIUM_ARTIFACT=str(args.artifact), DEPOSIUM_QUEUE="measure",
+                   DEPOSIUM_SHARE_MODEL=str(args.share))
         log = open(Path(tmp) / "worker.log", "wb")
         proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "celery"),
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--pool=prefork",
-                "--concurrency=1",
-                "--loglevel=WARNING",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            [str(Path(sys.executable).parent / "celery"), "-A", "worker.celery_app", "worker", "--pool=prefork",
+             f"--concurrency={args.concurrency}", "--loglevel=WARNING"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+        def snapshot() -> dict:
+            children = parent.children()
+            return {"parent": memory_mb(proc.pid), "children": [memory_mb(c.pid) for c in children],
+                    "children_pss_total_mb": round(sum(memory_mb(c.pid)["pss_mb"] for c in children), 1)}
+
         try:
             app = create_app(Settings(redis_url=server.url, queue="measure"))
             parent = psutil.Process(proc.pid)
-            while not parent.children():
+            while len(parent.children()) < args.concurrency:
                 time.sleep(0.2)
-            child = parent.children()[0]
-            out = {"child_before_first_task_mb": rss_mb(child.pid)}
-            sent = 0
-            batch = 0
+            pids = sorted(c.pid for c in parent.children())
+            out: dict = {"concurrency": args.concurrency, "share_model": args.share}
+            sent = batch = 0
             t0 = time.monotonic()
             while sent < args.total:
-                n = min(args.batch_size, args.total - sent)
-                req = EmbedRequest(
-                    job_id="measure",
-                    batch_id=f"b{batch:07d}",
-                    paragraphs=[texts[(sent + i) % len(texts)] for i in range(n)],
-                )
-                app.send_task(TASK_NAME, kwargs=req.to_wire(), task_id=req.task_id).get(timeout=600)
-                app.AsyncResult(req.task_id).forget()
-                if batch == 0:
-                    out["child_after_load_and_first_batch_mb"] = rss_mb(child.pid)
-                sent += n
-                batch += 1
-            out["wall_seconds"] = time.monotonic() - t0
+                pending = []
+                for _ in range(args.concurrency):  # one batch per child at a time
+                    n = min(args.batch_size, args.total - sent)
+                    if n <= 0:
+                        break
+                    req = EmbedRequest(job_id="measure", batch_id=f"b{batch:07d}",
+                                       paragraphs=[texts[(sent + i) % len(texts)] for i in range(n)])
+                    pending.append((req, app.send_task(TASK_NAME, kwargs=req.to_wire(), task_id=req.task_id)))
+                    sent += n
+                    batch += 1
+                for req, result in pending:
+                    result.get(timeout=600)
+                    app.AsyncResult(req.task_id).forget()
+                if "after_first_batches" not in out:
+                    out["after_first_batches"] = snapshot()
+            out["wall_seconds"] = round(time.monotonic() - t0, 1)
             out["paragraphs"] = sent
-            out["child_after_all_mb"] = rss_mb(child.pid)
-            out["parent_mb"] = rss_mb(proc.pid)
-            out["child_pid_unchanged"] = [c.pid for c in parent.children()] == [child.pid]
+            out["after_all"] = snapshot()
+            out["children_unchanged"] = sorted(c.pid for c in parent.children()) == pids
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
@@ -253,6 +264,9 @@ def main() -> None:
     sub.choices["rss-one"].add_argument("--mallopt", action="store_true")
     sub.choices["worker-rss"].add_argument("--total", type=int, default=10_000)
     sub.choices["worker-rss"].add_argument("--batch-size", type=int, default=100)
+    sub.choices["worker-rss"].add_argument("--concurrency", type=int, default=1)
+    sub.choices["worker-rss"].add_argument("--share", type=int, choices=(0, 1), default=1,
+                                           help="DEPOSIUM_SHARE_MODEL for the worker")
     args = parser.parse_args()
     fn = {"throughput": throughput, "rss": rss, "rss-one": rss_one, "worker-rss": worker_rss}[args.cmd]
     print(json.dumps(fn(args)))
