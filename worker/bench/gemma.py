@@ -71,8 +71,12 @@ def build_gemma_shaped_source(out: Path, tokenizer_dir: Path, *, seed: int = 0, 
     return out
 
 
-def ensure_gemma_artifact(cache: Path, tokenizer_dir: Path, recipe: str = "int8-token", **shape: int) -> Path:
-    """Build (once, cached under ``cache``) the Gemma-shaped source and its ``recipe`` artifact."""
+def ensure_gemma_artifact(cache: Path, tokenizer_dir: Path, recipe: str = "int8-wide", **shape: int) -> Path:
+    """Build (once, cached under ``cache``) the Gemma-shaped source and its ``recipe`` artifact.
+
+    ``int8-wide`` by default: the recipe ``convert --recipe auto`` ships for the real
+    EmbeddingGemma-300m (random weights cannot run the gate that picks it).
+    """
     from convert.api import build_artifact
 
     tag = "gemma-shaped" + "".join(f"-{k[:3]}{v}" for k, v in sorted(shape.items()))
