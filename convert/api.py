@@ -52,6 +52,8 @@ class ConvertOptions:
     #: int8-token: MatMul name patterns given ~15-bit activations (see convert.quantize).
     wide_activations: list[str] = field(default_factory=list)
     quantize_head: bool = False
+    #: Token-embedding table: 8 (default) or 4 bits (smaller artifact; the gate reports fidelity).
+    embedding_bits: int = 8
     #: None = model defaults (stricter for EmbeddingGemma).
     thresholds: Thresholds | None = None
     #: STS-B file; "default" finds ../shared/eval/stsb_test.tsv when present; None skips STS-B.
@@ -207,7 +209,8 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
                                                  quantize_embeddings=opts.quantize_embeddings,
                                                  keep_fp32=list(opts.keep_fp32),
                                                  wide_activations=list(opts.wide_activations),
-                                                 quantize_head=opts.quantize_head))
+                                                 quantize_head=opts.quantize_head,
+                                                 embedding_bits=opts.embedding_bits))
             except QuantizeError as exc:
                 raise ConvertError(str(exc)) from None
             _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, None)

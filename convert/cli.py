@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wide-activations", action="append", default=[], metavar="PATTERN",
                    help="int8-token: fnmatch pattern of MatMul node names whose activations get a second "
                         "int8 pass (~15 bits; repeatable; int8-wide = every MatMul)")
+    p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
+                   help="token-embedding table: 8-bit per row (default) or 4-bit per 32 values (smaller)")
     p.add_argument("--quantize-head", action="store_true",
                    help="also quantize the head's Dense layers (smaller, less faithful, no faster)")
     p.add_argument("--matryoshka-dims", type=_dims, help="comma-separated dims, first = model dim")
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_fp32=args.keep_fp32,
         wide_activations=args.wide_activations,
         quantize_head=args.quantize_head,
+        embedding_bits=args.embedding_bits,
         thresholds=thresholds,
         stsb=None if args.stsb == "none" else args.stsb,
         validate=not args.no_validate,

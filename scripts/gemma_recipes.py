@@ -70,6 +70,9 @@ variants = {
     "tok-widedown": QuantizeOptions(recipe="int8-token", wide_activations=["*down_proj*"]),
     "tok-wideall": QuantizeOptions(recipe="int8-token", wide_activations=["*"]),
     "tok-fp32table": QuantizeOptions(recipe="int8-token", quantize_embeddings=False),
+    "int8-wide": QuantizeOptions(recipe="int8-wide"),
+    "int8-wide-table4": QuantizeOptions(recipe="int8-wide", embedding_bits=4),
+    "int8-token-table4": QuantizeOptions(recipe="int8-token", embedding_bits=4),
 }
 sel = sys.argv[4].split(",") if len(sys.argv) > 4 else list(variants)
 for name in sel:  # ad-hoc variants: "wide=PATTERN+PATTERN[~keep=PATTERN+PATTERN]"
@@ -96,7 +99,7 @@ for name in sel:
     inv = cos(alone, r.vectors[:16])
     ntok = sum(r.token_counts)
     print(
-        f"{name:22s} size {(d / 'model.onnx').stat().st_size / 1e6:7.1f}MB "
+        f"{name:22s} size {sum(f.stat().st_size for f in d.glob('model.onnx*')) / 1e6:7.1f}MB "
         f"cos mean {c.mean():.5f} min {c.min():.5f} inv {inv.min():.6f} cpu tok/s {ntok / cpu:6.0f} ({ntok} tok)",
         flush=True,
     )

@@ -284,6 +284,40 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
     assert wide < plain / 20, (plain, wide)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_table_quantization_dequantizes_every_row(tmp_path, bits):
+    """The quantized Gather returns each row within its quantization step (4-bit: per 32 values)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from convert.quantize import QuantizeOptions, quantize
+
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(16384, 64)).astype(np.float32)
+    table[:, 40] *= 30  # an outlier column: per-row 8-bit feels it, 4-bit blocks keep it to its block
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], name="/embed_tokens/Gather", axis=0),
+         helper.make_node("MatMul", ["rows", "w"], ["y"], name="/proj/MatMul")], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, 64]),
+         helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, None, 64])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.eye(64, dtype=np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
+    settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx",
+                        QuantizeOptions(recipe="int8-token", embedding_bits=bits))
+    assert settings["embedding_table"].startswith("int8" if bits == 8 else "4-bit")
+    ids = rng.integers(0, 16384, size=(3, 50))
+    rows = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["rows"], {"ids": ids})[0]
+    exact = table[ids]
+    if bits == 8:
+        step = np.abs(exact).max(axis=-1, keepdims=True) / 127
+    else:
+        step = np.repeat(np.abs(exact.reshape(3, 50, 2, 32)).max(axis=-1) / 7, 32, axis=-1).reshape(3, 50, 64)
+    assert np.all(np.abs(rows - exact) <= step * 0.5 + 1e-3 * np.abs(exact) + 1e-6)
+    size = (tmp_path / "q.onnx.data").stat().st_size
+    assert size < table.nbytes / (3.5 if bits == 8 else 6.5), size
+
+
 def _op_types(artifact: Path) -> dict[str, str]:
     return {n.name: n.op_type for n in onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph.node}
 
