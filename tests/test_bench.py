@@ -727,3 +727,37 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
     cos_mean, cos_min = (float(c) for c in fp32_row.split("|")[9:11])
     assert 0.999 <= cos_min <= cos_mean <= 1.0 + 1e-6  # our fp32 graph is torch's model
     assert (tmp_path / "docs" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _WordTokenizer:
+    """Counts words plus a 4-token query prompt: enough to test the bench's own query logic."""
+
+    def count_tokens(self, texts, task=None):
+        return [len(t.split()) + (4 if task == "query" else 0) for t in texts]
+
+
+class _CountingEmbedder:
+    def __init__(self) -> None:
+        self.tokenizer = _WordTokenizer()
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    def embed(self, texts, task=None):
+        self.calls.append((list(texts), task))
+
+
+def test_short_queries_fit_the_token_limit_and_latency_is_per_query_call():
+    from worker.bench.timing import query_latency, short_queries
+
+    corpus = ["Return the number of items in a container. More text follows here.",
+              "x y", "One two three four five six seven eight nine ten eleven twelve thirteen fourteen."]
+    embedder = _CountingEmbedder()
+    queries = short_queries(corpus, embedder, max_tokens=12)
+    assert queries == ["Return the number of items in a container", "One two three four five six seven eight"]
+    measured = query_latency(embedder, queries, repeats=3)
+    timed = embedder.calls[1:]  # after one warm-up call
+    assert len(timed) == 6 and all(len(texts) == 1 and task == "query" for texts, task in timed)
+    assert measured["summary"].n == 6 and measured["max_tokens"] == 12
+    rows = {g: (v, ok) for g, v, _, ok in goal_rows(_result(queries=measured))}
+    assert rows["Short query (≤ 12 tokens, query prompt), CPU ms median"][1] == "yes"
+    text = render(_result(queries=measured), None)
+    assert "### Short queries" in text and "6 timed calls" in text

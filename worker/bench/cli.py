@@ -256,6 +256,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
                                     f"{padded_ratio(c.groups, lengths):.2f} tokens per real token on this sample.")
         result.notes.append("")
         del configs
+        if "query" in counter.manifest.prompts:
+            from worker.bench.timing import query_latency, short_queries
+
+            _say("single core: short queries, one per call")
+            result.queries = query_latency(counter, short_queries(corpus, counter), args.repeats)
         if not args.skip_profile:
             from worker.bench.timing import profile_op_types
 

@@ -29,6 +29,7 @@ GOAL_INT8_VS_ST_ONNX = 1.3
 GOAL_ROOFLINE = 0.5
 GOAL_QUEUE_OVERHEAD = 0.05
 GOAL_SCALING = 1.8
+GOAL_QUERY_MS = 15.0
 PACKAGES = ("onnxruntime", "tokenizers", "numpy", "torch", "transformers", "sentence-transformers", "optimum",
             "optimum-onnx", "openvino", "optimum-intel", "nncf", "llama-cpp-python", "celery", "redis", "matplotlib")
 
@@ -61,6 +62,8 @@ class BenchResult:
     artifacts: list[str] = field(default_factory=list)
     #: The prompt every single-core configuration embedded with.
     prompt: str = ""
+    #: Short-query latency (models with a ``query`` prompt), see timing.query_latency.
+    queries: dict[str, object] | None = None
     #: Optional peers: what ran (one sentence each) or why it was skipped.
     peers: list[str] = field(default_factory=list)
 
@@ -157,6 +160,10 @@ def goal_rows(result: BenchResult) -> list[tuple[str, str, str, str]]:
         row(f"int8 Embedder vs {label} (best vs best, tokens/s)",
             ours.tokens_per_s / peer.tokens_per_s if ours else None, 1.0, "{:.2f}×")
         rows.append(fidelity_row(f"int8 Embedder vs {label}: cosine vs torch fp32 (mean / min)", ours, peer))
+    if result.queries is not None:
+        q = result.queries["summary"]
+        row(f"Short query (≤ {result.queries['max_tokens']} tokens, query prompt), CPU ms median",
+            q.median, GOAL_QUERY_MS, "{:.1f} ms", higher=False)
     frac = gemma_roofline_fraction(result)
     row("EmbeddingGemma-shaped int8: fraction of int8 roofline at 128 tokens", frac, GOAL_ROOFLINE, "{:.0%}")
     g128 = (result.gemma or {}).get(128)
@@ -230,6 +237,17 @@ def _single_section(result: BenchResult) -> list[str]:
               "shared with other work while this configuration ran); \"—\" in the cosine columns = no "
               "torch fp32 vectors to compare with in this run."]
     return lines
+
+
+def _query_section(result: BenchResult) -> list[str]:
+    if result.queries is None:
+        return []
+    q, r = result.queries["summary"], result.queries
+    return ["### Short queries", "",
+            f"Our int8 artifact, one query per call with the `query` prompt, {r['queries']} queries of "
+            f"{r['mean_tokens']:.1f} tokens on average (max {r['max_tokens']}), {q.n} timed calls, CPU time:", "",
+            "| median ms | p95 ms | min ms | max ms |", "|---:|---:|---:|---:|",
+            f"| {q.median:.2f} | {q.p95:.2f} | {q.min:.2f} | {q.max:.2f} |", ""]
 
 
 def _gemma_section(result: BenchResult) -> list[str]:
@@ -342,7 +360,8 @@ def render(result: BenchResult, plot_name: str | None) -> str:
             "included):",
             "", "```", format_token_stats(result.token_stats), "```", "",
             "## Single core", "", *_single_section(result), "",
-            "## Goals", "", "Goals from issue 7, shown against, never asserted in tests.", "",
+            *_query_section(result),
+            "## Goals", "", "Goals from issues 7 and 10, shown against, never asserted in tests.", "",
             "| goal | measured | target | met |", "|---|---:|---:|---|",
             *[f"| {g} | {v} | {t} | {ok} |" for g, v, t, ok in goal_rows(result)], "",
             "## EmbeddingGemma-shaped", "", *_gemma_section(result), "",

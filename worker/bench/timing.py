@@ -315,3 +315,35 @@ def summarize_profile(events: list[dict]) -> list[tuple[str, float, float]]:
         per_op[op] = per_op.get(op, 0.0) + float(event.get("dur", 0)) / 1000.0
     total = sum(per_op.values()) or 1.0
     return sorted(((op, ms, 100 * ms / total) for op, ms in per_op.items()), key=lambda t: -t[1])
+
+
+def short_queries(corpus: Sequence[str], embedder: object, max_tokens: int = 16, count: int = 50) -> list[str]:
+    """Up to ``count`` first sentences of corpus paragraphs that fit ``max_tokens`` with the query
+    prompt (the search-box case: a few words, one at a time)."""
+    out: list[str] = []
+    for text in corpus:
+        sentence = text.split(". ")[0].strip()[:120]
+        words = sentence.split()
+        while words and embedder.tokenizer.count_tokens([" ".join(words)], task="query")[0] > max_tokens:  # type: ignore[attr-defined]
+            words = words[:-1]
+        if len(words) >= 3:
+            out.append(" ".join(words))
+        if len(out) == count:
+            break
+    return out
+
+
+def query_latency(embedder: object, queries: Sequence[str], repeats: int) -> dict[str, object]:
+    """CPU ms per query, one query per call with the ``query`` prompt (tokenization included)."""
+    from worker.bench.stats import summarize
+
+    embedder.embed(list(queries[:3]), task="query")  # type: ignore[attr-defined]  # warm-up
+    per_query: list[float] = []
+    for _ in range(repeats):
+        for q in queries:
+            t = time.process_time()
+            embedder.embed([q], task="query")  # type: ignore[attr-defined]
+            per_query.append((time.process_time() - t) * 1000)
+    tokens = embedder.tokenizer.count_tokens(list(queries), task="query")  # type: ignore[attr-defined]
+    return {"summary": summarize(per_query), "queries": len(queries), "max_tokens": max(tokens),
+            "mean_tokens": sum(tokens) / len(tokens)}
