@@ -345,6 +345,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         data.unlink()  # onnx appends to an existing external-data file
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=1024)
+    data.chmod(0o644)  # onnx creates it 0600: a non-root worker (the Docker image's) must read it
 
 
 def _matching_nodes(path: Path, patterns: list[str]) -> list[str]:

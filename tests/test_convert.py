@@ -72,6 +72,7 @@ def test_weights_live_in_a_hashed_external_data_file(minilm_artifact: Path, tmp_
     assert set(manifest.files) >= {"model.onnx", "model.onnx.data", "tokenizer.json"}
     sizes = {name: (minilm_artifact / name).stat().st_size for name in ("model.onnx", "model.onnx.data")}
     assert sizes["model.onnx"] < 1_000_000 < sizes["model.onnx.data"], sizes
+    assert (minilm_artifact / "model.onnx.data").stat().st_mode & 0o044 == 0o044, "workers of any user must read it"
     tampered = tmp_path / "tampered"
     shutil.copytree(minilm_artifact, tampered)
     with open(tampered / "model.onnx.data", "r+b") as fh:
