@@ -8,7 +8,7 @@ from worker.config import ConfigError, load_settings, mask_url
 def test_defaults_without_environment():
     s = load_settings({})
     assert s.redis_url is None
-    assert s.token_budget == 4096
+    assert s.token_budget == 128
     assert s.visibility_timeout_s > s.task_time_limit_s > s.task_soft_time_limit_s
 
 

@@ -20,7 +20,14 @@ import pytest
 
 from worker.artifact import MANIFEST, MODEL_FILE, TOKENIZER_FILE, ArtifactError, read_manifest, write_manifest
 from worker.config import Settings
-from worker.embedder import Embedder, EmbedRequestError, EmbedResult, pack_batches, session_options
+from worker.embedder import (
+    DISABLED_OPTIMIZERS,
+    Embedder,
+    EmbedRequestError,
+    EmbedResult,
+    pack_batches,
+    session_options,
+)
 
 SENTENCES = [
     "The quarterly report shows revenue growth across all regions.",
@@ -138,6 +145,24 @@ def test_batch_invariance(which, request, results, paragraphs):
     alone = np.stack([embedder.embed([paragraphs[i]]).vectors[0] for i in picks])
     cos = _cos(alone, in_batch[picks])
     assert cos.min() >= 0.9999, cos
+
+
+def test_default_budget_keeps_each_call_under_the_mmap_threshold(minilm_fp32_artifact):
+    """Why the default token budget is small (issue 7): with the ORT arena off, every activation of
+    a call is allocated afresh for every op, and one above glibc's mmap threshold is a new mapping
+    the kernel zero-fills page by page; at budget 4096 that was over half the CPU time and packed
+    batches ran 3x slower than batch 1. The widest activation of a full call (budget x widest
+    MatMul output x 4 bytes) must fit under the threshold."""
+    import onnx
+
+    settings = Settings()
+    graph = onnx.load(str(minilm_fp32_artifact / MODEL_FILE), load_external_data=False).graph
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    widths = [dims[n.input[1]][1] for n in graph.node
+              if n.op_type in ("MatMul", "MatMulInteger") and len(dims.get(n.input[1], [])) == 2]
+    assert max(widths) == 1536  # MiniLM's feed-forward layer
+    assert settings.token_budget * max(widths) * 4 <= settings.malloc_mmap_threshold
+    assert Embedder(minilm_fp32_artifact, settings=settings, verify=False).token_budget == settings.token_budget
 
 
 def test_budget_changes_batches_not_vectors(minilm_fp32_artifact, results, paragraphs):
@@ -332,3 +357,36 @@ def test_session_options_are_single_threaded():
     assert not opts.enable_cpu_mem_arena and not opts.enable_mem_pattern
     on = session_options(Settings(ort_arena=True, ort_mem_pattern=True))
     assert on.enable_cpu_mem_arena and on.enable_mem_pattern
+
+
+def test_session_leaves_out_the_slow_skip_layer_norm_fusion(tmp_path):
+    """Residual Add + LayerNormalization with known shapes: ORT would fuse them into
+    SkipLayerNormalization (the control shows it does), our options keep them apart."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    assert "SkipLayerNormFusion" in DISABLED_OPTIMIZERS
+    hidden = ["batch", "seq", 8]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "residual"], ["sum"]),
+         helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)],
+        "skip_ln",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, hidden) for n in ("x", "residual")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, hidden)],
+        initializer=[numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+                     numpy_helper.from_array(np.zeros(8, np.float32), "beta")],
+        value_info=[helper.make_tensor_value_info("sum", TensorProto.FLOAT, hidden)],
+    )
+    source = tmp_path / "skip_ln.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+
+    def optimized_ops(opts: ort.SessionOptions, name: str) -> set[str]:
+        opts.optimized_model_filepath = str(tmp_path / name)
+        ort.InferenceSession(str(source), sess_options=opts, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(str(tmp_path / name)).graph.node}
+
+    control = ort.SessionOptions()
+    control.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert "SkipLayerNormalization" in optimized_ops(control, "control.onnx")
+    assert optimized_ops(session_options(Settings()), "ours.onnx") == {"Add", "LayerNormalization"}

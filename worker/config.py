@@ -90,8 +90,10 @@ class Settings:
     artifact_dir: Path = DEFAULT_CACHE_DIR / "artifacts" / "all-MiniLM-L6-v2"
     #: Cache for artifacts, downloaded models and job state.
     cache_dir: Path = DEFAULT_CACHE_DIR
-    #: Padded tokens per ONNX Runtime call (rows x longest row). Bounds memory and padding waste.
-    token_budget: int = 4096
+    #: Padded tokens per ONNX Runtime call (rows x longest row). Small on purpose: a call's
+    #: activations must stay under the mmap threshold and in cache (at 4096, page faults took
+    #: over half the CPU and packed batches ran 3x slower than batch 1; worker/embedder.py).
+    token_budget: int = 128
     #: ONNX Runtime CPU memory arena / memory pattern (off by default: RSS must not ratchet
     #: upwards as batch shapes vary; measured in BENCHMARKS.md).
     ort_arena: bool = False

@@ -36,7 +36,15 @@ from worker.errors import EmbedRequestError  # noqa: E402
 from worker.memory import fix_mmap_threshold  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
 
-__all__ = ["DTYPES", "EmbedRequestError", "EmbedResult", "Embedder", "pack_batches", "session_options"]
+__all__ = [
+    "DISABLED_OPTIMIZERS",
+    "DTYPES",
+    "EmbedRequestError",
+    "EmbedResult",
+    "Embedder",
+    "pack_batches",
+    "session_options",
+]
 
 #: Output dtypes a request may ask for.
 DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16}
@@ -55,16 +63,28 @@ class EmbedResult:
     errors: list[str | None]
 
 
+#: ONNX Runtime graph fusions the session leaves out. ``SkipLayerNormFusion`` folds each residual
+#: (and bias) Add into the following LayerNormalization, but onnxruntime 1.32's CPU
+#: SkipLayerNormalization kernel measured ~3x slower than the Add + LayerNormalization it
+#: replaces (MiniLM, one thread: 22 vs ~7.5 ms per 1,000 tokens; int8 13,300 vs 10,500 tokens/s
+#: end to end). It only fires on graphs whose hidden-state shapes are known (value_info), and it
+#: also changes int8-token vectors slightly (other float rounding before per-row quantization).
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
 def session_options(settings: Settings) -> ort.SessionOptions:
     """Options for the one session a process owns: one intra-op and one inter-op thread,
-    sequential execution, every graph optimisation. Arena and memory pattern come from
-    settings: both cache buffers per shape, so with length-packed batches (a new shape
-    nearly every call) they make RSS ratchet upwards; measurements in BENCHMARKS.md."""
+    sequential execution, every graph optimisation but :data:`DISABLED_OPTIMIZERS`. Arena and
+    memory pattern come from settings: both cache buffers per shape, so with length-packed
+    batches (a new shape nearly every call) they make RSS ratchet upwards; measurements in
+    BENCHMARKS.md. Without the arena every buffer a call needs is allocated afresh, which is
+    why ``token_budget`` must stay small (see :func:`pack_batches`)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(DISABLED_OPTIMIZERS))
     opts.enable_cpu_mem_arena = settings.ort_arena
     opts.enable_mem_pattern = settings.ort_mem_pattern
     # With one thread there is no pool to keep spinning; say so explicitly so a future
@@ -86,8 +106,16 @@ def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     Why sort then pack, and why cap padding: on one core every padded token is computed
     like a real one (attention even grows with the padded length). Measured on real
     paragraphs, budget-only packing computed 1.68 tokens per real token and ran at half the
-    speed of batch 1; with the cap it ran 1.25x faster than batch 1. A paragraph longer than
-    the budget alone still runs, as a batch of one.
+    speed of batch 1. A paragraph longer than the budget alone still runs, as a batch of one.
+
+    Why the budget must stay small (default 128, worker/config.py): one call's activations
+    are [rows x longest row, width] float tensors, and with the ORT arena off every one of them
+    is allocated afresh for every op (the exported MiniLM graph has unknown dims, so ORT cannot
+    even plan buffer reuse). Past glibc's mmap threshold (1 MiB, worker/memory.py) each is a new
+    mapping the kernel must zero page by page: at budget 4096 on real paragraphs, 55-60 % of the
+    CPU time was page faults (sys time) and int8 ran at 3,000 tokens/s against 9,000 at batch 1.
+    At 128 tokens MiniLM's widest activation (128 x 1536 x 4 B = 768 KiB) stays below the
+    threshold and in L2: 11,900 int8 / 5,900 fp32 tokens/s, 1.3x / 1.1x batch 1 (BENCHMARKS.md).
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
