@@ -98,6 +98,24 @@ def _write_tokenizer(source: SentenceTransformerSource, out: Path) -> int:
     return 0
 
 
+def with_named_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The export with symbolic shapes for every tensor (ORT's symbolic shape inference).
+
+    Why: optimum's MiniLM export loses its dimension names after the position-id Slice and the
+    attention Reshapes; ORT then cannot plan buffer reuse and, with the arena off, maps a fresh
+    buffer per op: measured int8 at a 4096-token budget 3,133 -> 7,621 tokens/s and 128 tokens
+    11,306 -> 12,915 with names restored, vectors bit-identical. Runs before the head is
+    appended (the tool fails on it); where it fails, the export is kept as it was.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # noqa: BLE001 - an optimization only; never fail a conversion on it
+        log.warning("symbolic shape inference failed (%s); keeping the export's own shapes", exc)
+        return model
+
+
 def _graph_inputs(path: Path) -> list[str]:
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
@@ -194,7 +212,7 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
             raise ConvertError(str(exc)) from None
         fp32_dir = work / "fp32"
         fp32_dir.mkdir(parents=True)
-        save_model(append_head(onnx.load(str(transformer)), src), fp32_dir / MODEL_FILE)
+        save_model(append_head(with_named_shapes(onnx.load(str(transformer))), src), fp32_dir / MODEL_FILE)
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
         candidates = list(AUTO_RECIPES) if opts.recipe == "auto" else [opts.recipe]

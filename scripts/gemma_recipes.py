@@ -71,6 +71,7 @@ variants = {
     "tok-wideall": QuantizeOptions(recipe="int8-token", wide_activations=["*"]),
     "tok-fp32table": QuantizeOptions(recipe="int8-token", quantize_embeddings=False),
     "int8-wide": QuantizeOptions(recipe="int8-wide"),
+    "int8-wide-fp32table": QuantizeOptions(recipe="int8-wide", quantize_embeddings=False),
     "int8-wide-table4": QuantizeOptions(recipe="int8-wide", embedding_bits=4),
     "int8-token-table4": QuantizeOptions(recipe="int8-token", embedding_bits=4),
 }

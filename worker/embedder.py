@@ -33,7 +33,7 @@ from worker.artifact import (  # noqa: E402
 )
 from worker.config import Settings, load_settings  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
-from worker.memory import fix_mmap_threshold  # noqa: E402
+from worker.memory import fix_mmap_threshold, release_free_heap  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
 
 __all__ = [
@@ -213,6 +213,7 @@ class Embedder:
         self._wants_type_ids = "token_type_ids" in self.manifest.inputs
         self._pad = self.manifest.pad_token_id
         self._check_graph(model_path)
+        release_free_heap()  # what parsing the tokenizer and model freed (worker/memory.py)
 
     def _check_graph(self, model_path: Path) -> None:
         """Refuse an artifact whose graph disagrees with its manifest (wrong inputs or dim)."""

