@@ -74,16 +74,21 @@ def test_prompts_come_from_the_models_config(gemma_artifact, gemma_st):
     assert _cos(ours, ref).min() >= 0.998
 
 
-def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_st):
+def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_st, tmp_path):
+    """Inputs of 623-2048 tokens (the window is 512): the fp32 export must match torch exactly
+    (a lost window drifts to cosine 0.887-0.986, NOTES.md); the int8 artifact stays within its
+    paragraph gate's min (measured 0.9987-0.9995: int8 error grows with length, short of 0.999)."""
+    from convert.api import build_artifact
     from worker.embedder import Embedder
 
     paragraphs = load_paragraphs()
     long_texts = [" ".join(paragraphs[i:i + k]) for i, k in ((0, 6), (10, 12), (30, 24))]
-    embedder = Embedder(gemma_artifact, settings=BIG)
-    ours = embedder.embed(long_texts, task="document")
-    assert max(ours.token_counts) > 1024 and min(ours.token_counts) > 512
     ref = gemma_st.encode(long_texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
-    assert _cos(ours.vectors, ref).min() >= 0.999
+    fp32 = build_artifact(GEMMA_DIR, tmp_path / "fp32", recipe="fp32", validate=False)
+    for artifact, floor in ((fp32, 0.9999), (gemma_artifact, 0.998)):
+        ours = Embedder(artifact, settings=BIG).embed(long_texts, task="document")
+        assert max(ours.token_counts) == 2048 and min(ours.token_counts) > 512
+        assert _cos(ours.vectors, ref).min() >= floor, (artifact.name, _cos(ours.vectors, ref))
 
 
 def test_plain_dynamic_recipe_is_rejected(tmp_path):
