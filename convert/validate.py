@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 
 PARAGRAPHS_FILE = Path(__file__).parent / "data" / "paragraphs.jsonl"
+#: Padded tokens per call when the gate embeds paragraphs together (the batch-invariance check
+#: compares that with each paragraph alone).
+GATE_TOKEN_BUDGET = 8192
 
 
 class GateError(RuntimeError):
@@ -85,8 +88,9 @@ def validate_artifact(
     from worker.embedder import Embedder
 
     settings = Settings(max_batch_paragraphs=100_000, max_batch_bytes=1 << 30)
-    quantized = Embedder(int8_dir, settings=settings)
-    reference = Embedder(fp32_dir, settings=settings)
+    # Batches far larger than a worker's default budget: batch dependence must show if it exists.
+    quantized = Embedder(int8_dir, settings=settings, token_budget=GATE_TOKEN_BUDGET)
+    reference = Embedder(fp32_dir, settings=settings, token_budget=GATE_TOKEN_BUDGET)
     torch_model = SentenceTransformer(str(source_dir), device="cpu")
     prompts = quantized.manifest.prompts
     task = "document" if "document" in prompts else None
