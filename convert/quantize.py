@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,15 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {init.name: init for init in graph.initializer}
 
 
+def _op_builder(nodes: list[onnx.NodeProto], prefix: str) -> Callable[..., str]:
+    """``op(kind, inputs, suffix, **attrs)``: append a node named and outputting ``prefix/suffix``."""
+    def op(kind: str, inputs: list[str], suffix: str, **attrs: Any) -> str:
+        name = f"{prefix}/{suffix}"
+        nodes.append(helper.make_node(kind, inputs, [name], name=name, **attrs))
+        return name
+    return op
+
+
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input}
     used |= {o.name for o in graph.output}
@@ -127,13 +137,55 @@ def _big_tables(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> dict[str
     return found
 
 
+def _int8_rows(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.ndarray,
+               out: list[onnx.NodeProto]) -> None:
+    """Gather int8 rows and their per-row scales, multiply."""
+    prefix = f"{node.name or node.output[0]}/q8"
+    op, ids = _op_builder(out, prefix), node.input[1]
+    scale = np.maximum(np.abs(weights).max(axis=1, keepdims=True), 1e-12) / 127.0
+    q = np.clip(np.round(weights / scale), -127, 127).astype(np.int8)
+    rows = op("Cast", [op("Gather", [_const(graph, f"{prefix}/table", q), ids], "rows", axis=0)], "rows_f",
+              to=TensorProto.FLOAT)
+    scales = op("Gather", [_const(graph, f"{prefix}/row_scale", scale.astype(np.float32)), ids], "scales", axis=0)
+    out.append(helper.make_node("Mul", [rows, scales], [node.output[0]], name=f"{prefix}/dequant"))
+
+
+def _int4_rows(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.ndarray,
+               out: list[onnx.NodeProto]) -> None:
+    """Gather packed 4-bit rows (two values per byte, offset by 8) and fp16 scales per 32 values;
+    unpack with standard ops (BitwiseAnd / BitShift, interleave, reshape) and multiply."""
+    vocab, dim = weights.shape
+    if dim % 32:
+        raise QuantizeError(f"4-bit embedding table needs a width divisible by 32, not {dim}")
+    prefix = f"{node.name or node.output[0]}/q4"
+    op, ids = _op_builder(out, prefix), node.input[1]
+    blocks = weights.reshape(vocab, dim // 32, 32)
+    scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / 7.0
+    scale = scale.astype(np.float16).astype(np.float32)  # stored fp16: quantize against what is stored
+    q = (np.clip(np.round(blocks / np.maximum(scale, 1e-12)), -7, 7) + 8).astype(np.uint8).reshape(vocab, dim)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    last = _const(graph, f"{prefix}/last", np.array([-1], np.int64))
+    rows = op("Gather", [_const(graph, f"{prefix}/table", packed), ids], "rows", axis=0)
+    low = op("Unsqueeze", [op("BitwiseAnd", [rows, _const(graph, f"{prefix}/mask", np.array(15, np.uint8))], "low"),
+                           last], "low3")
+    high = op("Unsqueeze", [op("BitShift", [rows, _const(graph, f"{prefix}/four", np.array(4, np.uint8))], "high",
+                               direction="RIGHT"), last], "high3")
+    pairs = op("Concat", [low, high], "pairs", axis=-1)  # [..., dim/2, 2] -> even, odd
+    block_shape = _const(graph, f"{prefix}/block_shape", np.array([0, 0, dim // 32, 32], np.int64))
+    values = op("Sub", [op("Cast", [op("Reshape", [pairs, block_shape], "blocks")], "blocks_f", to=TensorProto.FLOAT),
+                        _const(graph, f"{prefix}/eight", np.array(8.0, np.float32))], "centered")
+    scale_table = _const(graph, f"{prefix}/block_scale", scale[..., 0].astype(np.float16))
+    scales = op("Unsqueeze", [op("Cast", [op("Gather", [scale_table, ids], "scales16", axis=0)], "scales",
+                                 to=TensorProto.FLOAT), last], "scales3")
+    row_shape = _const(graph, f"{prefix}/row_shape", np.array([0, 0, dim], np.int64))
+    out.append(helper.make_node("Reshape", [op("Mul", [values, scales], "dequant"), row_shape], [node.output[0]],
+                                name=f"{prefix}/rows_out"))
+
+
 def _quantize_embedding_tables(graph: onnx.GraphProto, nodes: list[onnx.NodeProto],
                                bits: int = 8) -> list[onnx.NodeProto]:
-    """Replace Gather on a big fp32 table by a Gather of quantized rows and their scales.
-
-    8 bits: int8 rows times one scale per row. 4 bits: two values per byte (offset by 8), one
-    fp16 scale per block of 32 values, unpacked in the graph with standard ops only.
-    """
+    """Replace Gather on a big fp32 table by a Gather of quantized rows and their scales
+    (8 bits: one scale per row; 4 bits: one fp16 scale per 32 values)."""
     if bits not in (4, 8):
         raise QuantizeError(f"embedding_bits must be 4 or 8, not {bits!r}")
     tables = _big_tables(graph, nodes)
@@ -142,49 +194,8 @@ def _quantize_embedding_tables(graph: onnx.GraphProto, nodes: list[onnx.NodeProt
         weights = tables.get(node.output[0])
         if weights is None:
             out.append(node)
-            continue
-        prefix = f"{node.name or node.output[0]}/q{bits}"
-        ids = node.input[1]
-
-        def op(kind: str, inputs: list[str], suffix: str, _prefix: str = prefix, **attrs: Any) -> str:
-            name = f"{_prefix}/{suffix}"
-            out.append(helper.make_node(kind, inputs, [name], name=name, **attrs))
-            return name
-
-        if bits == 8:
-            scale = np.maximum(np.abs(weights).max(axis=1, keepdims=True), 1e-12) / 127.0
-            q = np.clip(np.round(weights / scale), -127, 127).astype(np.int8)
-            rows = op("Cast", [op("Gather", [_const(graph, f"{prefix}/table", q), ids], "rows", axis=0)], "rows_f",
-                      to=TensorProto.FLOAT)
-            scales = op("Gather", [_const(graph, f"{prefix}/row_scale", scale.astype(np.float32)), ids], "scales",
-                        axis=0)
-            out.append(helper.make_node("Mul", [rows, scales], [node.output[0]], name=f"{prefix}/dequant"))
-            continue
-        vocab, dim = weights.shape
-        if dim % 32:
-            raise QuantizeError(f"4-bit embedding table needs a width divisible by 32, not {dim}")
-        blocks = weights.reshape(vocab, dim // 32, 32)
-        scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / 7.0
-        scale = scale.astype(np.float16).astype(np.float32)  # stored fp16: quantize against what is stored
-        q = (np.clip(np.round(blocks / np.maximum(scale, 1e-12)), -7, 7) + 8).astype(np.uint8).reshape(vocab, dim)
-        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-        rows = op("Gather", [_const(graph, f"{prefix}/table", packed), ids], "rows", axis=0)
-        low = op("Unsqueeze", [op("BitwiseAnd", [rows, _const(graph, f"{prefix}/mask", np.array(15, np.uint8))],
-                                  "low"), _const(graph, f"{prefix}/last", np.array([-1], np.int64))], "low3")
-        high = op("Unsqueeze", [op("BitShift", [rows, _const(graph, f"{prefix}/four", np.array(4, np.uint8))],
-                                   "high", direction="RIGHT"), f"{prefix}/last"], "high3")
-        pairs = op("Concat", [low, high], "pairs", axis=-1)  # [..., dim/2, 2] -> even, odd
-        block_shape = _const(graph, f"{prefix}/block_shape", np.array([0, 0, dim // 32, 32], np.int64))
-        values = op("Sub", [op("Cast", [op("Reshape", [pairs, block_shape], "blocks")], "blocks_f",
-                               to=TensorProto.FLOAT), _const(graph, f"{prefix}/eight", np.array(8.0, np.float32))],
-                    "centered")
-        scales = op("Unsqueeze", [op("Cast", [op("Gather", [_const(graph, f"{prefix}/block_scale",
-                                                                   scale[..., 0].astype(np.float16)), ids],
-                                                 "scales16", axis=0)], "scales", to=TensorProto.FLOAT),
-                                  f"{prefix}/last"], "scales3")
-        out.append(helper.make_node("Reshape", [op("Mul", [values, scales], "dequant"),
-                                                _const(graph, f"{prefix}/row_shape", np.array([0, 0, dim], np.int64))],
-                                    [node.output[0]], name=f"{prefix}/rows_out"))
+        else:
+            (_int8_rows if bits == 8 else _int4_rows)(graph, node, weights, out)
     return out
 
 
@@ -203,12 +214,7 @@ def _per_token_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.
     w_q = np.clip(np.round(weights / w_scale), -qmax, qmax).astype(np.int8)
     p = f"{node.name or node.output[0]}/tq"
     nodes: list[onnx.NodeProto] = []
-
-    def op(kind: str, inputs: list[str], suffix: str, **attrs: Any) -> str:
-        name = f"{p}/{suffix}"
-        nodes.append(helper.make_node(kind, inputs, [name], name=name, **attrs))
-        return name
-
+    op = _op_builder(nodes, p)
     x = node.input[0]
     w_name = _const(graph, f"{p}/w_int8", w_q)
     ws_name = _const(graph, f"{p}/w_scale", w_scale.astype(np.float32))
@@ -223,8 +229,8 @@ def _per_token_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.
         _const(graph, f"{shared}/zp", np.array(a_max + 1, np.uint8))
     absmax = op("ReduceMax", [op("Abs", [x], "abs"), f"{shared}/axis"], "absmax", keepdims=1)
     scale = op("Max", [op("Div", [absmax, f"{shared}/q"], "scale_raw"), f"{shared}/eps"], "scale")
-    rounded = op("Clip", [op("Round", [op("Div", [x, scale], "scaled")], "rounded"),
-                          f"{shared}/nq", f"{shared}/q"], "clipped")
+    scaled = op("Div", [x, scale], "scaled")
+    rounded = op("Clip", [op("Round", [scaled], "rounded"), f"{shared}/nq", f"{shared}/q"], "clipped")
     x_u8 = op("Cast", [op("Add", [rounded, f"{shared}/offset"], "shifted")], "x_u8", to=TensorProto.UINT8)
     if not wide:
         acc_f = op("Cast", [op("MatMulInteger", [x_u8, w_name, f"{shared}/zp"], "acc")], "acc_f", to=TensorProto.FLOAT)
@@ -233,7 +239,7 @@ def _per_token_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weights: np.
         if not any(i.name == fine for i in graph.initializer):
             _const(graph, fine, np.array(float(2 * a_max), np.float32))
             _const(graph, f"{shared}/coarse", np.array(1.0 / (2 * a_max), np.float32))
-        residual = op("Sub", [op("Div", [x, scale], "scaled_again"), rounded], "residual")
+        residual = op("Sub", [scaled, rounded], "residual")
         fine_q = op("Clip", [op("Round", [op("Mul", [residual, fine], "residual_scaled")], "residual_rounded"),
                              f"{shared}/nq", f"{shared}/q"], "residual_clipped")
         fine_u8 = op("Cast", [op("Add", [fine_q, f"{shared}/offset"], "residual_shifted")], "residual_u8",

@@ -21,17 +21,21 @@ M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 _applied: int | None = None
 
 
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where there is none (musl, macOS): nothing to tune there."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def fix_mmap_threshold(threshold_bytes: int) -> bool:
     """Set glibc's mmap threshold once per process; 0 leaves glibc's default. Returns success."""
     global _applied
     if threshold_bytes <= 0 or _applied == threshold_bytes:
         return _applied == threshold_bytes and threshold_bytes > 0
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        ok = False
+    libc = _libc()
+    ok = bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
     if ok:
         _applied = threshold_bytes
     else:
@@ -47,9 +51,5 @@ def release_free_heap() -> bool:
     after loading that tokenizer fell from 342 MB to 161 MB once trimmed. In a prefork worker
     the parent trims before forking, so no child inherits those pages either.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return False
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))

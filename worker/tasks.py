@@ -53,14 +53,13 @@ def share_model_with_children(**_: Any) -> None:
     if not settings.share_model:
         return
     try:
-        embedder = get_embedder()
+        get_embedder()
     except Exception as exc:  # noqa: BLE001 - each child retries and reports it per task
         log.error("could not load the model in the main process (children will try): %s", exc)
         return
     _shared = True
     log.info("main process %d loaded the model; pool children share it (DEPOSIUM_SHARE_MODEL=1)",
              os.getpid())
-    del embedder
 
 
 celeryd_after_setup.connect(share_model_with_children, weak=False)
