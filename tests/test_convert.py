@@ -63,7 +63,7 @@ def test_minilm_int8_is_smaller_and_quantized(minilm_artifact: Path, minilm_fp32
     int8, fp32 = (sum(f.stat().st_size for f in a.glob("model.onnx*")) for a in (minilm_artifact, minilm_fp32_artifact))
     assert int8 < fp32 / 3, (int8, fp32)
     ops = {n.op_type for n in onnx.load(str(minilm_artifact / "model.onnx")).graph.node}
-    assert "MatMulInteger" in ops
+    assert "MatMulIntegerToFloat" in ops
 
 
 def test_every_tensor_has_a_named_shape(minilm_artifact: Path):
@@ -295,6 +295,38 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
     assert wide < plain / 20, (plain, wide)
 
 
+@pytest.mark.parametrize("recipe", ["int8-token", "int8-wide"])
+def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recipe):
+    """Two MatMuls sharing an input (q/k-style): the graph must compute exactly the per-row int8
+    scheme written out in numpy (row step = row max / 127, round half to even, per-column weight
+    steps; wide adds the residual at 1/254 of the step), and a row must not change with its batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from convert.quantize import QuantizeOptions, quantize
+
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(size=(48, 16)).astype(np.float32), rng.normal(size=(48, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", w], [y], name=y) for w, y in (("w1", "y1"), ("w2", "y2"))],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 48])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, None, None]) for y in ("y1", "y2")],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
+    quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx", QuantizeOptions(recipe=recipe, weight_bits=8))
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    x = (rng.normal(size=(3, 7, 48)) * rng.uniform(0.1, 30, size=(3, 7, 1))).astype(np.float32)
+    x[0, 0, 5] *= 80  # an outlier channel in one row
+
+    step = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / 127, 1e-10)
+    coarse = np.round(x / step)
+    rows = coarse + (np.round((x / step - coarse) * 254) / 254 if recipe == "int8-wide" else 0)
+    for w, got, alone in zip((w1, w2), session.run(None, {"x": x}), session.run(None, {"x": x[1:2, 2:3]}), strict=True):
+        w_step = np.abs(w).max(axis=0) / 127
+        expected = (rows * step) @ (np.round(w / w_step) * w_step)
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+        np.testing.assert_array_equal(alone[0, 0], got[1, 2])  # batch invariance: bit-identical
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_embedding_table_quantization_dequantizes_every_row(tmp_path, bits):
     """The quantized Gather returns each row within its quantization step (4-bit: per 32 values)."""
@@ -367,11 +399,24 @@ def test_int8_wide_is_more_faithful_batch_invariant_and_keeps_the_head_fp32(outl
     assert quant["recipe"] == "int8-wide" and quant["wide_activations"] == ["*"] and "head/*" in quant["keep_fp32"]
     ops = _op_types(wide)
     assert ops["head/dense0"] == "MatMul" and ops["head/dense1"] == "MatMul"
-    integer_matmuls = [sum(op == "MatMulInteger" for op in _op_types(a).values()) for a in (token, wide)]
-    assert integer_matmuls[1] == integer_matmuls[0] > 0  # both passes share one MatMulInteger (one weight copy)
+    integer_matmuls = [sum(op == "MatMulIntegerToFloat" for op in _op_types(a).values()) for a in (token, wide)]
+    assert integer_matmuls[1] == integer_matmuls[0] > 0  # both passes share one GEMM (one weight copy)
     small = build_artifact(str(outlier_gemma), tmp_path / "head8", recipe="int8-token", stsb=None, validate=False,
                            quantize_head=True)
     assert "head/dense0" not in _op_types(small)
+
+
+def test_an_activation_read_by_several_matmuls_is_quantized_once(outlier_gemma_token):
+    """q/k/v read one normed activation, gate/up another: one row quantization each, not one per
+    MatMul (a 16-token query is mostly per-node overhead); every weight keeps its own GEMM."""
+    import onnx
+
+    graph = onnx.load(str(outlier_gemma_token / "model.onnx"), load_external_data=False).graph
+    gemms = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    quantized_inputs = {n.input[0] for n in gemms}
+    row_quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(row_quantizers) == len(quantized_inputs) < len(gemms)
+    assert not any(n.op_type == "MatMul" and "proj" in n.name for n in graph.node)
 
 
 def test_auto_recipe_falls_back_to_int8_wide_when_the_gate_rejects_int8_token(outlier_gemma, outlier_gemma_token,
