@@ -314,8 +314,8 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
     _use_contrib_domain(model)
-    log.info("int8-token: quantized %d MatMuls in %d GEMMs with %d-bit weights", len(grouped), len(groups),
-             weight_bits)
+    log.info("int8-token: quantized %d MatMuls (%d distinct activations) with %d-bit weights", len(grouped),
+             len(groups), weight_bits)
     return model
 
 
