@@ -181,6 +181,7 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
     from convert.export import ExportError, export_transformer
     from convert.head import append_head
     from convert.quantize import QuantizeError
+    from convert.simplify import simplify
     from convert.source import SourceError
 
     opts = options or ConvertOptions()
@@ -212,7 +213,7 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
             raise ConvertError(str(exc)) from None
         fp32_dir = work / "fp32"
         fp32_dir.mkdir(parents=True)
-        save_model(append_head(with_named_shapes(onnx.load(str(transformer))), src), fp32_dir / MODEL_FILE)
+        save_model(append_head(simplify(with_named_shapes(onnx.load(str(transformer)))), src), fp32_dir / MODEL_FILE)
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
         candidates = list(AUTO_RECIPES) if opts.recipe == "auto" else [opts.recipe]

@@ -53,6 +53,12 @@ DEFAULT_RECIPE = "int8-token"
 #: below that model's 0.999 / 0.998 gate, so it ships int8-wide (0.99966 / 0.99950); the
 #: block-wise recipe is the last resort (as faithful, but slower without fast 8-bit kernels).
 AUTO_RECIPES = ("int8-token", "int8-wide", "int8-block")
+#: Attention value projections (Gemma/Llama-style and BERT-style export names). Why wide weights
+#: there: values are averaged over up to 2048 positions, so their weight rounding error does not
+#: average out the way per-token activation error does; on real EmbeddingGemma inputs of
+#: 623/1097/2048 tokens int8-wide reached cosine 0.99913/0.99893/0.99870 vs torch, and keeping
+#: only v_proj fp32 gave 0.99940/0.99926/0.99911 (q, k, o or the MLP did not get there).
+VALUE_PROJECTIONS = ("*v_proj*", "*/value/*")
 #: MatMuls of the sentence-transformers head (see convert.head): never quantized by default.
 HEAD_PATTERN = "head/*"
 #: Gather tables at least this large (elements) are quantized; position tables are small.
@@ -78,6 +84,10 @@ class QuantizeOptions:
     #: on the rounding residual (~15-bit activations at twice that MatMul's integer cost).
     #: ``int8-wide`` means every MatMul.
     wide_activations: list[str] = field(default_factory=list)
+    #: int8-token: fnmatch patterns of MatMul node names whose weights get a second int8 pass on
+    #: their rounding residual (~15-bit weights; the GEMM gets twice the columns).
+    #: ``int8-wide`` adds :data:`VALUE_PROJECTIONS`.
+    wide_weights: list[str] = field(default_factory=list)
     #: Quantize the head's Dense MatMuls too (they run once per paragraph: size only, no speed).
     quantize_head: bool = False
     #: Token-embedding table bits: 8 (one scale per row) or 4 (one fp16 scale per 32 values;
@@ -232,8 +242,21 @@ def _matmul_groups(graph: onnx.GraphProto, opts: QuantizeOptions) -> dict[str, _
     return {group.nodes[0].output[0]: group for group in by_input.values()}
 
 
+def _int8_columns(weights: np.ndarray, qmax: float, wide: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-column int8 weights and their float steps; ``wide`` appends the rounding
+    residual quantized again with a step 2*qmax times finer (|residual| <= step / 2)."""
+    step = np.maximum(np.abs(weights).max(axis=0), 1e-12) / qmax
+    q = np.clip(np.round(weights / step), -qmax, qmax)
+    if not wide:
+        return q.astype(np.int8), step.astype(np.float32)
+    fine = step / (2 * qmax)
+    residual = np.clip(np.round((weights - q * step) / fine), -qmax, qmax)
+    return (np.concatenate([q, residual], axis=1).astype(np.int8),
+            np.concatenate([step, fine]).astype(np.float32))
+
+
 def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: int,
-                      activation_bits: int = 8) -> list[onnx.NodeProto]:
+                      activation_bits: int = 8, wide_weights: tuple[str, ...] = ()) -> list[onnx.NodeProto]:
     """MatMul(X, W_i) for every W_i of ``group`` -> per-row u8 X x per-column int8 W_i -> float.
 
     X is quantized ONCE for all MatMuls that read it (q/k/v, gate/up), each with one step per
@@ -278,15 +301,19 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
     for node, weights in zip(group.nodes, group.weights, strict=True):
         prefix = f"{node.name or node.output[0]}/tq"
         g = _op_builder(nodes, prefix)
-        w_scale = np.maximum(np.abs(weights).max(axis=0), 1e-12) / qmax
-        w_int8 = _const(graph, f"{prefix}/w_int8", np.clip(np.round(weights / w_scale), -qmax, qmax).astype(np.int8))
-        w_step = _const(graph, f"{prefix}/w_scale", w_scale.astype(np.float32))
-        acc = g("MatMulIntegerToFloat", [x_u8, w_int8, f"{shared}/one", w_step, f"{shared}/zp"], "acc",
+        wide_w = any(fnmatch.fnmatch(node.name, pattern) for pattern in wide_weights)
+        w_int8, w_scale = _int8_columns(weights, qmax, wide_w)
+        acc = g("MatMulIntegerToFloat", [x_u8, _const(graph, f"{prefix}/w_int8", w_int8), f"{shared}/one",
+                                         _const(graph, f"{prefix}/w_scale", w_scale), f"{shared}/zp"], "acc",
                 domain=MS_DOMAIN)
         if group.wide:  # y = step * (coarse + fine / (2 * a_max))
             coarse, fine = g("Split", [acc], "coarse", axis=0, num_outputs=2), f"{prefix}/fine_acc"
             nodes[-1].output.append(fine)
             acc = g("Add", [coarse, g("Mul", [fine, f"{shared}/fine"], "fine_term")], "wide")
+        if wide_w:  # columns [W_int8 | residual_int8], the residual's steps already scaled in w_scale
+            main, rest = g("Split", [acc], "w_main", axis=-1, num_outputs=2), f"{prefix}/w_rest"
+            nodes[-1].output.append(rest)
+            acc = g("Add", [main, rest], "wide_w")
         nodes.append(helper.make_node("Mul", [acc, scale], [node.output[0]], name=f"{prefix}/out"))
     return nodes
 
@@ -305,7 +332,8 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.output[0] in groups:
-            nodes += _per_token_matmul(graph, groups[node.output[0]], weight_bits, opts.activation_bits)
+            nodes += _per_token_matmul(graph, groups[node.output[0]], weight_bits, opts.activation_bits,
+                                       tuple(opts.wide_weights))
         elif node.output[0] not in grouped:
             nodes.append(node)
     if opts.quantize_embeddings:
@@ -326,7 +354,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
     settings: dict[str, Any] = {"recipe": opts.recipe, "keep_fp32": opts.fp32_patterns(),
                                 "build_cpu_vnni": cpu_has_vnni()}
     if opts.recipe == "int8-wide":
-        opts = replace(opts, wide_activations=["*"])
+        opts = replace(opts, wide_activations=["*"], wide_weights=[*opts.wide_weights, *VALUE_PROJECTIONS])
     if opts.recipe == "fp32":
         model = onnx.load(str(fp32_path))
     elif opts.recipe in ("int8-token", "int8-wide"):
@@ -342,7 +370,8 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
                         + (", plus a second pass on the rounding residual where wide" if opts.wide_activations else ""),
                         weights="int8 per output channel, symmetric",
                         embedding_table=_table_label(opts),
-                        wide_activations=list(opts.wide_activations), batch_invariant=True)
+                        wide_activations=list(opts.wide_activations), wide_weights=list(opts.wide_weights),
+                        batch_invariant=True)
         model = _int8_token(onnx.load(str(fp32_path)), opts, int(bits))
     elif opts.recipe == "int8-block":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

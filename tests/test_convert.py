@@ -173,6 +173,8 @@ def test_tiny_gemma_fp32_matches_torch_beyond_the_sliding_window(tiny_gemma, tin
     ref = st.encode(texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
     assert _cos(ours.vectors, ref).min() > 0.99999
     assert np.abs(ours.vectors - ref).max() < 1e-4
+    ops = {n.op_type for n in onnx.load(str(tiny_gemma_fp32 / "model.onnx"), load_external_data=False).graph.node}
+    assert "FastGelu" in ops and "Tanh" not in ops  # convert.simplify ran on this very artifact
 
     # The comparison is sharp enough to catch a lost window or a causal mask.
     no_window = _torch_variant(tiny_gemma, sliding_window=4096).encode(

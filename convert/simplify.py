@@ -1,0 +1,243 @@
+"""Graph simplifications of the exported transformer that the runtime cannot do itself.
+
+Why: a 16-token query on EmbeddingGemma runs ~4,400 ONNX nodes, and at that size each node
+costs a few microseconds of dispatch whatever it computes. About a quarter of them only
+recompute shapes from the dynamic batch and sequence dims (Shape -> Gather -> Unsqueeze ->
+Concat -> Reshape, per layer, for q/k/v and the grouped-query ``repeat_kv``), and ten more per
+layer spell out the tanh GELU. ORT folds neither: the dims are symbolic, and its FastGelu
+fusion does not match this export. Both rewrites here are exact: a Reshape or Expand whose
+target can be written with ONNX's own placeholders (0 = keep this dim, -1 = infer it, 1 =
+broadcast) gets that constant, and the GELU chain becomes one ``FastGelu`` node (the same
+formula). Dead shape arithmetic is then dropped.
+
+Input: a model with symbolic shapes on every tensor (``convert.api.with_named_shapes``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+Dim = int | str | None
+MS_DOMAIN = "com.microsoft"
+#: tanh-GELU constants: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))).
+GELU_CUBIC, GELU_SQRT_2_OVER_PI = 0.044715, float(np.sqrt(2.0 / np.pi))
+
+
+def _shapes(graph: onnx.GraphProto) -> dict[str, list[Dim]]:
+    def dims(vi: onnx.ValueInfoProto) -> list[Dim] | None:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return None
+        out: list[Dim] = []
+        for d in vi.type.tensor_type.shape.dim:
+            out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        return out
+
+    found = {}
+    for vi in [*graph.value_info, *graph.input, *graph.output]:
+        shape = dims(vi)
+        if shape is not None:
+            found[vi.name] = shape
+    return found
+
+
+def reshape_target(source: list[Dim], target: list[Dim]) -> list[int] | None:
+    """A constant Reshape shape giving ``target`` from ``source`` (0 keeps a dim, one -1 infers),
+    or None when the symbolic shapes do not pin it down."""
+    out: list[int] = []
+    for i, dim in enumerate(target):
+        if isinstance(dim, int) and dim > 0:
+            out.append(dim)
+        elif isinstance(dim, str) and i < len(source) and source[i] == dim:
+            out.append(0)
+        else:
+            out.append(-1)
+    if out.count(-1) > 1 or any(d == 0 for d in target):
+        return None
+    return out
+
+
+def expand_target(source: list[Dim], target: list[Dim]) -> list[int] | None:
+    """A constant Expand shape broadcasting ``source`` to ``target`` (1 where the dim is kept),
+    or None when that is not exact."""
+    if len(source) != len(target):
+        return None
+    out: list[int] = []
+    for have, want in zip(source, target, strict=True):
+        if have == want and have is not None:
+            out.append(1)
+        elif have == 1 and isinstance(want, int) and want > 0:
+            out.append(want)
+        else:
+            return None
+    return out
+
+
+def _constant_inputs(graph: onnx.GraphProto) -> set[str]:
+    names = {init.name for init in graph.initializer}
+    names |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return names
+
+
+def fold_shape_computations(model: onnx.ModelProto) -> int:
+    """Give computed Reshape/Expand shapes their constant form; return how many were folded."""
+    graph = model.graph
+    shapes, constants = _shapes(graph), _constant_inputs(graph)
+    folded = 0
+    for node in graph.node:
+        if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constants:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if source is None or target is None:
+            continue
+        value = (reshape_target if node.op_type == "Reshape" else expand_target)(source, target)
+        if value is None:
+            continue
+        name = f"{node.output[0]}/folded_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+        node.input[1] = name
+        folded += 1
+    return folded
+
+
+def _const_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def fuse_tanh_gelu(model: onnx.ModelProto) -> int:
+    """Replace 0.5*x*(1+tanh(c*(x+0.044715*x^3))) chains by ``FastGelu``; return how many."""
+    graph = model.graph
+    matcher = _GeluMatcher(graph)
+    remove: set[int] = set()
+    for tanh in [n for n in graph.node if n.op_type == "Tanh"]:
+        chain = matcher.match(tanh)
+        if chain is None:
+            continue
+        x, nodes, out = chain
+        remove |= {id(n) for n in nodes}
+        graph.node.append(helper.make_node("FastGelu", [x], [out], name=f"{tanh.name}/FastGelu", domain=MS_DOMAIN))
+    if remove:
+        kept = [n for n in graph.node if id(n) not in remove]
+        del graph.node[:]
+        graph.node.extend(_topological(kept, graph))
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(remove) // 9
+
+
+class _GeluMatcher:
+    """Finds x*x -> *x -> *0.044715 -> +x -> *sqrt(2/pi) -> Tanh -> +1 -> *x -> *0.5 around a Tanh,
+    with either operand order, and only where no intermediate is read outside the chain."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.consts = _const_values(graph)
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def _scalar_input(self, node: onnx.NodeProto, expected: float) -> str | None:
+        for name in node.input:
+            value = self.consts.get(name)
+            if value is not None and value.size == 1 and abs(float(value.reshape(-1)[0]) - expected) <= 1e-4 * expected:
+                return name
+        return None
+
+    def _other(self, node: onnx.NodeProto, name: str | None) -> str | None:
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(rest) == 1 else None
+
+    def _made_by(self, name: str | None, op: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name or "")
+        return node if node is not None and node.op_type == op else None
+
+    def _only_user(self, name: str, op: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    def match(self, tanh: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto], str] | None:
+        inner = self._made_by(tanh.input[0], "Mul")  # sqrt(2/pi) * (x + 0.044715 x^3)
+        add = inner and self._made_by(self._other(inner, self._scalar_input(inner, GELU_SQRT_2_OVER_PI)), "Add")
+        if not add:
+            return None
+        for x in add.input:
+            cubic = self._made_by(self._other(add, x), "Mul")  # 0.044715 * x^3
+            cube = cubic and self._made_by(self._other(cubic, self._scalar_input(cubic, GELU_CUBIC)), "Mul")
+            square = cube and x in cube.input and self._made_by(self._other(cube, x), "Mul")
+            if not square or list(square.input) != [x, x]:
+                continue
+            one_plus = self._only_user(tanh.output[0], "Add")
+            times_x = one_plus and self._scalar_input(one_plus, 1.0) and self._only_user(one_plus.output[0], "Mul")
+            if not times_x or self._other(times_x, one_plus.output[0]) != x:
+                continue
+            half = self._only_user(times_x.output[0], "Mul")
+            if not half or not self._scalar_input(half, 0.5):
+                continue
+            chain = [square, cube, cubic, add, inner, tanh, one_plus, times_x, half]
+            private = all(len(self.consumers.get(n.output[0], [])) == 1 for n in chain[:-1])
+            return (x, chain, half.output[0]) if private else None
+        return None
+
+
+def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        progress = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                progress.append(node)
+        if len(progress) == len(pending):
+            raise ValueError("graph has a cycle or a missing input after GELU fusion")
+        pending = progress
+    return ordered
+
+
+def drop_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Remove nodes none of whose outputs reach a graph output; return how many."""
+    needed = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    dropped = len(graph.node) - len(keep)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    used = {i for n in graph.node for i in n.input}
+    inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return dropped
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold shape arithmetic, fuse tanh GELU, drop what became dead. An optimization only: on any
+    failure the export is returned unchanged (the gate still checks the result against torch)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    try:
+        folded, fused = fold_shape_computations(work), fuse_tanh_gelu(work)
+        dropped = drop_dead_nodes(work.graph)
+    except Exception as exc:  # noqa: BLE001 - never fail a conversion on an optimization
+        log.warning("graph simplification failed (%s); keeping the export as it was", exc)
+        return model
+    log.info("simplified the export: %d shapes folded, %d GELU chains fused, %d nodes dropped", folded, fused,
+             dropped)
+    return work
+
