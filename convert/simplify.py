@@ -107,6 +107,43 @@ def fold_shape_computations(model: onnx.ModelProto) -> int:
     return folded
 
 
+def fold_static_dims(model: onnx.ModelProto) -> int:
+    """``Gather(Shape(x), i)`` where dim i of x is a fixed number becomes that constant (rotary
+    embeddings split head_dim / 2 this way), and a Slice from 0 that leaves its input's shape as
+    it was becomes Identity (the attention mask cut to the key length); return how many."""
+    graph = model.graph
+    shapes, consts = _shapes(graph), _const_values(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    folded, kept = 0, []
+    for node in graph.node:
+        source = producer.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        index = consts.get(node.input[1]) if source is not None and source.op_type == "Shape" else None
+        dims = shapes.get(source.input[0]) if index is not None and not source.attribute else None
+        if dims is not None and index.dtype.kind == "i":
+            picked = [dims[int(i)] if -len(dims) <= int(i) < len(dims) else None for i in index.reshape(-1)]
+            if all(isinstance(d, int) and d > 0 for d in picked):
+                graph.initializer.append(numpy_helper.from_array(np.array(picked, np.int64).reshape(index.shape),
+                                                                 node.output[0]))
+                folded += 1
+                continue
+        if node.op_type == "Slice" and _is_identity_slice(node, shapes, consts):
+            node.op_type = "Identity"
+            del node.input[1:]
+            folded += 1
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
+
+
+def _is_identity_slice(node: onnx.NodeProto, shapes: dict[str, list[Dim]], consts: dict[str, np.ndarray]) -> bool:
+    source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
+    starts = consts.get(node.input[1]) if len(node.input) > 1 else None
+    steps = consts.get(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
+    return (source is not None and source == target and all(d is not None for d in source)
+            and starts is not None and not starts.any() and steps is not None and bool((steps == 1).all()))
+
+
 def _const_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
@@ -232,7 +269,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     try:
-        folded, fused = fold_shape_computations(work), fuse_tanh_gelu(work)
+        folded = fold_shape_computations(work) + fold_static_dims(work)
+        fused = fuse_tanh_gelu(work)
         dropped = drop_dead_nodes(work.graph)
     except Exception as exc:  # noqa: BLE001 - never fail a conversion on an optimization
         log.warning("graph simplification failed (%s); keeping the export as it was", exc)

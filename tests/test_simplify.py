@@ -95,3 +95,25 @@ def test_gelu_chain_with_an_intermediate_read_elsewhere_is_left_alone():
     simple = simplify(_gelu_chain(False, leak=True))
     assert "FastGelu" not in {n.op_type for n in simple.graph.node}
     assert "Tanh" in {n.op_type for n in simple.graph.node}
+
+
+def test_static_dims_and_identity_slices_are_folded():
+    """Rotary-style half split (start = last dim / 2 read from Shape) and a Slice from 0 to a
+    dim's own length (mask cut to the key length): both become constants / Identity."""
+    c = {"last": [-1], "two": [2], "zero": [0], "big": [1 << 30], "axis": [-1], "i1": [1], "ax1": [1]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in c.items()]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "last"], ["d"], axis=0),
+             helper.make_node("Div", ["d", "two"], ["half"]),
+             helper.make_node("Slice", ["x", "half", "big", "axis"], ["upper"]),  # x[..., 4:]
+             helper.make_node("Gather", ["s", "i1"], ["t"], axis=0),
+             helper.make_node("Slice", ["x", "zero", "t", "ax1"], ["all_t"]),  # x[:, :t]: the whole tensor
+             helper.make_node("Slice", ["all_t", "zero", "half", "axis"], ["lower"]),
+             helper.make_node("Concat", ["upper", "lower"], ["y"], axis=-1)]
+    model = with_named_shapes(_model(nodes, inits, ["batch", "seq", 8], ["batch", "seq", 8]))
+    simple = simplify(model)
+    ops = [n.op_type for n in simple.graph.node]
+    assert "Shape" not in ops and "Gather" not in ops and ops.count("Slice") == 2, ops
+    for shape in ((1, 5, 8), (2, 3, 8)):
+        x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+        np.testing.assert_array_equal(_run(simple, x), _run(model, x))
