@@ -301,7 +301,8 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
 def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recipe):
     """Two MatMuls sharing an input (q/k-style): the graph must compute exactly the per-row int8
     scheme written out in numpy (row step = row max / 127, round half to even, per-column weight
-    steps; wide adds the residual at 1/254 of the step), and a row must not change with its batch."""
+    steps; wide adds the residual at 1/254 of the step, and for value projections the weights'
+    residual too), and a row must not change with its batch."""
     from onnx import TensorProto, helper, numpy_helper
 
     from convert.quantize import QuantizeOptions, quantize
@@ -309,7 +310,8 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
     rng = np.random.default_rng(1)
     w1, w2 = rng.normal(size=(48, 16)).astype(np.float32), rng.normal(size=(48, 8)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", w], [y], name=y) for w, y in (("w1", "y1"), ("w2", "y2"))],
+        [helper.make_node("MatMul", ["x", w], [y], name=f"/{name}/MatMul")
+         for w, y, name in (("w1", "y1", "q_proj"), ("w2", "y2", "v_proj"))],
         "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 48])],
         [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, None, None]) for y in ("y1", "y2")],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
@@ -324,7 +326,10 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
     rows = coarse + (np.round((x / step - coarse) * 254) / 254 if recipe == "int8-wide" else 0)
     for w, got, alone in zip((w1, w2), session.run(None, {"x": x}), session.run(None, {"x": x[1:2, 2:3]}), strict=True):
         w_step = np.abs(w).max(axis=0) / 127
-        expected = (rows * step) @ (np.round(w / w_step) * w_step)
+        w_eff = np.round(w / w_step) * w_step
+        if recipe == "int8-wide" and w is w2:  # value projections also get their weights' residual pass
+            w_eff = w_eff + np.round((w - w_eff) / (w_step / 254)) * (w_step / 254)
+        expected = (rows * step) @ w_eff
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
         np.testing.assert_array_equal(alone[0, 0], got[1, 2])  # batch invariance: bit-identical
 
