@@ -44,12 +44,13 @@ def test_mask_url_hides_passwords_only():
     assert mask_url("redis://host:6379/0") == "redis://host:6379/0"
 
 
-def test_mmap_threshold_is_applied_once_per_process():
-    from worker.memory import fix_mmap_threshold
+def test_allocator_thresholds_are_applied_once_per_process():
+    from worker.memory import fix_mmap_threshold, fix_trim_threshold
 
-    assert fix_mmap_threshold(0) is False  # 0 = leave glibc alone
-    assert fix_mmap_threshold(1 << 20) is True  # glibc on this platform
-    assert load_settings({"DEPOSIUM_MALLOC_MMAP_THRESHOLD": "0"}).malloc_mmap_threshold == 0
+    assert fix_mmap_threshold(0) is False and fix_trim_threshold(0) is False  # 0 = leave glibc alone
+    assert fix_mmap_threshold(1 << 20) is True and fix_trim_threshold(32 << 20) is True  # glibc here
+    settings = load_settings({"DEPOSIUM_MALLOC_MMAP_THRESHOLD": "0", "DEPOSIUM_MALLOC_TRIM_THRESHOLD": "1024"})
+    assert settings.malloc_mmap_threshold == 0 and settings.malloc_trim_threshold == 1024
 
 
 def test_readme_configuration_table_matches_the_config_module():

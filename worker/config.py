@@ -101,7 +101,10 @@ class Settings:
     ort_mem_pattern: bool = False
     #: glibc mmap threshold (bytes) fixed per worker process so RSS stays flat as batch shapes
     #: vary (worker/memory.py has the measurement); 0 keeps glibc's dynamic default.
-    malloc_mmap_threshold: int = 1024 * 1024
+    malloc_mmap_threshold: int = 4 * 1024 * 1024
+    #: glibc trim threshold (bytes): free heap kept for the next call instead of being returned
+    #: and zero-filled again (worker/memory.py); 0 keeps glibc's default.
+    malloc_trim_threshold: int = 32 * 1024 * 1024
     #: Load the model once in the prefork parent so every child shares its weights copy-on-write
     #: (PSS per child measured in BENCHMARKS.md); 0 loads a private copy in each child instead.
     share_model: bool = True
@@ -165,6 +168,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_ORT_ARENA": "ort_arena",
     "DEPOSIUM_ORT_MEM_PATTERN": "ort_mem_pattern",
     "DEPOSIUM_MALLOC_MMAP_THRESHOLD": "malloc_mmap_threshold",
+    "DEPOSIUM_MALLOC_TRIM_THRESHOLD": "malloc_trim_threshold",
     "DEPOSIUM_SHARE_MODEL": "share_model",
     "DEPOSIUM_MAX_BATCH_PARAGRAPHS": "max_batch_paragraphs",
     "DEPOSIUM_MAX_BATCH_BYTES": "max_batch_bytes",

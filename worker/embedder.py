@@ -33,7 +33,7 @@ from worker.artifact import (  # noqa: E402
 )
 from worker.config import Settings, load_settings  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
-from worker.memory import fix_mmap_threshold, release_free_heap  # noqa: E402
+from worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
 
 __all__ = [
@@ -196,6 +196,7 @@ class Embedder:
         self.settings = settings or load_settings()
         self.token_budget = token_budget if token_budget is not None else self.settings.token_budget
         fix_mmap_threshold(self.settings.malloc_mmap_threshold)
+        fix_trim_threshold(self.settings.malloc_trim_threshold)
         if self.token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
         # verify=True hashes every file: a truncated copy must fail here, naming the file.
