@@ -44,7 +44,8 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
-    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, int8-wide, int8-block).
+    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, int8-attn, int8-wide,
+    #: int8-block).
     recipe: str = "auto"
     weight_bits: int | str = "auto"
     quantize_embeddings: bool = True

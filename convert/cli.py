@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="sentence-transformers model directory, or a hub id such as org/name")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create")
     p.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
-                   help="quantization recipe (default auto: int8-token, the fast batch-invariant one, "
-                   "falling back to int8-block when the gate rejects it)")
+                   help="quantization recipe (default auto: int8-token, int8-attn, int8-wide, int8-block in "
+                   "that order; the first that passes the gate ships)")
     p.add_argument("--weight-bits", default="auto", choices=["auto", "7", "8"],
                    help="int8-token weight bits: auto = 8 on VNNI CPUs, 7 otherwise (no int16 saturation)")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token-embedding table fp32")
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fnmatch pattern of MatMul node names to leave in fp32 (repeatable)")
     p.add_argument("--wide-activations", action="append", default=[], metavar="PATTERN",
                    help="int8-token: fnmatch pattern of MatMul node names whose activations get a second "
-                        "int8 pass (~15 bits; repeatable; int8-wide = every MatMul)")
+                        "int8 pass (~15 bits; repeatable; int8-attn = attention inputs, int8-wide = every MatMul)")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
                    help="token-embedding table: 8-bit per row (default) or 4-bit per 32 values (smaller)")
     p.add_argument("--quantize-head", action="store_true",

@@ -28,14 +28,18 @@ class GateError(RuntimeError):
 
 @dataclass
 class Thresholds:
-    min_mean_cosine: float = 0.99
-    min_min_cosine: float = 0.97
+    #: Default gate for any model: above the best int8 peer measured for all-MiniLM-L6-v2
+    #: (sentence-transformers' OpenVINO static int8: 0.9979 mean / 0.989 min on paragraphs).
+    min_mean_cosine: float = 0.999
+    min_min_cosine: float = 0.995
     max_stsb_drop: float = 1.0
     min_batch_invariance: float = 0.9999
 
 
-#: Stricter defaults for the production model (issue: llama.cpp Q8_0-grade fidelity).
-EMBEDDINGGEMMA_THRESHOLDS = Thresholds(min_mean_cosine=0.999, min_min_cosine=0.998, max_stsb_drop=0.1)
+#: The production model's gate sits at its peer's measured level: llama.cpp Q8_0 reached
+#: 0.9997 mean / 0.9995 min vs torch on the same paragraphs (the issue asked for >= 0.999 /
+#: 0.998, STS-B within 0.1 point).
+EMBEDDINGGEMMA_THRESHOLDS = Thresholds(min_mean_cosine=0.9995, min_min_cosine=0.999, max_stsb_drop=0.1)
 
 
 def load_paragraphs(path: Path = PARAGRAPHS_FILE, limit: int | None = None) -> list[str]:

@@ -715,7 +715,7 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
         assert f"\n## {section}\n" in text, section
     for row in ("| ST torch fp32 | 32", "| ST torch fp32 | 1 |", "| ST ONNX int8", "| ours int8 | 1 |",
                 "| ours int8 | budget", "| ours fp32 | 1 |", "| ours fp32 | budget", "| local | 60 |",
-                "| queue1 | 60 |", "| queue2 | 60 |", "int8 peak used below", "| MatMulInteger |"):
+                "| queue1 | 60 |", "| queue2 | 60 |", "int8 peak used below", "| MatMulIntegerToFloat |"):
         assert row in text, row
     assert "Skipped" not in text and "**Reduced run.**" in text and "`--skip-peers openvino`" in text
     assert "OpenVINO static int8: skipped (`--skip-peers openvino`)" in text

@@ -54,7 +54,9 @@ def gemma_artifact(tmp_path_factory) -> Path:
 def test_gate_passed_with_the_models_strict_thresholds(gemma_artifact):
     report = json.loads((gemma_artifact / "validation.json").read_text())
     assert report["passed"], report["failures"]
-    assert report["thresholds"]["min_mean_cosine"] >= 0.999
+    assert report["thresholds"]["min_mean_cosine"] >= 0.9995 and report["thresholds"]["min_min_cosine"] >= 0.999
+    assert report["recipe"]["recipe"] == "int8-wide"
+    assert [r["recipe"] for r in report["rejected_recipes"]] == ["int8-token", "int8-attn"]
     assert report["thresholds"]["max_stsb_drop"] <= 0.1
     stsb = report["stsb_spearman_x100"]
     for dim in ("768", "512", "256", "128"):
@@ -76,8 +78,8 @@ def test_prompts_come_from_the_models_config(gemma_artifact, gemma_st):
 
 def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_st, tmp_path):
     """Inputs of 623-2048 tokens (the window is 512): the fp32 export must match torch exactly
-    (a lost window drifts to cosine 0.887-0.986, NOTES.md); the int8 artifact stays within its
-    paragraph gate's min (measured 0.9987-0.9995: int8 error grows with length, short of 0.999)."""
+    (a lost window drifts to cosine 0.887-0.986, NOTES.md), the shipped int8 artifact to 0.999
+    (the value projections' weight residual pass is what gets inputs beyond 1,000 tokens there)."""
     from convert.api import build_artifact
     from worker.embedder import Embedder
 
@@ -85,7 +87,7 @@ def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_s
     long_texts = [" ".join(paragraphs[i:i + k]) for i, k in ((0, 6), (10, 12), (30, 24))]
     ref = gemma_st.encode(long_texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
     fp32 = build_artifact(GEMMA_DIR, tmp_path / "fp32", recipe="fp32", validate=False)
-    for artifact, floor in ((fp32, 0.9999), (gemma_artifact, 0.998)):
+    for artifact, floor in ((fp32, 0.9999), (gemma_artifact, 0.999)):
         ours = Embedder(artifact, settings=BIG).embed(long_texts, task="document")
         assert max(ours.token_counts) == 2048 and min(ours.token_counts) > 512
         assert _cos(ours.vectors, ref).min() >= floor, (artifact.name, _cos(ours.vectors, ref))

@@ -110,7 +110,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
     """A warning when the artifact's quantization recipe does not suit these CPU features, else None.
 
     * any int8 recipe needs at least AVX2 for usable int8 kernels;
-    * ``MatMulInteger`` recipes (``int8-token``, ``int8-wide``, ``int8-dynamic``) with full 8-bit weights on a CPU
+    * integer-GEMM recipes (``int8-token``, ``int8-attn``, ``int8-wide``, ``int8-dynamic``) with 8-bit weights on a CPU
       without VNNI: AVX2's ``vpmaddubsw`` sums pairs of u8 x s8 products in int16 and saturates,
       so accuracy drops (``convert`` picks 7-bit weights on such CPUs for this reason);
     * 7-bit weights on a VNNI CPU work, but give away precision the CPU did not need to lose;
@@ -126,7 +126,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
             "back to slow generic code; an fp32 artifact will likely be faster here"
         )
     bits = quantization.get("weight_bits", 8)
-    integer_matmul = recipe in {"int8-token", "int8-wide", "int8-dynamic"}
+    integer_matmul = recipe in {"int8-token", "int8-attn", "int8-wide", "int8-dynamic"}
     if integer_matmul and not vnni and bits == 8 and not quantization.get("reduce_range", False):
         return (
             f"artifact recipe {recipe} uses 8-bit weights but this CPU has no VNNI (avx512_vnni / "
