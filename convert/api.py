@@ -117,6 +117,15 @@ def with_named_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def fp32_graph(transformer: Path, source: SentenceTransformerSource) -> onnx.ModelProto:
+    """The fp32 pipeline every recipe starts from: the export with named shapes, simplified
+    (convert.simplify), with the sentence-transformers head appended."""
+    from convert.head import append_head
+    from convert.simplify import simplify
+
+    return append_head(simplify(with_named_shapes(onnx.load(str(transformer)))), source)
+
+
 def _graph_inputs(path: Path) -> list[str]:
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
@@ -180,9 +189,7 @@ def _check_output(out: Path, force: bool) -> None:
 def build_artifact(source: str, out: Path | str, options: ConvertOptions | None = None, **overrides: Any) -> Path:
     """Convert ``source`` (directory or hub id) into a validated artifact at ``out``."""
     from convert.export import ExportError, export_transformer
-    from convert.head import append_head
     from convert.quantize import QuantizeError
-    from convert.simplify import simplify
     from convert.source import SourceError
 
     opts = options or ConvertOptions()
@@ -214,7 +221,7 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
             raise ConvertError(str(exc)) from None
         fp32_dir = work / "fp32"
         fp32_dir.mkdir(parents=True)
-        save_model(append_head(simplify(with_named_shapes(onnx.load(str(transformer)))), src), fp32_dir / MODEL_FILE)
+        save_model(fp32_graph(transformer, src), fp32_dir / MODEL_FILE)
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
         candidates = list(AUTO_RECIPES) if opts.recipe == "auto" else [opts.recipe]

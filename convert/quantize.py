@@ -136,7 +136,7 @@ def _op_builder(nodes: list[onnx.NodeProto], prefix: str) -> Callable[..., str]:
     return op
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input}
     used |= {o.name for o in graph.output}
     keep = [init for init in graph.initializer if init.name in used]
@@ -229,7 +229,7 @@ class _MatMulGroup:
     that activation and ONE integer GEMM over their weights concatenated along N."""
 
     nodes: list[onnx.NodeProto]
-    weights: list[np.ndarray]
+    weights: list[onnx.TensorProto]  # decoded one at a time, where each GEMM is built
     wide: bool
 
 
@@ -245,7 +245,7 @@ def _matmul_groups(graph: onnx.GraphProto, opts: QuantizeOptions) -> dict[str, _
         wide = any(fnmatch.fnmatch(node.name, pattern) for pattern in opts.wide_activations)
         group = by_input.setdefault((node.input[0], wide), _MatMulGroup([], [], wide))
         group.nodes.append(node)
-        group.weights.append(numpy_helper.to_array(weight).astype(np.float32))
+        group.weights.append(weight)
     return {group.nodes[0].output[0]: group for group in by_input.values()}
 
 
@@ -305,7 +305,8 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
         residual = op("Sub", [scaled, rounded], "residual")
         fine_u8 = op("QuantizeLinear", [residual, f"{shared}/fine", f"{shared}/zp"], "residual_u8")
         x_u8 = op("Concat", [x_u8, fine_u8], "stacked", axis=0)
-    for node, weights in zip(group.nodes, group.weights, strict=True):
+    for node, weight in zip(group.nodes, group.weights, strict=True):
+        weights = numpy_helper.to_array(weight).astype(np.float32)
         prefix = f"{node.name or node.output[0]}/tq"
         g = _op_builder(nodes, prefix)
         wide_w = any(fnmatch.fnmatch(node.name, pattern) for pattern in wide_weights)
@@ -325,7 +326,7 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
     return nodes
 
 
-def _use_contrib_domain(model: onnx.ModelProto) -> None:
+def use_contrib_domain(model: onnx.ModelProto) -> None:
     if not any(entry.domain == MS_DOMAIN for entry in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
@@ -347,8 +348,8 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
         nodes = _quantize_embedding_tables(graph, nodes, opts.embedding_bits)
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
-    _use_contrib_domain(model)
+    drop_unused_initializers(graph)
+    use_contrib_domain(model)
     log.info("int8-token: quantized %d MatMuls (%d distinct activations) with %d-bit weights", len(grouped),
              len(groups), weight_bits)
     return model
@@ -395,7 +396,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
             nodes = _quantize_embedding_tables(graph, list(graph.node), opts.embedding_bits)
             del graph.node[:]
             graph.node.extend(nodes)
-            _drop_unused_initializers(graph)
+            drop_unused_initializers(graph)
         settings.update(weights=f"MatMulNBits 8-bit block {opts.block_size}, accuracy_level 4",
                         embedding_table=_table_label(opts),
                         batch_invariant=True)

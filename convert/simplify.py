@@ -21,10 +21,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from convert.quantize import MS_DOMAIN, drop_unused_initializers, use_contrib_domain
+
 log = logging.getLogger(__name__)
 
 Dim = int | str | None
-MS_DOMAIN = "com.microsoft"
+#: Constants read here are shape indices and scalars; larger initializers (the weights) are
+#: never decoded.
+SMALL_CONSTANT = 64
 #: tanh-GELU constants: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))).
 GELU_CUBIC, GELU_SQRT_2_OVER_PI = 0.044715, float(np.sqrt(2.0 / np.pi))
 
@@ -145,7 +149,8 @@ def _is_identity_slice(node: onnx.NodeProto, shapes: dict[str, list[Dim]], const
 
 
 def _const_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer
+              if int(np.prod(init.dims)) <= SMALL_CONSTANT}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -157,20 +162,21 @@ def fuse_tanh_gelu(model: onnx.ModelProto) -> int:
     graph = model.graph
     matcher = _GeluMatcher(graph)
     remove: set[int] = set()
+    fused: dict[int, onnx.NodeProto] = {}  # the chain's last node -> its FastGelu (same place in the order)
     for tanh in [n for n in graph.node if n.op_type == "Tanh"]:
         chain = matcher.match(tanh)
         if chain is None:
             continue
         x, nodes, out = chain
-        remove |= {id(n) for n in nodes}
-        graph.node.append(helper.make_node("FastGelu", [x], [out], name=f"{tanh.name}/FastGelu", domain=MS_DOMAIN))
-    if remove:
-        kept = [n for n in graph.node if id(n) not in remove]
+        remove |= {id(n) for n in nodes[:-1]}
+        fused[id(nodes[-1])] = helper.make_node("FastGelu", [x], [out], name=f"{tanh.name}/FastGelu",
+                                                domain=MS_DOMAIN)
+    if fused:
+        kept = [fused.get(id(n), n) for n in graph.node if id(n) not in remove]
         del graph.node[:]
-        graph.node.extend(_topological(kept, graph))
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return len(remove) // 9
+        graph.node.extend(kept)
+        use_contrib_domain(model)
+    return len(fused)
 
 
 class _GeluMatcher:
@@ -228,23 +234,6 @@ class _GeluMatcher:
         return None
 
 
-def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(nodes), []
-    while pending:
-        progress = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                progress.append(node)
-        if len(progress) == len(pending):
-            raise ValueError("graph has a cycle or a missing input after GELU fusion")
-        pending = progress
-    return ordered
-
-
 def drop_dead_nodes(graph: onnx.GraphProto) -> int:
     """Remove nodes none of whose outputs reach a graph output; return how many."""
     needed = {o.name for o in graph.output}
@@ -256,10 +245,7 @@ def drop_dead_nodes(graph: onnx.GraphProto) -> int:
     dropped = len(graph.node) - len(keep)
     del graph.node[:]
     graph.node.extend(reversed(keep))
-    used = {i for n in graph.node for i in n.input}
-    inits = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    drop_unused_initializers(graph)
     return dropped
 
 

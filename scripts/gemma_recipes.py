@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from convert.api import _write_artifact_dir, _write_tokenizer
+from convert.api import _write_artifact_dir, _write_tokenizer, fp32_graph
 from convert.export import export_transformer
-from convert.head import append_head
-from convert.quantize import QuantizeOptions, quantize
+from convert.quantize import QuantizeOptions, quantize, save_model
 from convert.source import read_source
 from convert.validate import load_paragraphs
 from worker.config import Settings
@@ -33,7 +31,7 @@ if not (fp32 / "manifest.json").exists():
     tr = export_transformer(src, W / "export")
     print("export", time.time() - t, flush=True)
     fp32.mkdir(exist_ok=True)
-    onnx.save(append_head(onnx.load(str(tr)), src), str(fp32 / "model.onnx"))
+    save_model(fp32_graph(tr, src), fp32 / "model.onnx")  # the same graph convert starts from
     pad = _write_tokenizer(src, fp32)
     _write_artifact_dir(fp32, fp32 / "model.onnx", src, {"recipe": "fp32"}, src.matryoshka_dims(), pad, fp32, None)
     shutil.rmtree(W / "export")
