@@ -21,11 +21,14 @@ import onnx
 
 from convert.quantize import AUTO_RECIPES, QuantizeOptions, quantize, save_model
 from convert.source import SentenceTransformerSource, read_source, resolve_source
+from convert.unsigned import write_unsigned_variant
 from convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
 from worker.artifact import (
     FORMAT_VERSION,
     MODEL_FILE,
     TOKENIZER_FILE,
+    UNSIGNED_MODEL_FILE,
+    UNSIGNED_WEIGHTS_FILE,
     VALIDATION_FILE,
     WEIGHTS_FILE,
     Manifest,
@@ -47,7 +50,7 @@ class ConvertOptions:
     #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, int8-attn, int8-wide,
     #: int8-block).
     recipe: str = "auto"
-    weight_bits: int | str = "auto"
+    weight_bits: int = 8
     quantize_embeddings: bool = True
     keep_fp32: list[str] = field(default_factory=list)
     #: int8-token: MatMul name patterns given ~15-bit activations (see convert.quantize).
@@ -136,9 +139,12 @@ def _write_artifact_dir(directory: Path, model_src: Path, source: SentenceTransf
     directory.mkdir(parents=True, exist_ok=True)
     if model_src != directory / MODEL_FILE:
         save_model(onnx.load(str(model_src)), directory / MODEL_FILE)
+    if not (directory / UNSIGNED_MODEL_FILE).is_file():
+        write_unsigned_variant(directory / MODEL_FILE)
     if tokenizer_dir != directory:
         shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, directory / TOKENIZER_FILE)
-    files = [MODEL_FILE, TOKENIZER_FILE] + ([WEIGHTS_FILE] if (directory / WEIGHTS_FILE).is_file() else [])
+    optional = (WEIGHTS_FILE, UNSIGNED_MODEL_FILE, UNSIGNED_WEIGHTS_FILE)
+    files = [MODEL_FILE, TOKENIZER_FILE] + [name for name in optional if (directory / name).is_file()]
     if validation is not None:
         (directory / VALIDATION_FILE).write_text(json.dumps(validation, indent=2, sort_keys=True) + "\n")
         files.append(VALIDATION_FILE)

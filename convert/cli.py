@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
                    help="quantization recipe (default auto: int8-token, int8-attn, int8-wide, int8-block in "
                    "that order; the first that passes the gate ships)")
-    p.add_argument("--weight-bits", default="auto", choices=["auto", "7", "8"],
-                   help="int8-token weight bits: auto = 8 on VNNI CPUs, 7 otherwise (no int16 saturation)")
+    p.add_argument("--weight-bits", default="8", choices=["7", "8"],
+                   help="integer-GEMM weight bits (8 is exact on every CPU: CPUs without VNNI run the "
+                        "artifact's unsigned-weight graph)")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token-embedding table fp32")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of MatMul node names to leave in fp32 (repeatable)")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = Thresholds(**custom) if custom else None
     opts = ConvertOptions(
         recipe=args.recipe,
-        weight_bits=args.weight_bits if args.weight_bits == "auto" else int(args.weight_bits),
+        weight_bits=int(args.weight_bits),
         quantize_embeddings=not args.no_quantize_embeddings,
         keep_fp32=args.keep_fp32,
         wide_activations=args.wide_activations,

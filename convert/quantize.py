@@ -11,10 +11,10 @@ gate/up) is quantized once. Measured on MiniLM (AVX2 core, see
 BENCHMARKS.md): cosine vs fp32 0.997 mean / 0.994 min on paragraphs, batch invariance 0.999999,
 ~2x fp32 speed; ``int8-dynamic`` was 0.993 / 0.984 and only 0.989 batch-invariant.
 
-Weight bits: without VNNI, x86 int8 GEMM kernels (``vpmaddubsw``) add pairs of u8*s8 products
-in int16 and saturate with full 8-bit weights; 7-bit weights cannot overflow. ``auto`` picks 8
-on a VNNI build machine and 7 otherwise, and the choice is recorded in the manifest so a worker
-can warn when its CPU does not suit the artifact.
+Weight bits: 8 by default, on every build machine, so an artifact does not depend on where it
+was converted. Where ONNX Runtime's u8 x s8 kernel saturates (x86 without VNNI/AMX), the worker
+runs the artifact's second graph with the same weights shifted to u8 (``convert.unsigned``,
+``worker.variant``): same integers, same vectors. ``weight_bits=7`` remains as an option.
 
 The token-embedding table is stored int8 with one scale per row (Gather the int8 rows and their
 scales, then multiply): EmbeddingGemma's 262144x768 table is two thirds of its weights.
@@ -80,7 +80,7 @@ class QuantizeError(RuntimeError):
 class QuantizeOptions:
     recipe: str = DEFAULT_RECIPE
     #: "auto" (8 on VNNI CPUs, else 7), 7 or 8; int8-token only.
-    weight_bits: int | str = "auto"
+    weight_bits: int = 8
     quantize_embeddings: bool = True
     #: fnmatch patterns of MatMul node names left in fp32 (e.g. outlier-heavy projections).
     keep_fp32: list[str] = field(default_factory=list)
@@ -368,10 +368,8 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         model = onnx.load(str(fp32_path))
     elif opts.recipe in ("int8-token", "int8-attn", "int8-wide"):
         bits = opts.weight_bits
-        if bits == "auto":
-            bits = 8 if cpu_has_vnni() else 7
         if bits not in (7, 8):
-            raise QuantizeError(f"weight_bits must be 7, 8 or auto, not {bits!r}")
+            raise QuantizeError(f"weight_bits must be 7 or 8, not {bits!r}")
         if opts.activation_bits not in (7, 8):
             raise QuantizeError(f"activation_bits must be 7 or 8, not {opts.activation_bits!r}")
         settings.update(weight_bits=bits, activation_bits=opts.activation_bits,
@@ -404,7 +402,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-        reduce_range = not cpu_has_vnni()
+        reduce_range = False  # 8-bit weights; saturating CPUs run the unsigned graph (convert.unsigned)
         op_types = ["MatMul", "Gather"] if opts.quantize_embeddings else ["MatMul"]
         quantize_dynamic(str(fp32_path), str(out_path), per_channel=True, reduce_range=reduce_range,
                          weight_type=QuantType.QInt8, op_types_to_quantize=op_types,

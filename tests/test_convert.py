@@ -13,11 +13,14 @@ import pytest
 
 from convert.api import ConvertError, build_artifact
 from convert.cli import main as convert_main
+from convert.unsigned import unsigned_path, write_unsigned_variant
 from convert.validate import Thresholds, load_paragraphs
 from tests.gemma_tiny import EMBEDDINGGEMMA_PROMPTS, build_tiny_gemma
 from worker.artifact import ArtifactError, load_manifest
 from worker.config import Settings
+from worker.cpu import cpu_features
 from worker.embedder import Embedder
+from worker.variant import u8s8_saturates
 
 BIG = Settings(max_batch_paragraphs=10_000, max_batch_bytes=1 << 28)
 
@@ -27,6 +30,14 @@ def minilm_st(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+def worker_graph(model_path: Path) -> str:
+    """The graph a worker would run here (worker.variant): the unsigned-weight one where this CPU's
+    u8 x s8 GEMM saturates."""
+    if u8s8_saturates(cpu_features()) and write_unsigned_variant(model_path):
+        return str(unsigned_path(model_path))
+    return str(model_path)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -45,13 +56,15 @@ def _mixed_texts() -> list[str]:
 def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
     manifest = load_manifest(minilm_artifact)
     assert sorted(p.name for p in minilm_artifact.iterdir()) == [
-        "manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"]
+        "manifest.json", "model.onnx", "model.onnx.data", "model.u8.onnx", "model.u8.onnx.data", "tokenizer.json",
+        "validation.json"]
     assert manifest.dim == 384 and manifest.matryoshka_dims == [384]
     assert manifest.pooling == "mean" and manifest.max_seq_length == 256
     assert manifest.inputs == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest.quantization["recipe"] == "int8-attn"  # auto: int8-token misses the 0.999 mean gate
-    assert manifest.quantization["weight_bits"] in (7, 8)
-    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"}
+    assert manifest.quantization["weight_bits"] == 8  # on every build machine (convert.unsigned)
+    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "model.u8.onnx", "model.u8.onnx.data",
+                                   "tokenizer.json", "validation.json"}
     validation = json.loads((minilm_artifact / "validation.json").read_text())
     assert validation["passed"] is True
     assert validation["batch_invariance_min_cosine"] >= 0.9999
@@ -290,7 +303,7 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
     def error(**options) -> float:
         out = tmp_path / f"{len(options)}.onnx"
         quantize(tmp_path / "fp32.onnx", out, QuantizeOptions(recipe="int8-token", weight_bits=8, **options))
-        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = ort.InferenceSession(worker_graph(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         return float(np.abs(got - exact).mean() / np.abs(exact).mean())
 
     plain, wide = error(), error(wide_activations=["*down_proj*"])
@@ -317,21 +330,26 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
     quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx", QuantizeOptions(recipe=recipe, weight_bits=8))
-    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    graphs = [str(p) for p in write_unsigned_variant(tmp_path / "q.onnx") if p.suffix == ".onnx"]
+    if not u8s8_saturates(cpu_features()):  # the signed graph is exact only where u8 x s8 does not saturate
+        graphs.append(str(tmp_path / "q.onnx"))
     x = (rng.normal(size=(3, 7, 48)) * rng.uniform(0.1, 30, size=(3, 7, 1))).astype(np.float32)
     x[0, 0, 5] *= 80  # an outlier channel in one row
 
     step = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / 127, 1e-10)
     coarse = np.round(x / step)
     rows = coarse + (np.round((x / step - coarse) * 254) / 254 if recipe == "int8-wide" else 0)
-    for w, got, alone in zip((w1, w2), session.run(None, {"x": x}), session.run(None, {"x": x[1:2, 2:3]}), strict=True):
-        w_step = np.abs(w).max(axis=0) / 127
-        w_eff = np.round(w / w_step) * w_step
-        if recipe == "int8-wide" and w is w2:  # value projections also get their weights' residual pass
-            w_eff = w_eff + np.round((w - w_eff) / (w_step / 254)) * (w_step / 254)
-        expected = (rows * step) @ w_eff
-        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
-        np.testing.assert_array_equal(alone[0, 0], got[1, 2])  # batch invariance: bit-identical
+    for graph_path in graphs:
+        session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
+        outputs = zip((w1, w2), session.run(None, {"x": x}), session.run(None, {"x": x[1:2, 2:3]}), strict=True)
+        for w, got, alone in outputs:
+            w_step = np.abs(w).max(axis=0) / 127
+            w_eff = np.round(w / w_step) * w_step
+            if recipe == "int8-wide" and w is w2:  # value projections also get their weights' residual pass
+                w_eff = w_eff + np.round((w - w_eff) / (w_step / 254)) * (w_step / 254)
+            expected = (rows * step) @ w_eff
+            np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+            np.testing.assert_array_equal(alone[0, 0], got[1, 2])  # batch invariance: bit-identical
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -356,7 +374,7 @@ def test_embedding_table_quantization_dequantizes_every_row(tmp_path, bits):
                         QuantizeOptions(recipe="int8-token", embedding_bits=bits))
     assert settings["embedding_table"].startswith("int8" if bits == 8 else "4-bit")
     ids = rng.integers(0, 16384, size=(3, 50))
-    rows = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
+    rows = ort.InferenceSession(worker_graph(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
         ["rows"], {"ids": ids})[0]
     exact = table[ids]
     if bits == 8:

@@ -105,6 +105,9 @@ class Settings:
     #: glibc trim threshold (bytes): free heap kept for the next call instead of being returned
     #: and zero-filled again (worker/memory.py); 0 keeps glibc's default.
     malloc_trim_threshold: int = 32 * 1024 * 1024
+    #: Which int8 graph to run: ``auto`` picks the unsigned-weight one where the CPU's u8 x s8 GEMM
+    #: saturates (AVX2 without VNNI/AMX; worker/variant.py), ``signed`` / ``unsigned`` force one.
+    int8_weights: str = "auto"
     #: Load the model once in the prefork parent so every child shares its weights copy-on-write
     #: (PSS per child measured in BENCHMARKS.md); 0 loads a private copy in each child instead.
     share_model: bool = True
@@ -169,6 +172,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_ORT_MEM_PATTERN": "ort_mem_pattern",
     "DEPOSIUM_MALLOC_MMAP_THRESHOLD": "malloc_mmap_threshold",
     "DEPOSIUM_MALLOC_TRIM_THRESHOLD": "malloc_trim_threshold",
+    "DEPOSIUM_INT8_WEIGHTS": "int8_weights",
     "DEPOSIUM_SHARE_MODEL": "share_model",
     "DEPOSIUM_MAX_BATCH_PARAGRAPHS": "max_batch_paragraphs",
     "DEPOSIUM_MAX_BATCH_BYTES": "max_batch_bytes",
@@ -227,6 +231,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if settings.test_fault and not TEST_FAULT.fullmatch(settings.test_fault):
         raise ConfigError("DEPOSIUM_TEST_FAULT must be crash:MARKER, hang:MARKER or sleep=SECONDS:MARKER")
+    if settings.int8_weights not in ("auto", "signed", "unsigned"):
+        raise ConfigError("DEPOSIUM_INT8_WEIGHTS must be auto, signed or unsigned")
     if settings.token_budget < 16:
         raise ConfigError("DEPOSIUM_TOKEN_BUDGET must be at least 16")
     return settings

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 #: Instruction sets that decide int8 speed, best first.
-INT8_FEATURES = ("avx512_vnni", "avx_vnni", "avx512bw", "avx2")
+INT8_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
 
 
 def _read(path: Path) -> str | None:
@@ -110,10 +110,9 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
     """A warning when the artifact's quantization recipe does not suit these CPU features, else None.
 
     * any int8 recipe needs at least AVX2 for usable int8 kernels;
-    * integer-GEMM recipes (``int8-token``, ``int8-attn``, ``int8-wide``, ``int8-dynamic``) with 8-bit weights on a CPU
-      without VNNI: AVX2's ``vpmaddubsw`` sums pairs of u8 x s8 products in int16 and saturates,
-      so accuracy drops (``convert`` picks 7-bit weights on such CPUs for this reason);
-    * 7-bit weights on a VNNI CPU work, but give away precision the CPU did not need to lose;
+    * (8-bit weights on a CPU whose u8 x s8 GEMM saturates are not a warning but a choice of graph:
+      worker/variant.py runs the artifact's unsigned-weight graph there, or refuses the artifact);
+    * 7-bit weights (an explicit convert option) give away precision no CPU needs to lose now;
     * ``int8-block`` (``MatMulNBits``) without VNNI runs correctly, at lower int8 throughput.
     """
     recipe = str(quantization.get("recipe", "")).lower()
@@ -127,16 +126,10 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
         )
     bits = quantization.get("weight_bits", 8)
     integer_matmul = recipe in {"int8-token", "int8-attn", "int8-wide", "int8-dynamic"}
-    if integer_matmul and not vnni and bits == 8 and not quantization.get("reduce_range", False):
+    if integer_matmul and bits == 7:
         return (
-            f"artifact recipe {recipe} uses 8-bit weights but this CPU has no VNNI (avx512_vnni / "
-            "avx_vnni): AVX2 int8 kernels can saturate and lose accuracy; rebuild it on (or for) "
-            "this CPU with 7-bit weights (deposium-convert picks them automatically without VNNI)"
-        )
-    if integer_matmul and vnni and bits == 7:
-        return (
-            f"artifact recipe {recipe} uses 7-bit weights (built for CPUs without VNNI) but this CPU has "
-            "VNNI: rebuilding with 8-bit weights gives slightly more accurate vectors at the same speed"
+            f"artifact recipe {recipe} uses 7-bit weights: rebuilding with 8-bit weights (the default, exact "
+            "on every CPU through the unsigned-weight graph) gives more accurate vectors"
         )
     if recipe == "int8-block" and not vnni:
         return (

@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from worker.artifact import (  # noqa: E402
-    MODEL_FILE,
     OUTPUT_NAME,
     ArtifactError,
     Manifest,
@@ -32,9 +31,11 @@ from worker.artifact import (  # noqa: E402
     read_manifest,
 )
 from worker.config import Settings, load_settings  # noqa: E402
+from worker.cpu import cpu_features  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
 from worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
+from worker.variant import choose_model_file  # noqa: E402
 
 __all__ = [
     "DISABLED_OPTIMIZERS",
@@ -202,7 +203,9 @@ class Embedder:
         # verify=True hashes every file: a truncated copy must fail here, naming the file.
         self.manifest: Manifest = (load_manifest if verify else read_manifest)(self.artifact_dir)
         self.tokenizer = ParagraphTokenizer.from_artifact(self.artifact_dir, self.manifest)
-        model_path = self.artifact_dir / MODEL_FILE
+        #: model.onnx, or model.u8.onnx where signed int8 GEMMs would saturate (worker/variant.py).
+        self.model_file = choose_model_file(self.manifest, self.settings.int8_weights, cpu_features())
+        model_path = self.artifact_dir / self.model_file
         try:
             self.session = ort.InferenceSession(
                 str(model_path),

@@ -203,14 +203,19 @@ def _matmul_session(m: int, k: int, n: int, integer: bool) -> tuple[object, dict
     from onnx import TensorProto, helper, numpy_helper
 
     from worker.config import load_settings
+    from worker.cpu import cpu_features
     from worker.embedder import session_options
+    from worker.variant import u8s8_saturates
 
     rng = np.random.default_rng(0)
-    if integer:
-        weight = numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "W")
+    if integer:  # the kernel the worker runs here: u8 x u8 where u8 x s8 saturates (worker/variant.py)
+        unsigned = u8s8_saturates(cpu_features())
+        raw = rng.integers(-127, 128, (k, n), dtype=np.int16) + (128 if unsigned else 0)
+        weight = numpy_helper.from_array(raw.astype(np.uint8 if unsigned else np.int8), "W")
         zp = numpy_helper.from_array(np.array(128, np.uint8), "zp")
-        node = helper.make_node("MatMulInteger", ["A", "W", "zp"], ["Y"])
-        a_type, y_type, inits = TensorProto.UINT8, TensorProto.INT32, [weight, zp]
+        w_zp = numpy_helper.from_array(np.array(128, np.uint8), "w_zp")
+        node = helper.make_node("MatMulInteger", ["A", "W", "zp"] + (["w_zp"] if unsigned else []), ["Y"])
+        a_type, y_type, inits = TensorProto.UINT8, TensorProto.INT32, [weight, zp] + ([w_zp] if unsigned else [])
         feed = rng.integers(0, 256, (m, k), dtype=np.uint8)
     else:
         weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "W")
@@ -284,7 +289,6 @@ def profile_op_types(embedder: object, paragraphs: Sequence[str], rounds: int = 
     """
     import onnxruntime as ort
 
-    from worker.artifact import MODEL_FILE
     from worker.embedder import session_options
 
     with tempfile.TemporaryDirectory(prefix="deposium-profile-") as tmp:
@@ -293,7 +297,7 @@ def profile_op_types(embedder: object, paragraphs: Sequence[str], rounds: int = 
         opts.profile_file_prefix = str(Path(tmp) / "ort")
         original = embedder.session  # type: ignore[attr-defined]
         embedder.session = ort.InferenceSession(  # type: ignore[attr-defined]
-            str(embedder.artifact_dir / MODEL_FILE), sess_options=opts,  # type: ignore[attr-defined]
+            str(embedder.artifact_dir / embedder.model_file), sess_options=opts,  # type: ignore[attr-defined]
             providers=["CPUExecutionProvider"])
         try:
             for _ in range(rounds):
