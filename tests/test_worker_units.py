@@ -228,11 +228,11 @@ def test_cpu_features_from_cpuinfo(tmp_path):
 def test_quantization_warning_depends_on_cpu():
     avx2, vnni = frozenset({"avx2"}), frozenset({"avx2", "avx512_vnni"})
     token8, token7 = {"recipe": "int8-token", "weight_bits": 8}, {"recipe": "int8-token", "weight_bits": 7}
-    assert quantization_warning(token8, avx2) is None  # the unsigned graph runs there (worker.variant)
+    assert "no faster than fp32" in quantization_warning(token8, avx2)  # exact there, via model.u8.onnx
+    assert "no faster than fp32" in quantization_warning({"recipe": "int8-wide"}, avx2)
     assert quantization_warning(token8, vnni) is None
-    assert quantization_warning({"recipe": "int8-dynamic"}, avx2) is None
+    assert quantization_warning(token8, frozenset({"avx2", "amx_int8"})) is None
     assert "7-bit weights" in quantization_warning(token7, vnni)
-    assert "7-bit weights" in quantization_warning(token7, avx2)
     assert "no VNNI" in quantization_warning({"recipe": "int8-block"}, avx2)
     assert quantization_warning({"recipe": "int8-block"}, vnni) is None
     assert "neither AVX2 nor VNNI" in quantization_warning(token7, frozenset())

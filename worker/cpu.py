@@ -110,8 +110,9 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
     """A warning when the artifact's quantization recipe does not suit these CPU features, else None.
 
     * any int8 recipe needs at least AVX2 for usable int8 kernels;
-    * (8-bit weights on a CPU whose u8 x s8 GEMM saturates are not a warning but a choice of graph:
-      worker/variant.py runs the artifact's unsigned-weight graph there, or refuses the artifact);
+    * integer-GEMM recipes on x86 without VNNI/AMX: exact (worker/variant.py runs the unsigned-weight
+      graph there) but through ONNX Runtime's u8 x u8 kernel, which on the AMD EPYC (Zen 3) measured
+      was no faster than fp32 (BENCHMARKS.md), so the operator should know an fp32 artifact may serve;
     * 7-bit weights (an explicit convert option) give away precision no CPU needs to lose now;
     * ``int8-block`` (``MatMulNBits``) without VNNI runs correctly, at lower int8 throughput.
     """
@@ -126,6 +127,12 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
         )
     bits = quantization.get("weight_bits", 8)
     integer_matmul = recipe in {"int8-token", "int8-attn", "int8-wide", "int8-dynamic"}
+    if integer_matmul and not vnni and not features & {"amx_int8"}:
+        return (
+            f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through the u8 x u8 int8 kernel "
+            "(model.u8.onnx), which measured no faster than fp32 on such a CPU (AMD EPYC Zen 3, BENCHMARKS.md); "
+            "an fp32 artifact (deposium-convert --recipe fp32) may serve it better"
+        )
     if integer_matmul and bits == 7:
         return (
             f"artifact recipe {recipe} uses 7-bit weights: rebuilding with 8-bit weights (the default, exact "

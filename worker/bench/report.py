@@ -83,6 +83,11 @@ def machine_info() -> dict[str, str]:
               "avx512_bf16", "amx_int8")
     info["flags"] = " ".join(f for f in wanted if f in flags) or "none of the SIMD flags we look for"
     info["missing flags"] = " ".join(f for f in wanted if f not in flags) or "none"
+    from worker.cpu import cpu_features
+    from worker.variant import u8s8_saturates
+
+    info["int8 GEMM weights"] = ("unsigned (model.u8.onnx: this CPU's u8 x s8 GEMM saturates, worker/variant.py)"
+                                 if u8s8_saturates(cpu_features()) else "signed (model.onnx)")
     try:  # which code produced the figures (a dirty tree is said so)
         import subprocess
 
