@@ -35,6 +35,7 @@ from worker.artifact import (
     sha256_file,
     write_manifest,
 )
+from worker.variant import needs_unsigned_graph
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class ConvertOptions:
     quantize_head: bool = False
     #: Token-embedding table: 8 (default) or 4 bits (smaller artifact; the gate reports fidelity).
     embedding_bits: int = 8
+    #: Integer-GEMM activations: 8 (default) or 7 (faster on CPUs without VNNI, less faithful; see cli).
+    activation_bits: int = 8
     #: None = model defaults (stricter for EmbeddingGemma).
     thresholds: Thresholds | None = None
     #: STS-B file; "default" finds ../shared/eval/stsb_test.tsv when present; None skips STS-B.
@@ -139,7 +142,7 @@ def _write_artifact_dir(directory: Path, model_src: Path, source: SentenceTransf
     directory.mkdir(parents=True, exist_ok=True)
     if model_src != directory / MODEL_FILE:
         save_model(onnx.load(str(model_src)), directory / MODEL_FILE)
-    if not (directory / UNSIGNED_MODEL_FILE).is_file():
+    if needs_unsigned_graph(quant) and not (directory / UNSIGNED_MODEL_FILE).is_file():
         write_unsigned_variant(directory / MODEL_FILE)
     if tokenizer_dir != directory:
         shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, directory / TOKENIZER_FILE)
@@ -243,7 +246,8 @@ def build_artifact(source: str, out: Path | str, options: ConvertOptions | None 
                                                  keep_fp32=list(opts.keep_fp32),
                                                  wide_activations=list(opts.wide_activations),
                                                  quantize_head=opts.quantize_head,
-                                                 embedding_bits=opts.embedding_bits))
+                                                 embedding_bits=opts.embedding_bits,
+                                                 activation_bits=opts.activation_bits))
             except QuantizeError as exc:
                 raise ConvertError(str(exc)) from None
             _write_artifact_dir(final, final / MODEL_FILE, src, quant, dims, pad_id, fp32_dir, None)

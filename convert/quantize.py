@@ -85,7 +85,8 @@ class QuantizeOptions:
     #: fnmatch patterns of MatMul node names left in fp32 (e.g. outlier-heavy projections).
     keep_fp32: list[str] = field(default_factory=list)
     block_size: int = 32  # int8-block only
-    #: int8-token activation bits (8, or 7 to pair with 8-bit weights on non-VNNI CPUs).
+    #: Activation bits of the integer-GEMM recipes: 8, or 7 (|a| <= 63 with zero point 64, so no pair
+    #: of u8 x s8 products can saturate: exact with the fast signed kernel on every CPU, less faithful).
     activation_bits: int = 8
     #: int8-token: fnmatch patterns of MatMul node names whose activations get a second int8 pass
     #: on the rounding residual (~15-bit activations at twice that MatMul's integer cost).

@@ -216,6 +216,19 @@ def test_tiny_gemma_manifest_prompts_dense_and_int8(tiny_gemma, tiny_gemma_fp32,
     assert _cos(emb.embed(queries, task="query").vectors, plain).min() < 0.999  # the prompt matters
 
 
+def test_seven_bit_activations_ship_one_signed_graph_and_report_their_fidelity(tiny_gemma, tmp_path):
+    """--activation-bits 7 (the faster option for CPUs without VNNI): recorded in the manifest, gated
+    like any recipe, and no unsigned graph, because its signed GEMMs cannot saturate anywhere."""
+    out = build_artifact(str(tiny_gemma), tmp_path / "a7", recipe="int8-token", activation_bits=7, stsb=None,
+                         paragraph_limit=24, thresholds=Thresholds(min_mean_cosine=0.99, min_min_cosine=0.98))
+    manifest = load_manifest(out)
+    assert manifest.quantization["activation_bits"] == 7 and "model.u8.onnx" not in manifest.files
+    assert not (out / "model.u8.onnx").exists()
+    assert Embedder(out, settings=BIG).model_file == "model.onnx"
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] and report["paragraphs"]["int8_vs_torch_cosine"]["mean"] >= 0.99
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 def _run_cli(args: list[str], capsys) -> tuple[int, str]:

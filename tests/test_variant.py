@@ -21,16 +21,16 @@ from worker.artifact import MODEL_FILE, UNSIGNED_MODEL_FILE, ArtifactError, Mani
 from worker.config import ConfigError, Settings, load_settings
 from worker.cpu import cpu_features
 from worker.embedder import Embedder
-from worker.variant import choose_model_file, u8s8_saturates
+from worker.variant import choose_model_file, needs_unsigned_graph, u8s8_saturates
 
 MS = "com.microsoft"
 
 
 def _integer_gemm(path: Path, weights: np.ndarray, op: str = "MatMulIntegerToFloat",
-                  weight_zero_point: np.ndarray | None = None) -> None:
-    """Y = (A - 128) @ (W - zp) as one integer GEMM, saved with W in an external data file."""
+                  weight_zero_point: np.ndarray | None = None, zero_point_a: int = 128) -> None:
+    """Y = (A - zero_point_a) @ (W - zp) as one integer GEMM, saved with W in an external data file."""
     k, n = weights.shape
-    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array(128, np.uint8), "a_zp")]
+    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array(zero_point_a, np.uint8), "a_zp")]
     if op == "MatMulIntegerToFloat":
         inits += [numpy_helper.from_array(np.array(1.0, np.float32), "a_scale"),
                   numpy_helper.from_array(np.ones(n, np.float32), "w_scale")]
@@ -66,6 +66,19 @@ def test_saturation_rule_matches_onnxruntime_on_this_cpu(tmp_path):
     assert signed_exact == (not u8s8_saturates(cpu_features())), sorted(cpu_features())
     write_unsigned_variant(tmp_path / "model.onnx")
     np.testing.assert_array_equal(_run(tmp_path / UNSIGNED_MODEL_FILE, a), exact)
+
+
+def test_seven_bit_activations_never_saturate_the_signed_kernel(tmp_path):
+    """Activations in [1, 127] (7 bits, zero point 64) with full-range int8 weights: every pair of
+    products stays below int16's limit, so the signed graph is exact on every CPU (--activation-bits 7)."""
+    rng = np.random.default_rng(2)
+    a, w = rng.integers(1, 128, (16, 768)).astype(np.uint8), rng.integers(-127, 128, (768, 256)).astype(np.int8)
+    a[:, :8], w[:8] = 127, 127  # the worst pairs
+    _integer_gemm(tmp_path / "m.onnx", w, zero_point_a=64)
+    np.testing.assert_array_equal(_run(tmp_path / "m.onnx", a), (a.astype(np.int64) - 64) @ w.astype(np.int64))
+    assert not needs_unsigned_graph({"recipe": "int8-attn", "weight_bits": 8, "activation_bits": 7})
+    assert needs_unsigned_graph({"recipe": "int8-attn", "weight_bits": 8, "activation_bits": 8})
+    assert not needs_unsigned_graph({"recipe": "int8-block"})
 
 
 def test_saturation_rule_by_cpu():
@@ -133,6 +146,8 @@ def test_choose_model_file():
         choose_model_file(old, "unsigned", vnni)
     assert choose_model_file(old, "auto", vnni) == MODEL_FILE
     assert choose_model_file(_manifest([MODEL_FILE], recipe="int8-token", weight_bits=7), "auto", avx2) == MODEL_FILE
+    seven = _manifest([MODEL_FILE], recipe="int8-token", weight_bits=8, activation_bits=7)
+    assert choose_model_file(seven, "auto", avx2) == MODEL_FILE  # cannot saturate: no unsigned graph needed
     assert choose_model_file(_manifest([MODEL_FILE], recipe="int8-block"), "auto", avx2) == MODEL_FILE
     assert choose_model_file(_manifest([MODEL_FILE], recipe="fp32"), "auto", avx2) == MODEL_FILE
 

@@ -11,7 +11,8 @@ vector on every worker, whatever CPU the platform hands it.
 from __future__ import annotations
 
 import platform
-from collections.abc import Set
+from collections.abc import Mapping, Set
+from typing import Any
 
 from worker.artifact import MODEL_FILE, UNSIGNED_MODEL_FILE, ArtifactError, Manifest
 
@@ -33,6 +34,16 @@ def u8s8_saturates(features: Set[str], machine: str | None = None) -> bool:
     return x86 and "avx2" in features and not (features & EXACT_U8S8)
 
 
+def needs_unsigned_graph(quantization: Mapping[str, Any]) -> bool:
+    """Whether an artifact's int8 GEMMs can saturate u8 x s8 kernels: integer-GEMM recipes with full
+    8-bit weights and 8-bit (zero point 128) activations. With 7-bit weights or 7-bit activations
+    (|a| <= 63, zero point 64) no pair of products can exceed 127 x 127 x 2 = 32,258 < 32,767."""
+    if str(quantization.get("recipe", "")) not in INTEGER_GEMM_RECIPES:
+        return False
+    seven_bit = quantization.get("weight_bits") == 7 or quantization.get("activation_bits") == 7
+    return not (seven_bit or quantization.get("reduce_range", False))
+
+
 def choose_model_file(manifest: Manifest, choice: str, features: Set[str]) -> str:
     """The graph file to load: ``model.onnx`` unless its int8 weights would saturate here (or
     ``choice`` forces the unsigned graph). Refuses an artifact that would give wrong vectors."""
@@ -47,10 +58,8 @@ def choose_model_file(manifest: Manifest, choice: str, features: Set[str]) -> st
         return MODEL_FILE
     if has_unsigned:
         return UNSIGNED_MODEL_FILE
-    quantization = manifest.quantization
-    recipe = str(quantization.get("recipe", ""))
-    safe = quantization.get("weight_bits") == 7 or quantization.get("reduce_range", False)
-    if recipe in INTEGER_GEMM_RECIPES and not safe:
+    if needs_unsigned_graph(manifest.quantization):
+        recipe = manifest.quantization.get("recipe")
         raise ArtifactError(
             f"the artifact's {recipe} int8 GEMMs saturate on this CPU (AVX2 without VNNI) and it has no "
             f"{UNSIGNED_MODEL_FILE}: re-run deposium-convert with this version"
