@@ -44,6 +44,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.cpu import cpu_features
+from worker.variant import EXACT_U8S8
+
 log = logging.getLogger(__name__)
 
 RECIPES = ("int8-token", "int8-attn", "int8-wide", "int8-block", "int8-dynamic", "fp32")
@@ -79,7 +82,7 @@ class QuantizeError(RuntimeError):
 @dataclass
 class QuantizeOptions:
     recipe: str = DEFAULT_RECIPE
-    #: "auto" (8 on VNNI CPUs, else 7), 7 or 8; int8-token only.
+    #: 8, or 7 (an explicit option); integer-GEMM recipes only.
     weight_bits: int = 8
     quantize_embeddings: bool = True
     #: fnmatch patterns of MatMul node names left in fp32 (e.g. outlier-heavy projections).
@@ -112,11 +115,7 @@ def _table_label(opts: QuantizeOptions) -> str:
 
 
 def cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+    return bool(cpu_features() & EXACT_U8S8)
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:

@@ -33,8 +33,8 @@ WEIGHT_INPUTS: dict[str, tuple[int, int]] = {
 SHARED_ZERO_POINT = "u8w/zero_point"
 
 
-def _signed_weights(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
-    initializers = {t.name: t for t in graph.initializer}
+def _signed_weights(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto]
+                    ) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
     found = []
     for node in graph.node:
         slots = WEIGHT_INPUTS.get(node.op_type)
@@ -62,10 +62,10 @@ def write_unsigned_variant(model_path: Path) -> list[Path]:
     directory = model_path.parent
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
-    targets = _signed_weights(graph)
+    initializers = {t.name: t for t in graph.initializer}
+    targets = _signed_weights(graph, initializers)
     if not targets:
         return []
-    initializers = {t.name: t for t in graph.initializer}
     added: dict[str, str] = {}
     for node, weight in targets:
         b_index, zp_index = WEIGHT_INPUTS[node.op_type]

@@ -127,9 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings.redis_url:
         print("deposium-worker: REDIS_URL is not set (the worker needs a broker)", file=sys.stderr)
         return EXIT_CONFIG
+    features = cpu_features()
     try:
         manifest = load_manifest(settings.artifact_dir)
-        model_file = choose_model_file(manifest, settings.int8_weights, cpu_features())
+        model_file = choose_model_file(manifest, settings.int8_weights, features)
     except ArtifactError as exc:
         print(f"deposium-worker: refusing to start: {exc}", file=sys.stderr)
         return EXIT_ARTIFACT
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in describe_startup(settings, manifest, concurrency):
         log.info(line)
     log.info("graph %s (DEPOSIUM_INT8_WEIGHTS=%s)", model_file, settings.int8_weights)
-    warning = quantization_warning(manifest.quantization, cpu_features())
+    warning = quantization_warning(manifest.quantization, features)
     if warning:
         log.warning(warning)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.variant import needs_unsigned_graph
+from worker.variant import needs_unsigned_graph, u8s8_saturates
 
 #: Instruction sets that decide int8 speed, best first.
 INT8_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
@@ -129,7 +129,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
         )
     bits = quantization.get("weight_bits", 8)
     integer_matmul = recipe in {"int8-token", "int8-attn", "int8-wide", "int8-dynamic"}
-    if needs_unsigned_graph(quantization) and not vnni and not features & {"amx_int8"}:
+    if needs_unsigned_graph(quantization) and u8s8_saturates(features):
         return (
             f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through the u8 x u8 int8 kernel "
             "(model.u8.onnx), which measured no faster than fp32 on such a CPU (AMD EPYC Zen 3, BENCHMARKS.md); "
