@@ -59,8 +59,9 @@ class ConvertOptions:
     quantize_head: bool = False
     #: Token-embedding table: 8 (default) or 4 bits (smaller artifact; the gate reports fidelity).
     embedding_bits: int = 8
-    #: Integer-GEMM activations: 8 (default) or 7 (faster on CPUs without VNNI, less faithful; see cli).
-    activation_bits: int = 8
+    #: Integer-GEMM activations: 8 or 7 (faster on CPUs without VNNI; see cli); None = each recipe's
+    #: default (convert.quantize.DEFAULT_ACTIVATION_BITS: 7 for int8-wide, 8 otherwise).
+    activation_bits: int | None = None
     #: None = model defaults (stricter for EmbeddingGemma).
     thresholds: Thresholds | None = None
     #: STS-B file; "default" finds ../shared/eval/stsb_test.tsv when present; None skips STS-B.

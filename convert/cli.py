@@ -42,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wide-activations", action="append", default=[], metavar="PATTERN",
                    help="int8-token: fnmatch pattern of MatMul node names whose activations get a second "
                         "int8 pass (~15 bits; repeatable; int8-attn = attention inputs, int8-wide = every MatMul)")
-    p.add_argument("--activation-bits", type=int, choices=(8, 7), default=8,
-                   help="integer-GEMM activations: 8 (default) or 7, which cannot saturate the u8 x s8 kernel of CPUs "
-                        "without VNNI and so runs it directly there (MiniLM on AVX2: int8-token 1.6x the speed of the "
-                        "default artifact, cosine 0.9961 / 0.9931 instead of 0.9992 / 0.9985); the gate reports it")
+    p.add_argument("--activation-bits", type=int, choices=(8, 7), default=None,
+                   help="integer-GEMM activations, 8 or 7 (default: 7 for int8-wide, whose residual pass keeps the "
+                        "precision, 8 for the single-pass recipes). 7-bit activations cannot saturate the u8 x s8 "
+                        "kernel of CPUs without VNNI, so the artifact needs no model.u8.onnx and runs that kernel "
+                        "directly there (MiniLM on AVX2: int8-token 1.6x the speed of the default artifact, cosine "
+                        "0.9961 / 0.9931 instead of 0.9992 / 0.9985); the gate reports it")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
                    help="token-embedding table: 8-bit per row (default) or 4-bit per 32 values (smaller)")
     p.add_argument("--quantize-head", action="store_true",

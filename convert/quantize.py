@@ -69,6 +69,13 @@ ATTENTION_INPUTS = ("*q_proj*", "*k_proj*", "*v_proj*", "*/attention/self/*")
 #: 623/1097/2048 tokens int8-wide reached cosine 0.99913/0.99893/0.99870 vs torch, and keeping
 #: only v_proj fp32 gave 0.99940/0.99926/0.99911 (q, k, o or the MLP did not get there).
 VALUE_PROJECTIONS = ("*v_proj*", "*/value/*")
+#: Activation bits of each integer-GEMM recipe unless the caller chooses. ``int8-wide`` takes 7: its
+#: residual pass already carries the bits a 7-bit first pass drops (coarse + fine, a step 126x finer:
+#: ~13 bits), so on real EmbeddingGemma paragraphs 7 and 8 gave the same cosine vs torch to five digits,
+#: while 7-bit activations cannot saturate the u8 x s8 kernel of CPUs without VNNI: one exact signed
+#: graph on every CPU, no ``model.u8.onnx`` (106 MB), 1.2x faster there (BENCHMARKS.md). The
+#: single-pass recipes keep 8: their first pass is all the precision they have.
+DEFAULT_ACTIVATION_BITS = {"int8-token": 8, "int8-attn": 8, "int8-wide": 7}
 #: MatMuls of the sentence-transformers head (see convert.head): never quantized by default.
 HEAD_PATTERN = "head/*"
 #: Gather tables at least this large (elements) are quantized; position tables are small.
@@ -89,8 +96,9 @@ class QuantizeOptions:
     keep_fp32: list[str] = field(default_factory=list)
     block_size: int = 32  # int8-block only
     #: Activation bits of the integer-GEMM recipes: 8, or 7 (|a| <= 63 with zero point 64, so no pair
-    #: of u8 x s8 products can saturate: exact with the fast signed kernel on every CPU, less faithful).
-    activation_bits: int = 8
+    #: of u8 x s8 products can saturate: exact with the fast signed kernel on every CPU, less faithful);
+    #: None = the recipe's own default (:data:`DEFAULT_ACTIVATION_BITS`).
+    activation_bits: int | None = None
     #: int8-token: fnmatch patterns of MatMul node names whose activations get a second int8 pass
     #: on the rounding residual (~15-bit activations at twice that MatMul's integer cost).
     #: ``int8-wide`` means every MatMul.
@@ -340,7 +348,7 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.output[0] in groups:
-            nodes += _per_token_matmul(graph, groups[node.output[0]], weight_bits, opts.activation_bits,
+            nodes += _per_token_matmul(graph, groups[node.output[0]], weight_bits, opts.activation_bits or 8,
                                        tuple(opts.wide_weights))
         elif node.output[0] not in grouped:
             nodes.append(node)
@@ -350,8 +358,8 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
     graph.node.extend(nodes)
     drop_unused_initializers(graph)
     use_contrib_domain(model)
-    log.info("int8-token: quantized %d MatMuls (%d distinct activations) with %d-bit weights", len(grouped),
-             len(groups), weight_bits)
+    log.info("%s: quantized %d MatMuls (%d distinct activations) with %d-bit weights, %d-bit activations",
+             opts.recipe, len(grouped), len(groups), weight_bits, opts.activation_bits or 8)
     return model
 
 
@@ -370,6 +378,8 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         bits = opts.weight_bits
         if bits not in (7, 8):
             raise QuantizeError(f"weight_bits must be 7 or 8, not {bits!r}")
+        if opts.activation_bits is None:
+            opts = replace(opts, activation_bits=DEFAULT_ACTIVATION_BITS[opts.recipe])
         if opts.activation_bits not in (7, 8):
             raise QuantizeError(f"activation_bits must be 7 or 8, not {opts.activation_bits!r}")
         settings.update(weight_bits=bits, activation_bits=opts.activation_bits,

@@ -20,7 +20,7 @@ from worker.artifact import ArtifactError, load_manifest
 from worker.config import Settings
 from worker.cpu import cpu_features
 from worker.embedder import Embedder
-from worker.variant import u8s8_saturates
+from worker.variant import needs_unsigned_graph, u8s8_saturates
 
 BIG = Settings(max_batch_paragraphs=10_000, max_batch_bytes=1 << 28)
 
@@ -323,12 +323,14 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
     assert wide < plain / 20, (plain, wide)
 
 
-@pytest.mark.parametrize("recipe", ["int8-token", "int8-wide"])
-def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recipe):
+@pytest.mark.parametrize(("recipe", "activation_bits"), [("int8-token", None), ("int8-wide", None),
+                                                         ("int8-wide", 8), ("int8-token", 7)])
+def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recipe, activation_bits):
     """Two MatMuls sharing an input (q/k-style): the graph must compute exactly the per-row int8
-    scheme written out in numpy (row step = row max / 127, round half to even, per-column weight
-    steps; wide adds the residual at 1/254 of the step, and for value projections the weights'
-    residual too), and a row must not change with its batch."""
+    scheme written out in numpy (row step = row max / a_max with a_max 127 for 8-bit activations,
+    63 for 7-bit, round half to even, per-column weight steps; wide adds the residual at
+    1/(2 a_max) of the step, and for value projections the weights' residual too), and a row must
+    not change with its batch. Defaults: int8-token 8-bit activations, int8-wide 7-bit."""
     from onnx import TensorProto, helper, numpy_helper
 
     from convert.quantize import QuantizeOptions, quantize
@@ -342,16 +344,21 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
         [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, None, None]) for y in ("y1", "y2")],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
-    quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx", QuantizeOptions(recipe=recipe, weight_bits=8))
+    settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx",
+                        QuantizeOptions(recipe=recipe, weight_bits=8, activation_bits=activation_bits))
+    bits = activation_bits or {"int8-token": 8, "int8-wide": 7}[recipe]
+    assert settings["activation_bits"] == bits and needs_unsigned_graph(settings) == (bits == 8)
+    a_max = 2 ** (bits - 1) - 1
     graphs = [str(p) for p in write_unsigned_variant(tmp_path / "q.onnx") if p.suffix == ".onnx"]
-    if not u8s8_saturates(cpu_features()):  # the signed graph is exact only where u8 x s8 does not saturate
-        graphs.append(str(tmp_path / "q.onnx"))
+    if bits == 7 or not u8s8_saturates(cpu_features()):  # 8-bit: the signed graph is exact only where u8 x s8
+        graphs.append(str(tmp_path / "q.onnx"))        # does not saturate; 7-bit: everywhere
     x = (rng.normal(size=(3, 7, 48)) * rng.uniform(0.1, 30, size=(3, 7, 1))).astype(np.float32)
     x[0, 0, 5] *= 80  # an outlier channel in one row
 
-    step = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / 127, 1e-10)
+    step = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / a_max, 1e-10)
     coarse = np.round(x / step)
-    rows = coarse + (np.round((x / step - coarse) * 254) / 254 if recipe == "int8-wide" else 0)
+    fine = 2 * a_max
+    rows = coarse + (np.round((x / step - coarse) * fine) / fine if recipe == "int8-wide" else 0)
     for graph_path in graphs:
         session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
         outputs = zip((w1, w2), session.run(None, {"x": x}), session.run(None, {"x": x[1:2, 2:3]}), strict=True)
@@ -435,6 +442,10 @@ def test_int8_wide_is_more_faithful_batch_invariant_and_keeps_the_head_fp32(outl
     assert report["batch_invariance_min_cosine"] >= 0.9999
     quant = load_manifest(wide).quantization
     assert quant["recipe"] == "int8-wide" and quant["wide_activations"] == ["*"] and "head/*" in quant["keep_fp32"]
+    # 7-bit activations by default (the residual pass keeps the precision): one signed graph, exact on
+    # every CPU, so no unsigned-weight variant; the single-pass recipe keeps 8 bits and carries one.
+    assert quant["activation_bits"] == 7 and not (wide / "model.u8.onnx").exists()
+    assert load_manifest(token).quantization["activation_bits"] == 8 and (token / "model.u8.onnx").exists()
     ops = _op_types(wide)
     assert ops["head/dense0"] == "MatMul" and ops["head/dense1"] == "MatMul"
     integer_matmuls = [sum(op == "MatMulIntegerToFloat" for op in _op_types(a).values()) for a in (token, wide)]

@@ -56,6 +56,8 @@ def test_gate_passed_with_the_models_strict_thresholds(gemma_artifact):
     assert report["passed"], report["failures"]
     assert report["thresholds"]["min_mean_cosine"] >= 0.9995 and report["thresholds"]["min_min_cosine"] >= 0.999
     assert report["recipe"]["recipe"] == "int8-wide"
+    # 7-bit activations (the int8-wide default): one signed graph, exact on every CPU, no model.u8.onnx
+    assert report["recipe"]["activation_bits"] == 7 and not (gemma_artifact / "model.u8.onnx").exists()
     assert [r["recipe"] for r in report["rejected_recipes"]] == ["int8-token", "int8-attn"]
     assert report["thresholds"]["max_stsb_drop"] <= 0.1
     stsb = report["stsb_spearman_x100"]

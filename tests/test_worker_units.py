@@ -229,7 +229,10 @@ def test_quantization_warning_depends_on_cpu():
     avx2, vnni = frozenset({"avx2"}), frozenset({"avx2", "avx512_vnni"})
     token8, token7 = {"recipe": "int8-token", "weight_bits": 8}, {"recipe": "int8-token", "weight_bits": 7}
     assert "no faster than fp32" in quantization_warning(token8, avx2)  # exact there, via model.u8.onnx
-    assert "no faster than fp32" in quantization_warning({"recipe": "int8-wide"}, avx2)
+    assert "u8 x u8" in quantization_warning({"recipe": "int8-wide", "activation_bits": 8}, avx2)
+    wide7 = {"recipe": "int8-wide", "activation_bits": 7}  # the default int8-wide: one signed graph
+    assert "no faster than fp32" in quantization_warning(wide7, avx2) and "16-bit" in quantization_warning(wide7, avx2)
+    assert quantization_warning(wide7, vnni) is None
     assert quantization_warning(token8, vnni) is None
     assert quantization_warning(token8, frozenset({"avx2", "amx_int8"})) is None
     assert "7-bit weights" in quantization_warning(token7, vnni)

@@ -113,8 +113,9 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
 
     * any int8 recipe needs at least AVX2 for usable int8 kernels;
     * integer-GEMM recipes on x86 without VNNI/AMX: exact (worker/variant.py runs the unsigned-weight
-      graph there) but through ONNX Runtime's u8 x u8 kernel, which on the AMD EPYC (Zen 3) measured
-      was no faster than fp32 (BENCHMARKS.md), so the operator should know an fp32 artifact may serve;
+      graph there unless the artifact has 7-bit operands) but through ONNX Runtime's u8 x u8 or 16-bit
+      u8 x s8 kernels, which on the AMD EPYC (Zen 3) measured no faster than fp32 (BENCHMARKS.md), so
+      the operator should know an fp32 artifact may serve;
     * 7-bit weights (an explicit convert option) give away precision no CPU needs to lose now;
     * ``int8-block`` (``MatMulNBits``) without VNNI runs correctly, at lower int8 throughput.
     """
@@ -129,11 +130,13 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
         )
     bits = quantization.get("weight_bits", 8)
     integer_matmul = recipe in {"int8-token", "int8-attn", "int8-wide", "int8-dynamic"}
-    if needs_unsigned_graph(quantization) and u8s8_saturates(features):
+    if integer_matmul and u8s8_saturates(features):
+        kernel = ("the u8 x u8 int8 kernel (model.u8.onnx)" if needs_unsigned_graph(quantization)
+                  else "the 16-bit u8 x s8 kernel (7-bit operands cannot saturate it)")
         return (
-            f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through the u8 x u8 int8 kernel "
-            "(model.u8.onnx), which measured no faster than fp32 on such a CPU (AMD EPYC Zen 3, BENCHMARKS.md); "
-            "an fp32 artifact (deposium-convert --recipe fp32) may serve it better"
+            f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through {kernel}, which measured "
+            "no faster than fp32 on such a CPU (AMD EPYC Zen 3, BENCHMARKS.md); an fp32 artifact "
+            "(deposium-convert --recipe fp32) may serve it better"
         )
     if integer_matmul and bits == 7:
         return (
