@@ -24,7 +24,8 @@ so int8 there saves no time, only ~14 MB on EmbeddingGemma, yet it was most of t
 quantization error (cosine vs torch 0.99722 -> 0.99877 mean when kept fp32; 48 real paragraphs).
 
 ``int8-wide`` is ``int8-token`` with a second int8 pass over every activation's rounding
-residual (see ``_per_token_matmul``): ~15-bit activations, 8-bit weights, both passes stacked
+residual (see ``_per_token_matmul``): ~15-bit activations (~13 with its default 7-bit passes,
+:data:`DEFAULT_ACTIVATION_BITS`), 8-bit weights, both passes stacked
 into one GEMM so the prepacked weights exist once. On real
 EmbeddingGemma-300m it reached cosine 0.99966 mean / 0.99950 min (llama.cpp Q8_0 level) at
 about 1.5x the integer cost of ``int8-token``, still well above the speed of the block-wise
@@ -284,7 +285,7 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
     ``wide``: the rounding residual of X (at most half a step) is quantized again with a step
     ``2 * a_max`` times finer and multiplied by the same int8 W. Why: EmbeddingGemma's MLP
     down-projection inputs carry outliers 45-230x their RMS, so one int8 step per token row
-    swamps the ordinary channels; the second pass gives them ~15 bits, stays per token (batch
+    swamps the ordinary channels; the second pass gives them ~15 bits (~13 with 7-bit passes), stays per token (batch
     invariant) and needs no calibration data. Both passes are stacked on the batch axis into
     the same GEMM, so the prepacked weights exist once.
     """
