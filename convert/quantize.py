@@ -340,7 +340,8 @@ def use_contrib_domain(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int) -> onnx.ModelProto:
+def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
+                activation_bits: int) -> onnx.ModelProto:
     graph = model.graph
     groups = _matmul_groups(graph, opts)
     if not groups:
@@ -349,7 +350,7 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.output[0] in groups:
-            nodes += _per_token_matmul(graph, groups[node.output[0]], weight_bits, opts.activation_bits or 8,
+            nodes += _per_token_matmul(graph, groups[node.output[0]], weight_bits, activation_bits,
                                        tuple(opts.wide_weights))
         elif node.output[0] not in grouped:
             nodes.append(node)
@@ -360,7 +361,7 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int)
     drop_unused_initializers(graph)
     use_contrib_domain(model)
     log.info("%s: quantized %d MatMuls (%d distinct activations) with %d-bit weights, %d-bit activations",
-             opts.recipe, len(grouped), len(groups), weight_bits, opts.activation_bits or 8)
+             opts.recipe, len(grouped), len(groups), weight_bits, activation_bits)
     return model
 
 
@@ -379,18 +380,17 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         bits = opts.weight_bits
         if bits not in (7, 8):
             raise QuantizeError(f"weight_bits must be 7 or 8, not {bits!r}")
-        if opts.activation_bits is None:
-            opts = replace(opts, activation_bits=DEFAULT_ACTIVATION_BITS[opts.recipe])
-        if opts.activation_bits not in (7, 8):
-            raise QuantizeError(f"activation_bits must be 7 or 8, not {opts.activation_bits!r}")
-        settings.update(weight_bits=bits, activation_bits=opts.activation_bits,
-                        activations=f"{opts.activation_bits}-bit per token row (u8 with zero point)"
+        a_bits = DEFAULT_ACTIVATION_BITS[opts.recipe] if opts.activation_bits is None else opts.activation_bits
+        if a_bits not in (7, 8):
+            raise QuantizeError(f"activation_bits must be 7 or 8, not {a_bits!r}")
+        settings.update(weight_bits=bits, activation_bits=a_bits,
+                        activations=f"{a_bits}-bit per token row (u8 with zero point)"
                         + (", plus a second pass on the rounding residual where wide" if opts.wide_activations else ""),
                         weights="int8 per output channel, symmetric",
                         embedding_table=_table_label(opts),
                         wide_activations=list(opts.wide_activations), wide_weights=list(opts.wide_weights),
                         batch_invariant=True)
-        model = _int8_token(onnx.load(str(fp32_path)), opts, int(bits))
+        model = _int8_token(onnx.load(str(fp32_path)), opts, int(bits), int(a_bits))
     elif opts.recipe == "int8-block":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

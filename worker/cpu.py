@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.variant import needs_unsigned_graph, u8s8_saturates
+from worker.variant import INTEGER_GEMM_RECIPES, needs_unsigned_graph, u8s8_saturates
 
 #: Instruction sets that decide int8 speed, best first.
 INT8_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
@@ -129,7 +129,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
             "back to slow generic code; an fp32 artifact will likely be faster here"
         )
     bits = quantization.get("weight_bits", 8)
-    integer_matmul = recipe in {"int8-token", "int8-attn", "int8-wide", "int8-dynamic"}
+    integer_matmul = recipe in INTEGER_GEMM_RECIPES
     if integer_matmul and u8s8_saturates(features):
         kernel = ("the u8 x u8 int8 kernel (model.u8.onnx)" if needs_unsigned_graph(quantization)
                   else "the 16-bit u8 x s8 kernel (7-bit operands cannot saturate it)")

@@ -98,14 +98,22 @@ def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, valida
 
 
 def artifact_note(label: str, path: Path) -> str:
-    """One line for the report: which artifact ran and which recipe it holds (its manifest), and
-    which recipes ``auto`` rejected before it (its validation record)."""
+    """One line for the report: which artifact ran, which of its graphs a worker runs on this CPU
+    (worker.variant), which recipe it holds (its manifest), and which recipes ``auto`` rejected
+    before it (its validation record)."""
     import json
 
-    from worker.artifact import VALIDATION_FILE, read_manifest
+    from worker.artifact import VALIDATION_FILE, ArtifactError, read_manifest
+    from worker.cpu import cpu_features
+    from worker.variant import choose_model_file
 
-    quant = read_manifest(path).quantization
-    line = f"ours {label}: `{path}`, recipe `{quant.get('recipe', '?')}` (manifest)"
+    manifest = read_manifest(path)
+    quant = manifest.quantization
+    try:
+        graph = f"graph `{choose_model_file(manifest, 'auto', cpu_features())}` on this CPU"
+    except ArtifactError as exc:
+        graph = f"no usable graph on this CPU: {exc}"
+    line = f"ours {label}: `{path}` ({graph}), recipe `{quant.get('recipe', '?')}` (manifest)"
     try:
         validation = json.loads((path / VALIDATION_FILE).read_text())
     except (OSError, ValueError):
