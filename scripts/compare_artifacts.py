@@ -1,0 +1,59 @@
+"""Side-by-side speed of several artifacts in ONE process: short-query latency and paragraph tokens/s.
+
+Usage: python scripts/compare_artifacts.py ARTIFACT [ARTIFACT ...] [--paragraphs N] [--rounds R]
+
+Why a separate script from ``deposium-bench``: recipe decisions need ratios between artifacts, and
+on a shared, noisy host only ratios measured round-robin in the same process hold (the same
+artifact measured 1,137 and 885 tokens/s an hour apart on one machine). Each round runs every
+artifact once: the gate's held-out paragraphs (document prompt, the Embedder's token budget),
+then up to 50 short queries (<= 16 tokens with the query prompt, one per call). CPU time of this
+process, medians over rounds (queries: over every call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from convert.validate import load_paragraphs
+from worker.bench.timing import short_queries
+from worker.embedder import Embedder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", nargs="+", type=Path)
+    parser.add_argument("--paragraphs", type=int, default=160, help="held-out paragraphs per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    embedders = {str(path): Embedder(path) for path in args.artifacts}
+    paragraphs = load_paragraphs(limit=args.paragraphs)
+    queries = short_queries(paragraphs, next(iter(embedders.values())), max_tokens=16, count=50)
+    tokens = {name: sum(e.tokenizer.count_tokens(paragraphs, task="document")) for name, e in embedders.items()}
+    query_ms: dict[str, list[float]] = {name: [] for name in embedders}
+    tokens_per_s: dict[str, list[float]] = {name: [] for name in embedders}
+    for e in embedders.values():  # warm-up: first-call allocations stay out of the figures
+        e.embed(queries[:3], task="query")
+        e.embed(paragraphs[:8], task="document")
+    for _ in range(args.rounds):
+        for name, e in embedders.items():
+            start = time.process_time()
+            e.embed(paragraphs, task="document")
+            tokens_per_s[name].append(tokens[name] / (time.process_time() - start))
+            for query in queries:
+                start = time.process_time()
+                e.embed([query], task="query")
+                query_ms[name].append((time.process_time() - start) * 1000)
+    print(f"{len(paragraphs)} paragraphs ({next(iter(tokens.values()))} tokens), "
+          f"{len(queries)} queries, {args.rounds} rounds; CPU time, medians")
+    for name in embedders:
+        rounds = ", ".join(f"{v:,.0f}" for v in tokens_per_s[name])
+        print(f"{name}: {statistics.median(tokens_per_s[name]):,.0f} tokens/s ({rounds}); "
+              f"query {statistics.median(query_ms[name]):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
