@@ -48,7 +48,7 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
-    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, int8-attn, int8-wide,
+    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, int8-rot, int8-wide,
     #: int8-block).
     recipe: str = "auto"
     weight_bits: int = 8
@@ -196,8 +196,10 @@ def _check_output(out: Path, force: bool) -> None:
         raise ConvertError(f"cannot write the artifact: {out.parent} is not writable")
 
 
-def build_artifact(source: str, out: Path | str, options: ConvertOptions | None = None, **overrides: Any) -> Path:
+def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions | None = None,
+                   **overrides: Any) -> Path:
     """Convert ``source`` (directory or hub id) into a validated artifact at ``out``."""
+    source = str(source)  # a Path is a directory; the manifest records the string the caller gave
     from convert.export import ExportError, export_transformer
     from convert.quantize import QuantizeError
     from convert.source import SourceError

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="sentence-transformers model directory, or a hub id such as org/name")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create")
     p.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
-                   help="quantization recipe (default auto: int8-token, int8-attn, int8-wide, int8-block in "
+                   help="quantization recipe (default auto: int8-token, int8-rot, int8-wide, int8-block in "
                    "that order; the first that passes the gate ships)")
     p.add_argument("--weight-bits", default="8", choices=["7", "8"],
                    help="integer-GEMM weight bits (8 is exact on every CPU: CPUs without VNNI run the "
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stsb", default="default",
                    help="STS-B tsv for the gate (default: ../shared/eval/stsb_test.tsv if present; 'none' skips)")
     p.add_argument("--min-mean-cosine", type=float, help="gate: mean cosine vs torch on paragraphs")
-    p.add_argument("--min-min-cosine", type=float, help="gate: min cosine vs torch on paragraphs")
+    p.add_argument("--min-min-cosine", type=float,
+                   help="gate: min cosine vs torch on any paragraph and on each long input")
     p.add_argument("--max-stsb-drop", type=float, help="gate: max STS-B Spearman drop in points")
     p.add_argument("--min-batch-invariance", type=float, help="gate: min cosine alone vs in a batch")
     p.add_argument("--no-validate", action="store_true", help="skip the gate (the artifact says so)")

@@ -10,8 +10,8 @@ and AMX accumulate u8 x s8 in int32 and are exact and fastest. Shifting a weight
 giving the GEMM that zero point computes the very same integers, so both graphs give the same
 vectors and the worker picks the one that is exact on its CPU (``worker.variant``).
 
-Only artifacts with 8-bit weights AND 8-bit activations need it (``int8-token``, ``int8-attn``):
-with 7-bit activations, ``int8-wide``'s default, no pair of products can saturate
+Only artifacts with 8-bit weights AND 8-bit activations need it (``int8-token``, ``int8-rot``,
+``int8-attn``): with 7-bit activations, ``int8-wide``'s default, no pair of products can saturate
 (``worker.variant.needs_unsigned_graph``). Only the shifted GEMM weights are new data
 (``model.u8.onnx.data``, ~30 % of an EmbeddingGemma artifact); every other tensor, the
 token-embedding table included, stays a reference into ``model.onnx.data``, so neither disk nor

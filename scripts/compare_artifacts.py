@@ -31,21 +31,23 @@ def main() -> None:
 
     embedders = {str(path): Embedder(path) for path in args.artifacts}
     paragraphs = load_paragraphs(limit=args.paragraphs)
-    queries = short_queries(paragraphs, next(iter(embedders.values())), max_tokens=16, count=50)
-    tokens = {name: sum(e.tokenizer.count_tokens(paragraphs, task="document")) for name, e in embedders.items()}
+    prompts = next(iter(embedders.values())).manifest.prompts  # models without task prompts: none
+    document, query = ("document" if "document" in prompts else None), ("query" if "query" in prompts else None)
+    queries = short_queries(paragraphs, next(iter(embedders.values())), max_tokens=16, count=50, task=query)
+    tokens = {name: sum(e.tokenizer.count_tokens(paragraphs, task=document)) for name, e in embedders.items()}
     query_ms: dict[str, list[float]] = {name: [] for name in embedders}
     tokens_per_s: dict[str, list[float]] = {name: [] for name in embedders}
     for e in embedders.values():  # warm-up: first-call allocations stay out of the figures
-        e.embed(queries[:3], task="query")
-        e.embed(paragraphs[:8], task="document")
+        e.embed(queries[:3], task=query)
+        e.embed(paragraphs[:8], task=document)
     for _ in range(args.rounds):
         for name, e in embedders.items():
             start = time.process_time()
-            e.embed(paragraphs, task="document")
+            e.embed(paragraphs, task=document)
             tokens_per_s[name].append(tokens[name] / (time.process_time() - start))
-            for query in queries:
+            for text in queries:
                 start = time.process_time()
-                e.embed([query], task="query")
+                e.embed([text], task=query)
                 query_ms[name].append((time.process_time() - start) * 1000)
     print(f"{len(paragraphs)} paragraphs ({next(iter(tokens.values()))} tokens), "
           f"{len(queries)} queries, {args.rounds} rounds; CPU time, medians")

@@ -61,13 +61,31 @@ def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
     assert manifest.dim == 384 and manifest.matryoshka_dims == [384]
     assert manifest.pooling == "mean" and manifest.max_seq_length == 256
     assert manifest.inputs == ["input_ids", "attention_mask", "token_type_ids"]
-    assert manifest.quantization["recipe"] == "int8-attn"  # auto: int8-token misses the 0.999 mean gate
+    assert manifest.quantization["recipe"] == "int8-rot"  # auto: int8-token misses the 0.999 mean gate
     assert manifest.quantization["weight_bits"] == 8  # on every build machine (convert.unsigned)
     assert set(manifest.files) == {"model.onnx", "model.onnx.data", "model.u8.onnx", "model.u8.onnx.data",
                                    "tokenizer.json", "validation.json"}
     validation = json.loads((minilm_artifact / "validation.json").read_text())
     assert validation["passed"] is True
     assert validation["batch_invariance_min_cosine"] >= 0.9999
+    assert [r["recipe"] for r in validation["rejected_recipes"]] == ["int8-token"]
+    # inputs at the model's maximum length (256 tokens for MiniLM) are checked too
+    long = validation["long_inputs"]
+    assert long["tokens"] == [256, 256, 256] and min(long["onnx_fp32_vs_torch_cosine"]) >= 0.9999
+    assert min(long["int8_vs_torch_cosine"]) >= validation["thresholds"]["min_min_cosine"]
+
+
+def test_gate_fails_on_a_long_input_below_the_floor():
+    """Paragraphs alone must not decide: one long input under the per-text floor rejects the artifact."""
+    from convert.validate import gate_failures
+
+    report = {"paragraphs": {"int8_vs_torch_cosine": {"mean": 0.9999, "min": 0.9995}},
+              "long_inputs": {"tokens": [623, 2048], "int8_vs_torch_cosine": [0.9995, 0.9987]},
+              "batch_invariance_min_cosine": 1.0}
+    strict = Thresholds(min_mean_cosine=0.9995, min_min_cosine=0.999)
+    assert gate_failures(report, strict) == ["long input of 2048 tokens: cosine vs torch 0.99870 < 0.999"]
+    report["long_inputs"]["int8_vs_torch_cosine"][1] = 0.9992
+    assert gate_failures(report, strict) == []
 
 
 def test_minilm_int8_is_smaller_and_quantized(minilm_artifact: Path, minilm_fp32_artifact: Path):
@@ -324,16 +342,19 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
 
 
 @pytest.mark.parametrize(("recipe", "activation_bits"), [("int8-token", None), ("int8-wide", None),
-                                                         ("int8-wide", 8), ("int8-token", 7)])
+                                                         ("int8-wide", 8), ("int8-token", 7), ("int8-rot", None)])
 def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recipe, activation_bits):
     """Two MatMuls sharing an input (q/k-style): the graph must compute exactly the per-row int8
     scheme written out in numpy (row step = row max / a_max with a_max 127 for 8-bit activations,
     63 for 7-bit, round half to even, per-column weight steps; wide adds the residual at
-    1/(2 a_max) of the step, and for value projections the weights' residual too), and a row must
-    not change with its batch. Defaults: int8-token 8-bit activations, int8-wide 7-bit."""
+    1/(2 a_max) of the step, and for value projections the weights' residual too; rot first multiplies
+    x by a block-Hadamard matrix H and the weights by H^T, blocks of 16 here since 48 is no multiple
+    of 32, and also gives value projections the weights' residual), and a row must not change with
+    its batch. Defaults: int8-token and int8-rot 8-bit activations, int8-wide 7-bit."""
     from onnx import TensorProto, helper, numpy_helper
 
     from convert.quantize import QuantizeOptions, quantize
+    from convert.rotate import hadamard
 
     rng = np.random.default_rng(1)
     w1, w2 = rng.normal(size=(48, 16)).astype(np.float32), rng.normal(size=(48, 8)).astype(np.float32)
@@ -346,7 +367,7 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
     settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx",
                         QuantizeOptions(recipe=recipe, weight_bits=8, activation_bits=activation_bits))
-    bits = activation_bits or {"int8-token": 8, "int8-wide": 7}[recipe]
+    bits = activation_bits or {"int8-token": 8, "int8-rot": 8, "int8-wide": 7}[recipe]
     assert settings["activation_bits"] == bits and needs_unsigned_graph(settings) == (bits == 8)
     a_max = 2 ** (bits - 1) - 1
     graphs = [str(p) for p in write_unsigned_variant(tmp_path / "q.onnx") if p.suffix == ".onnx"]
@@ -355,17 +376,20 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
     x = (rng.normal(size=(3, 7, 48)) * rng.uniform(0.1, 30, size=(3, 7, 1))).astype(np.float32)
     x[0, 0, 5] *= 80  # an outlier channel in one row
 
-    step = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / a_max, 1e-10)
-    coarse = np.round(x / step)
+    rotation = np.kron(np.eye(3), hadamard(16)) if recipe == "int8-rot" else np.eye(48)
+    xr = (x.reshape(3, 7, 3, 16) @ rotation[:16, :16].astype(np.float32)).reshape(3, 7, 48)
+    step = np.maximum(np.abs(xr).max(axis=-1, keepdims=True) / a_max, 1e-10)
+    coarse = np.round(xr / step)
     fine = 2 * a_max
-    rows = coarse + (np.round((x / step - coarse) * fine) / fine if recipe == "int8-wide" else 0)
+    rows = coarse + (np.round((xr / step - coarse) * fine) / fine if recipe == "int8-wide" else 0)
     for graph_path in graphs:
         session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
         outputs = zip((w1, w2), session.run(None, {"x": x}), session.run(None, {"x": x[1:2, 2:3]}), strict=True)
-        for w, got, alone in outputs:
+        for w0, got, alone in outputs:
+            w = rotation.T @ w0
             w_step = np.abs(w).max(axis=0) / 127
             w_eff = np.round(w / w_step) * w_step
-            if recipe == "int8-wide" and w is w2:  # value projections also get their weights' residual pass
+            if recipe != "int8-token" and w0 is w2:  # value projections also get their weights' residual pass
                 w_eff = w_eff + np.round((w - w_eff) / (w_step / 254)) * (w_step / 254)
             expected = (rows * step) @ w_eff
             np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
@@ -468,20 +492,25 @@ def test_an_activation_read_by_several_matmuls_is_quantized_once(outlier_gemma_t
     assert not any(n.op_type == "MatMul" and "proj" in n.name for n in graph.node)
 
 
-def test_auto_recipe_falls_back_to_int8_wide_when_the_gate_rejects_int8_token(outlier_gemma, outlier_gemma_token,
-                                                                             tmp_path):
-    """On the real EmbeddingGemma the gate rejects int8-token and int8-attn (outliers sit in the MLP
-    inputs, not only in attention's); auto must then ship int8-wide."""
-    attn = build_artifact(str(outlier_gemma), tmp_path / "attn", recipe="int8-attn", stsb=None, paragraph_limit=24,
-                          thresholds=LOOSE)
+def test_auto_recipe_goes_on_to_rotation_then_the_residual_pass(outlier_gemma, outlier_gemma_token, tmp_path):
+    """auto tries int8-token, int8-rot, int8-wide in that order (fastest first) and ships the first
+    that passes: on real EmbeddingGemma and MiniLM the gate rejects int8-token and int8-rot ships;
+    a model needing more gets int8-wide. Rotation must be more faithful than plain per-row int8
+    on outlier channels, and the residual pass more faithful still on this tiny model."""
+    rot = build_artifact(str(outlier_gemma), tmp_path / "rot", recipe="int8-rot", stsb=None, paragraph_limit=24,
+                         thresholds=LOOSE)
     wide = build_artifact(str(outlier_gemma), tmp_path / "wide", recipe="int8-wide", stsb=None, paragraph_limit=24,
                           thresholds=LOOSE)
-    token_mean, attn_mean, wide_mean = (_paragraph_cosine(a)["mean"] for a in (outlier_gemma_token, attn, wide))
-    assert token_mean < attn_mean < wide_mean
-    between = Thresholds(min_mean_cosine=(attn_mean + wide_mean) / 2, min_min_cosine=0.8)
-    out = build_artifact(str(outlier_gemma), tmp_path / "auto", stsb=None, paragraph_limit=24, thresholds=between)
-    manifest = load_manifest(out)
-    assert manifest.quantization["recipe"] == "int8-wide"
-    report = json.loads((out / "validation.json").read_text())
-    assert [r["recipe"] for r in report["rejected_recipes"]] == ["int8-token", "int8-attn"]
-    assert report["paragraphs"]["int8_vs_torch_cosine"]["mean"] >= between.min_mean_cosine
+    token_mean, rot_mean, wide_mean = (_paragraph_cosine(a)["mean"] for a in (outlier_gemma_token, rot, wide))
+    assert token_mean < rot_mean < wide_mean
+    quant = load_manifest(rot).quantization
+    assert quant["rotate_activations"] == ["*"] and quant["activation_bits"] == 8 and (rot / "model.u8.onnx").exists()
+    for low, high, shipped, rejected in ((token_mean, rot_mean, "int8-rot", ["int8-token"]),
+                                         (rot_mean, wide_mean, "int8-wide", ["int8-token", "int8-rot"])):
+        between = Thresholds(min_mean_cosine=(low + high) / 2, min_min_cosine=0.8)
+        out = build_artifact(str(outlier_gemma), tmp_path / f"auto-{shipped}", stsb=None, paragraph_limit=24,
+                             thresholds=between)
+        assert load_manifest(out).quantization["recipe"] == shipped
+        report = json.loads((out / "validation.json").read_text())
+        assert [r["recipe"] for r in report["rejected_recipes"]] == rejected
+        assert report["paragraphs"]["int8_vs_torch_cosine"]["mean"] >= between.min_mean_cosine

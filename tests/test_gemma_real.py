@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.validate import load_paragraphs
+from convert.validate import load_paragraphs, long_inputs
 from worker.artifact import load_manifest
 from worker.config import Settings
 
@@ -55,15 +55,17 @@ def test_gate_passed_with_the_models_strict_thresholds(gemma_artifact):
     report = json.loads((gemma_artifact / "validation.json").read_text())
     assert report["passed"], report["failures"]
     assert report["thresholds"]["min_mean_cosine"] >= 0.9995 and report["thresholds"]["min_min_cosine"] >= 0.999
-    assert report["recipe"]["recipe"] == "int8-wide"
-    # 7-bit activations (the int8-wide default): one signed graph, exact on every CPU, no model.u8.onnx
-    assert report["recipe"]["activation_bits"] == 7 and not (gemma_artifact / "model.u8.onnx").exists()
-    assert [r["recipe"] for r in report["rejected_recipes"]] == ["int8-token", "int8-attn"]
+    assert report["recipe"]["recipe"] == "int8-rot"
+    # 8-bit activations: the unsigned-weight graph for CPUs whose u8 x s8 kernel saturates comes with it
+    assert report["recipe"]["activation_bits"] == 8 and (gemma_artifact / "model.u8.onnx").exists()
+    assert [r["recipe"] for r in report["rejected_recipes"]] == ["int8-token"]
     assert report["thresholds"]["max_stsb_drop"] <= 0.1
     stsb = report["stsb_spearman_x100"]
     for dim in ("768", "512", "256", "128"):
         assert stsb["torch_fp32"][dim] - stsb["onnx_int8"][dim] <= 0.1
     assert report["batch_invariance_min_cosine"] >= 0.9999
+    long = report["long_inputs"]  # beyond the 512-token window, up to the 2048 maximum
+    assert long["tokens"] == [623, 1097, 2048] and min(long["int8_vs_torch_cosine"]) >= 0.999
 
 
 def test_prompts_come_from_the_models_config(gemma_artifact, gemma_st):
@@ -85,8 +87,7 @@ def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_s
     from convert.api import build_artifact
     from worker.embedder import Embedder
 
-    paragraphs = load_paragraphs()
-    long_texts = [" ".join(paragraphs[i:i + k]) for i, k in ((0, 6), (10, 12), (30, 24))]
+    long_texts = long_inputs(load_paragraphs())
     ref = gemma_st.encode(long_texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
     fp32 = build_artifact(GEMMA_DIR, tmp_path / "fp32", recipe="fp32", validate=False)
     for artifact, floor in ((fp32, 0.9999), (gemma_artifact, 0.999)):

@@ -23,7 +23,7 @@ CHOICES = ("auto", "signed", "unsigned")
 EXACT_U8S8 = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 #: Recipes whose graph multiplies int8 weights with integer GEMMs that can saturate.
-INTEGER_GEMM_RECIPES = frozenset({"int8-token", "int8-attn", "int8-wide", "int8-dynamic"})
+INTEGER_GEMM_RECIPES = frozenset({"int8-token", "int8-rot", "int8-attn", "int8-wide", "int8-dynamic"})
 
 
 def u8s8_saturates(features: Set[str], machine: str | None = None) -> bool:

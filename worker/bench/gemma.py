@@ -71,10 +71,10 @@ def build_gemma_shaped_source(out: Path, tokenizer_dir: Path, *, seed: int = 0, 
     return out
 
 
-def ensure_gemma_artifact(cache: Path, tokenizer_dir: Path, recipe: str = "int8-wide", **shape: int) -> Path:
+def ensure_gemma_artifact(cache: Path, tokenizer_dir: Path, recipe: str = "int8-rot", **shape: int) -> Path:
     """Build (once, cached under ``cache``) the Gemma-shaped source and its ``recipe`` artifact.
 
-    ``int8-wide`` by default: the recipe ``convert --recipe auto`` ships for the real
+    ``int8-rot`` by default: the recipe ``convert --recipe auto`` ships for the real
     EmbeddingGemma-300m (random weights cannot run the gate that picks it).
     """
     from convert.api import build_artifact

@@ -321,14 +321,15 @@ def summarize_profile(events: list[dict]) -> list[tuple[str, float, float]]:
     return sorted(((op, ms, 100 * ms / total) for op, ms in per_op.items()), key=lambda t: -t[1])
 
 
-def short_queries(corpus: Sequence[str], embedder: object, max_tokens: int = 16, count: int = 50) -> list[str]:
-    """Up to ``count`` first sentences of corpus paragraphs that fit ``max_tokens`` with the query
+def short_queries(corpus: Sequence[str], embedder: object, max_tokens: int = 16, count: int = 50,
+                  task: str | None = "query") -> list[str]:
+    """Up to ``count`` first sentences of corpus paragraphs that fit ``max_tokens`` with the ``task``
     prompt (the search-box case: a few words, one at a time)."""
     out: list[str] = []
     for text in corpus:
         sentence = text.split(". ")[0].strip()[:120]
         words = sentence.split()
-        while words and embedder.tokenizer.count_tokens([" ".join(words)], task="query")[0] > max_tokens:  # type: ignore[attr-defined]
+        while words and embedder.tokenizer.count_tokens([" ".join(words)], task=task)[0] > max_tokens:  # type: ignore[attr-defined]
             words = words[:-1]
         if len(words) >= 3:
             out.append(" ".join(words))
