@@ -1,6 +1,7 @@
 """Compare quantization recipes on a real sentence-transformers model (e.g. EmbeddingGemma-300m).
 
 Usage: python scripts/gemma_recipes.py MODEL_DIR WORK_DIR [N_PARAGRAPHS] [recipe,recipe...]
+(e.g. ``int8-token,int8-rot,rot=*down_proj*@32``; see ``variants`` below for the named ones)
 Prints size, cosine vs torch fp32 on held-out paragraphs, batch invariance and CPU-time tokens/s.
 Builds everything under WORK_DIR (never commit it).
 """
@@ -77,14 +78,18 @@ variants = {
     "int8-token-table4": QuantizeOptions(recipe="int8-token", embedding_bits=4),
 }
 sel = sys.argv[4].split(",") if len(sys.argv) > 4 else list(variants)
-for name in sel:  # ad-hoc variants: "wide=PATTERN+PATTERN[~keep=PATTERN+PATTERN]"
+for name in sel:  # ad-hoc variants: "wide=PATTERN+PATTERN[~keep=PATTERN+PATTERN]", "rot=PATTERN+PATTERN[@BLOCK]"
     if name.startswith("wide="):
         wide, _, keep = name[5:].partition("~keep=")
         variants[name] = QuantizeOptions(recipe="int8-token", wide_activations=wide.split("+") if wide else [],
                                          keep_fp32=keep.split("+") if keep else [])
+    elif name.startswith("rot="):  # int8-token + rotation of the matching activations (no value-weight residual)
+        patterns, _, block = name[4:].partition("@")
+        variants[name] = QuantizeOptions(recipe="int8-token", rotate_activations=patterns.split("+"),
+                                         rotation_block=int(block or 32))
 for name in sel:
     opts = variants[name]
-    d = W / name.replace("*", "S").replace("/", "_").replace("+", "_").replace("~", "-")
+    d = W / name.replace("*", "S").replace("/", "_").replace("+", "_").replace("~", "-").replace("@", "-b")
     if opts is not None and not (d / "manifest.json").exists():
         d.mkdir(exist_ok=True)
         t = time.time()
