@@ -761,3 +761,10 @@ def test_short_queries_fit_the_token_limit_and_latency_is_per_query_call():
     assert rows["Short query (≤ 12 tokens, query prompt), CPU ms median"][1] == "yes"
     text = render(_result(queries=measured), None)
     assert "### Short queries" in text and "6 timed calls" in text
+
+
+def test_each_report_gets_its_own_plot():
+    from worker.bench.cli import default_plot_path
+
+    assert default_plot_path(Path("BENCHMARKS.md")) == Path("docs/bench.png")
+    assert default_plot_path(Path("docs/bench-embeddinggemma-vnni.md")) == Path("docs/bench-embeddinggemma-vnni.png")

@@ -38,6 +38,12 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def default_plot_path(report: Path) -> Path:
+    """``docs/bench.png`` for the repository's BENCHMARKS.md; any other report gets its own PNG beside
+    it (``docs/bench-x.md`` -> ``docs/bench-x.png``), so two reports never overwrite one plot."""
+    return report.parent / "docs" / "bench.png" if report.name == "BENCHMARKS.md" else report.with_suffix(".png")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deposium-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, default=None,
@@ -71,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-modes", default="local,queue1,queue2")
     p.add_argument("--skip-profile", action="store_true", help="skip ORT per-op profiles")
     p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report path")
-    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: docs/bench.png beside --out)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG path (default: docs/bench.png beside BENCHMARKS.md, else the report's name with .png)")
     return p
 
 
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         _say(f"deposium-bench: {exc}")
         return 2
-    plot_path = args.plot or args.out.parent / "docs" / "bench.png"
+    plot_path = args.plot or default_plot_path(args.out)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     out, png = write_report(result, args.out, plot_path)
     _say(f"wrote {out}" + (f" and {png}" if png else ""))
