@@ -71,6 +71,7 @@ variants = {
     "tok-fp32table": QuantizeOptions(recipe="int8-token", quantize_embeddings=False),
     "int8-rot": QuantizeOptions(recipe="int8-rot"),
     "int8-rot-a7": QuantizeOptions(recipe="int8-rot", activation_bits=7),
+    "int8-rot-a7-table4": QuantizeOptions(recipe="int8-rot", activation_bits=7, embedding_bits=4),
     "int8-attn": QuantizeOptions(recipe="int8-attn"),
     "int8-wide": QuantizeOptions(recipe="int8-wide"),
     "int8-wide-fp32table": QuantizeOptions(recipe="int8-wide", quantize_embeddings=False),
