@@ -370,7 +370,8 @@ def use_contrib_domain(model: onnx.ModelProto) -> None:
 
 
 def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
-                activation_bits: int) -> onnx.ModelProto:
+                activation_bits: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The per-token-row recipes; also returns counts for the manifest (activations quantized / rotated)."""
     graph = model.graph
     groups = _matmul_groups(graph, opts)
     if not groups:
@@ -392,7 +393,8 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
     use_contrib_domain(model)
     log.info("%s: quantized %d MatMuls (%d distinct activations, %d rotated) with %d-bit weights, %d-bit "
              "activations", opts.recipe, len(grouped), len(groups), len(rotations), weight_bits, activation_bits)
-    return model
+    return model, {"quantized_matmuls": len(grouped), "quantized_activations": len(groups),
+                   "rotated_activations": len(rotations)}
 
 
 def _rotations(graph: onnx.GraphProto, groups: dict[str, _MatMulGroup], block: int) -> dict[str, tuple[int, int]]:
@@ -445,7 +447,8 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         if opts.rotate_activations:
             settings.update(rotate_activations=list(opts.rotate_activations),
                             rotation=f"block Hadamard, block {opts.rotation_block} (smaller where a width needs it)")
-        model = _int8_token(onnx.load(str(fp32_path)), opts, int(bits), int(a_bits))
+        model, counts = _int8_token(onnx.load(str(fp32_path)), opts, int(bits), int(a_bits))
+        settings.update(counts)
     elif opts.recipe == "int8-block":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -84,3 +84,26 @@ def test_rotation_cuts_the_int8_error_of_outlier_channels(tmp_path):
     settings, rotated = error(recipe="int8-rot", activation_bits=7)
     assert settings["rotation"].startswith("block Hadamard, block 32")
     assert rotated < plain / 2.5, (plain, rotated)  # measured 0.054 -> 0.013
+
+
+def test_an_activation_of_unknown_rank_stays_unrotated_and_the_manifest_says_so(tmp_path, caplog):
+    """Rotation only buys fidelity (the gate judges the result): an activation whose rank the graph
+    does not record is quantized unrotated, with a warning, and the counts tell how many were rotated."""
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/up/MatMul"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="/down/MatMul")], "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 32])],
+        [numpy_helper.from_array(rng.normal(size=(64, 96)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(size=(96, 32)).astype(np.float32), "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
+    with caplog.at_level("WARNING", logger="convert.quantize"):
+        settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx", QuantizeOptions(recipe="int8-rot"))
+    assert settings["quantized_activations"] == 2 and settings["rotated_activations"] == 1  # h has no recorded rank
+    assert "not rotating the activation h" in caplog.text
+    w1, w2 = (numpy_helper.to_array(i) for i in graph.initializer)
+    x = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    exact = (x @ w1) @ w2
+    assert np.abs(got - exact).mean() < 0.02 * np.abs(exact).mean()  # still the same function, int8-rounded
