@@ -64,15 +64,22 @@ def rotate_activation(graph: onnx.GraphProto, x: str, width: int, rank: int, blo
     rotated tensor's name. The blocks become a trailing axis so one MatMul with the b x b matrix
     rotates them all: [..., K] -> [..., K/b, b] @ H_b -> [..., K]."""
     keep = [0] * (rank - 1)  # Reshape's 0 copies the input's dim: batch and sequence stay symbolic
-    split = numpy_helper.from_array(np.array([*keep, width // block, block], np.int64), f"{prefix}/blocks_shape")
-    joined = numpy_helper.from_array(np.array([*keep, width], np.int64), f"{prefix}/rows_shape")
-    matrix = numpy_helper.from_array(hadamard(block).astype(np.float32), f"{prefix}/hadamard")
-    graph.initializer.extend([split, joined, matrix])
+    split = _shared_constant(graph, f"rot/shape{rank}x{width // block}x{block}",
+                             np.array([*keep, width // block, block], np.int64))
+    joined = _shared_constant(graph, f"rot/shape{rank}x{width}", np.array([*keep, width], np.int64))
+    matrix = _shared_constant(graph, f"rot/hadamard{block}", hadamard(block).astype(np.float32))
     blocks, turned, out = f"{prefix}/blocks", f"{prefix}/turned", f"{prefix}/rotated"
-    nodes = [helper.make_node("Reshape", [x, split.name], [blocks], name=blocks),
-             helper.make_node("MatMul", [blocks, matrix.name], [turned], name=turned),
-             helper.make_node("Reshape", [turned, joined.name], [out], name=out)]
+    nodes = [helper.make_node("Reshape", [x, split], [blocks], name=blocks),
+             helper.make_node("MatMul", [blocks, matrix], [turned], name=turned),
+             helper.make_node("Reshape", [turned, joined], [out], name=out)]
     return nodes, out
+
+
+def _shared_constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    """One initializer per distinct constant, however many activations use it."""
+    if not any(init.name == name for init in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
 
 
 def tensor_shape(graph: onnx.GraphProto, name: str) -> list[int | str] | None:
