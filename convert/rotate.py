@@ -80,12 +80,3 @@ def _shared_constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> st
     if not any(init.name == name for init in graph.initializer):
         graph.initializer.append(numpy_helper.from_array(value, name))
     return name
-
-
-def tensor_shape(graph: onnx.GraphProto, name: str) -> list[int | str] | None:
-    """The dims recorded for ``name`` (value_info, inputs or outputs), or None if unknown."""
-    for vi in (*graph.value_info, *graph.input, *graph.output):
-        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            return [d.dim_value if d.HasField("dim_value") else d.dim_param
-                    for d in vi.type.tensor_type.shape.dim]
-    return None

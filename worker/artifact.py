@@ -13,8 +13,7 @@ An artifact is a directory::
                       Artifacts with the weights inside model.onnx load too.
     model.u8.onnx     int8 artifacts with 8-bit activations only (int8-token, int8-rot,
                       int8-attn; not int8-wide, whose 7-bit activations cannot saturate): the
-                      same graph with
-                      unsigned GEMM weights, for CPUs
+                      same graph with unsigned GEMM weights, for CPUs
     model.u8.onnx.data  whose u8 x s8 kernel saturates (no VNNI/AMX; see worker.variant). Its
                       data file holds only the shifted weights; the rest stays in model.onnx.data.
     tokenizer.json    Hugging Face ``tokenizers`` file, padding and truncation switched off
