@@ -1,0 +1,75 @@
+"""The int8 GEMM floor of this CPU: ONNX Runtime's ``MatMulIntegerToFloat`` alone, by rows.
+
+Usage: python scripts/int8_gemm_floor.py [--k 768] [--n 1152] [--layers 72] [--rows 1,4,8,16,32,64,128]
+
+Why: a short query's latency cannot drop below the time of its GEMMs, whatever the rest of the graph
+does. This builds a graph holding nothing but ``layers`` GEMMs of [rows, k] u8 x [k, n] int8 (random
+prepacked weights, the shipped recipes' kernel, one thread) summed into one output, and prints the
+median CPU time per run of 7 and the GOP/s it reaches. EmbeddingGemma-300m's transformer runs 168
+GEMMs with ~101 M weights, i.e. about 1.6 x the default 72 GEMMs of 768 x 1,152 (64 M weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+def gemm_graph(k: int, n: int, layers: int, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+    nodes, outputs = [], []
+    for i in range(layers):
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), f"w{i}"),
+                  numpy_helper.from_array(np.ones(n, np.float32), f"s{i}")]
+        nodes.append(helper.make_node("MatMulIntegerToFloat", ["x", f"w{i}", "one", f"s{i}", "zp"], [f"y{i}"],
+                                      domain="com.microsoft"))
+        outputs.append(f"y{i}")
+    nodes.append(helper.make_node("Sum", outputs, ["y"]))
+    graph = helper.make_graph(nodes, "gemm_floor", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=768)
+    parser.add_argument("--n", type=int, default=1152)
+    parser.add_argument("--layers", type=int, default=72)
+    parser.add_argument("--rows", default="1,4,8,16,32,64,128")
+    args = parser.parse_args()
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:  # the session reads the file once, at creation
+        path = Path(tmp) / "gemm.onnx"
+        onnx.save(gemm_graph(args.k, args.n, args.layers), path)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    weights_mb = args.layers * args.k * args.n / 1e6
+    for rows in (int(r) for r in args.rows.split(",")):
+        x = rng.integers(0, 256, (rows, args.k), dtype=np.uint8)
+        session.run(None, {"x": x})
+        times = []
+        for _ in range(7):
+            start = time.process_time()
+            session.run(None, {"x": x})
+            times.append(time.process_time() - start)
+        seconds = statistics.median(times)
+        gops = 2 * rows * args.k * args.n * args.layers / seconds / 1e9
+        print(f"rows {rows:4d}: {1000 * seconds:7.2f} ms for {args.layers} GEMMs {args.k}x{args.n} "
+              f"({weights_mb:.0f} MB of int8 weights), {gops:6.1f} GOP/s")
+
+
+if __name__ == "__main__":
+    main()
