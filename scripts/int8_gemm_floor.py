@@ -4,7 +4,7 @@ Usage: python scripts/int8_gemm_floor.py [--k 768] [--n 1152] [--layers 72] [--r
 
 Why: a short query's latency cannot drop below the time of its GEMMs, whatever the rest of the graph
 does. This builds a graph holding nothing but ``layers`` GEMMs of [rows, k] u8 x [k, n] int8 (random
-prepacked weights, the shipped recipes' kernel, one thread) summed into one output, and prints the
+prepacked weights, the shipped recipes' kernel, the worker's session options) summed into one output, and prints the
 median CPU time per run of 7 and the GOP/s it reaches. EmbeddingGemma-300m's transformer runs 168
 GEMMs with ~101 M weights, i.e. about 1.6 x the default 72 GEMMs of 768 x 1,152 (64 M weights).
 """
@@ -21,6 +21,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from worker.config import load_settings
+from worker.embedder import session_options
 
 
 def gemm_graph(k: int, n: int, layers: int, seed: int = 0) -> onnx.ModelProto:
@@ -49,8 +52,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,8,16,32,64,128")
     args = parser.parse_args()
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts = session_options(load_settings())  # the worker's own: one thread, every graph optimisation
     with tempfile.TemporaryDirectory() as tmp:  # the session reads the file once, at creation
         path = Path(tmp) / "gemm.onnx"
         onnx.save(gemm_graph(args.k, args.n, args.layers), path)

@@ -13,18 +13,14 @@ CPU time, median over two passes of every query, with profiling off.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import onnxruntime as ort
-
 from convert.validate import load_paragraphs
-from worker.bench.timing import short_queries
-from worker.embedder import Embedder, session_options
+from worker.bench.timing import profile_kernel_events, short_queries, summarize_profile
+from worker.embedder import Embedder
 
 
 def recipe_part(node_name: str, op_type: str) -> str:
@@ -38,40 +34,24 @@ def recipe_part(node_name: str, op_type: str) -> str:
     return f"{'attention' if 'self_attn' in node_name or '/attention/' in node_name else 'other'} {op_type}"
 
 
-def profile(embedder: Embedder, work: Callable[[], None]) -> tuple[dict[str, float], dict[str, float], int]:
-    """Kernel ms per op type and per recipe part, and the node kernels run, for ``work()`` under profiling."""
-    original = embedder.session
-    with tempfile.TemporaryDirectory(prefix="deposium-profile-") as tmp:
-        opts = session_options(embedder.settings)
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "ort")
-        embedder.session = ort.InferenceSession(str(embedder.artifact_dir / embedder.model_file),
-                                                sess_options=opts, providers=["CPUExecutionProvider"])
-        try:
-            work()  # warm-up: a fresh session's first calls allocate and are slow
-            work()
-            events = json.loads(Path(embedder.session.end_profiling()).read_text())
-        finally:
-            embedder.session = original
-    kernel_events = sorted((e for e in events if e.get("cat") == "Node"
-                            and str(e.get("name", "")).endswith("_kernel_time")), key=lambda e: e.get("ts", 0))
-    by_op: dict[str, float] = {}
-    by_part: dict[str, float] = {}
-    kernels = 0
-    for event in kernel_events[len(kernel_events) // 2:]:  # the second call of work() only
-        op, ms = event.get("args", {}).get("op_name", "?"), float(event.get("dur", 0)) / 1000.0
-        part = recipe_part(str(event["name"]).removesuffix("_kernel_time"), op)
-        by_op[op] = by_op.get(op, 0.0) + ms
-        by_part[part] = by_part.get(part, 0.0) + ms
-        kernels += 1
-    return by_op, by_part, kernels
+def part_of(event: dict) -> str:
+    return recipe_part(str(event["name"]).removesuffix("_kernel_time"), event.get("args", {}).get("op_name", "?"))
 
 
-def print_table(title: str, ms: dict[str, float], per: int, rows: int = 14) -> None:
-    total = sum(ms.values()) or 1.0
-    print(f"\n{title}: {total / per:.2f} ms of kernel time per call")
-    for name, value in sorted(ms.items(), key=lambda item: -item[1])[:rows]:
-        print(f"  {name:40s} {value / per:9.3f} ms {100 * value / total:5.1f} %")
+def profile(embedder: Embedder, work: Callable[[], object]) -> list[dict]:
+    """Kernel events of the second of two ``work()`` calls: a fresh session's first call allocates."""
+    def twice() -> None:
+        work()
+        work()
+
+    events = profile_kernel_events(embedder, twice)
+    return events[len(events) // 2:]
+
+
+def print_table(title: str, rows: list[tuple[str, float, float]], per: int, limit: int = 14) -> None:
+    print(f"\n{title}: {sum(ms for _, ms, _ in rows) / per:.2f} ms of kernel time per call")
+    for name, ms, share in rows[:limit]:
+        print(f"  {name:40s} {ms / per:9.3f} ms {share:5.1f} %")
 
 
 def query_latency_ms(embedder: Embedder, queries: Sequence[str], task: str | None) -> float:
@@ -103,14 +83,14 @@ def main() -> None:
     print(f"{len(queries)} queries, mean {statistics.mean(tokens):.1f} tokens: "
           f"{query_latency_ms(embedder, queries, query):.1f} ms median (CPU time, profiling off)")
 
-    by_op, by_part, kernels = profile(embedder, lambda: [embedder.embed([q], task=query) for q in queries])
-    print(f"node kernels per query: {kernels / len(queries):.0f}")
-    print_table("queries by op type", by_op, len(queries))
-    print_table("queries by recipe part", by_part, len(queries))
-    by_op, by_part, _ = profile(embedder, lambda: embedder.embed(paragraphs, task=document))
-    print_table(f"{len(paragraphs)} paragraphs by op type (per paragraph)", by_op, len(paragraphs))
-    print_table(f"{len(paragraphs)} paragraphs by recipe part (per paragraph)", by_part, len(paragraphs), rows=20)
-
+    events = profile(embedder, lambda: [embedder.embed([q], task=query) for q in queries])
+    print(f"node kernels per query: {len(events) / len(queries):.0f}")
+    print_table("queries by op type", summarize_profile(events), len(queries))
+    print_table("queries by recipe part", summarize_profile(events, key=part_of), len(queries))
+    events = profile(embedder, lambda: embedder.embed(paragraphs, task=document))
+    title = f"{len(paragraphs)} paragraphs by %s (per paragraph)"
+    print_table(title % "op type", summarize_profile(events), len(paragraphs))
+    print_table(title % "recipe part", summarize_profile(events, key=part_of), len(paragraphs), limit=20)
 
 if __name__ == "__main__":
     main()

@@ -280,8 +280,8 @@ def int8_ops_per_token(model_path: Path) -> float:
 # --- ORT profile per op type ----------------------------------------------------------------------
 
 
-def profile_op_types(embedder: object, paragraphs: Sequence[str], rounds: int = 1) -> list[tuple[str, float, float]]:
-    """Where the time goes inside ONNX Runtime: (op type, total ms, % of kernel time).
+def profile_kernel_events(embedder: object, work: Callable[[], object]) -> list[dict]:
+    """ONNX Runtime's kernel events (one per node run, in time order) while ``work()`` runs.
 
     Why swap the session of a real Embedder: the profile must cover exactly the path the
     worker runs (same tokenization, same packing, same session options), only with
@@ -300,25 +300,34 @@ def profile_op_types(embedder: object, paragraphs: Sequence[str], rounds: int = 
             str(embedder.artifact_dir / embedder.model_file), sess_options=opts,  # type: ignore[attr-defined]
             providers=["CPUExecutionProvider"])
         try:
-            for _ in range(rounds):
-                embedder.embed(list(paragraphs))  # type: ignore[attr-defined]
+            work()
             trace = embedder.session.end_profiling()  # type: ignore[attr-defined]
         finally:
             embedder.session = original  # type: ignore[attr-defined]
         events = json.loads(Path(trace).read_text())
-    return summarize_profile(events)
+    kernels = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+    return sorted(kernels, key=lambda e: e.get("ts", 0))
 
 
-def summarize_profile(events: list[dict]) -> list[tuple[str, float, float]]:
-    """Sum kernel durations per op type from an ORT profile trace, largest first."""
-    per_op: dict[str, float] = {}
+def profile_op_types(embedder: object, paragraphs: Sequence[str], rounds: int = 1) -> list[tuple[str, float, float]]:
+    """Where the time goes inside ONNX Runtime: (op type, total ms, % of kernel time)."""
+    def work() -> None:
+        for _ in range(rounds):
+            embedder.embed(list(paragraphs))  # type: ignore[attr-defined]
+
+    return summarize_profile(profile_kernel_events(embedder, work))
+
+
+def summarize_profile(events: list[dict], key: Callable[[dict], str] | None = None) -> list[tuple[str, float, float]]:
+    """Sum kernel durations per op type (or per ``key(event)``) from an ORT profile trace, largest first."""
+    per_key: dict[str, float] = {}
     for event in events:
         if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
             continue
-        op = event.get("args", {}).get("op_name", "?")
-        per_op[op] = per_op.get(op, 0.0) + float(event.get("dur", 0)) / 1000.0
-    total = sum(per_op.values()) or 1.0
-    return sorted(((op, ms, 100 * ms / total) for op, ms in per_op.items()), key=lambda t: -t[1])
+        name = key(event) if key else event.get("args", {}).get("op_name", "?")
+        per_key[name] = per_key.get(name, 0.0) + float(event.get("dur", 0)) / 1000.0
+    total = sum(per_key.values()) or 1.0
+    return sorted(((name, ms, 100 * ms / total) for name, ms in per_key.items()), key=lambda t: -t[1])
 
 
 def short_queries(corpus: Sequence[str], embedder: object, max_tokens: int = 16, count: int = 50,
