@@ -8,7 +8,9 @@ layer spell out the tanh GELU. ORT folds neither: the dims are symbolic, and its
 fusion does not match this export. Both rewrites here are exact: a Reshape or Expand whose
 target can be written with ONNX's own placeholders (0 = keep this dim, -1 = infer it, 1 =
 broadcast) gets that constant, and the GELU chain becomes one ``FastGelu`` node (the same
-formula). Dead shape arithmetic is then dropped.
+formula). With a single key/value head, grouped-query attention's copies of K and V per query
+head are bypassed: MatMul broadcasts the one head itself (exact, see
+:func:`share_single_kv_head`). Dead shape arithmetic is then dropped.
 
 Input: a model with symbolic shapes on every tensor (``convert.api.with_named_shapes``).
 """
@@ -234,6 +236,76 @@ class _GeluMatcher:
         return None
 
 
+def share_single_kv_head(model: onnx.ModelProto) -> int:
+    """Let attention MatMuls broadcast a single key/value head instead of copying it per query head.
+
+    Why: grouped-query attention exports ``repeat_kv`` as Unsqueeze -> Expand -> Reshape, turning
+    K and V of shape [b, 1, t, d] into [b, h, t, d] copies, three nodes and a copy per layer for
+    each. When there is one kv head (EmbeddingGemma-300m), MatMul's own batch broadcasting gives
+    the same product from [b, 1, t, d] directly, so the readers of the copy read the source
+    instead (exact). Only MatMuls (directly, or through a Transpose that keeps the head axis) may
+    read the copy, and their other operand must have the h heads, so every result keeps its
+    shape. Returns how many copies were bypassed; the dead chain is dropped afterwards."""
+    graph = model.graph
+    shapes = _shapes(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    shared = 0
+    for reshape in [n for n in graph.node if n.op_type == "Reshape"]:
+        expand = producer.get(reshape.input[0])
+        unsqueeze = producer.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+            continue
+        source, copy = shapes.get(unsqueeze.input[0]), shapes.get(reshape.output[0])
+        if source is None or copy is None or len(source) != 4 or len(copy) != 4 or source[1] != 1:
+            continue
+        if [source[0], source[2], source[3]] != [copy[0], copy[2], copy[3]] or not isinstance(copy[1], int):
+            continue
+        if not _broadcasts_heads(reshape.output[0], copy[1], shapes, consumers):
+            continue
+        for reader in consumers.get(reshape.output[0], []):
+            for i, name in enumerate(reader.input):
+                if name == reshape.output[0]:
+                    reader.input[i] = unsqueeze.input[0]
+            if reader.op_type == "Transpose":
+                _set_head_axis_to_one(graph, reader.output[0])
+        shared += 1
+    return shared
+
+
+def _set_head_axis_to_one(graph: onnx.GraphProto, name: str) -> None:
+    for vi in graph.value_info:
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            dim = vi.type.tensor_type.shape.dim[1]
+            dim.Clear()
+            dim.dim_value = 1
+
+
+def _broadcasts_heads(name: str, heads: int, shapes: dict[str, list[Dim]],
+                      consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Every reader of ``name`` is a MatMul whose other operand has ``heads`` on axis 1, or a
+    Transpose keeping axes 0 and 1 whose readers are such MatMuls (then the Transpose's output
+    shape is rewritten with a head axis of 1)."""
+    readers = consumers.get(name, [])
+    if not readers:
+        return False
+    for node in readers:
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if perm is None or perm[:2] != [0, 1] or not _broadcasts_heads(node.output[0], heads, shapes, consumers):
+                return False
+        elif node.op_type == "MatMul":
+            other = shapes.get(node.input[1] if node.input[0] == name else node.input[0])
+            if other is None or len(other) != 4 or other[1] != heads or node.input[0] == node.input[1]:
+                return False
+        else:
+            return False
+    return True
+
+
 def drop_dead_nodes(graph: onnx.GraphProto) -> int:
     """Remove nodes none of whose outputs reach a graph output; return how many."""
     needed = {o.name for o in graph.output}
@@ -250,18 +322,21 @@ def drop_dead_nodes(graph: onnx.GraphProto) -> int:
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold shape arithmetic, fuse tanh GELU, drop what became dead. An optimization only: on any
-    failure the export is returned unchanged (the gate still checks the result against torch)."""
+    """Fold shape arithmetic, fuse tanh GELU, let attention broadcast a single kv head, drop what
+    became dead. An optimization only: on any failure the export is returned unchanged (the gate
+    still checks the result against torch)."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
     try:
         folded = fold_shape_computations(work) + fold_static_dims(work)
         fused = fuse_tanh_gelu(work)
-        dropped = drop_dead_nodes(work.graph)
+        dropped = drop_dead_nodes(work.graph)  # first: dead shape reads would pin the kv copies
+        shared = share_single_kv_head(work)
+        dropped += drop_dead_nodes(work.graph)
     except Exception as exc:  # noqa: BLE001 - never fail a conversion on an optimization
         log.warning("graph simplification failed (%s); keeping the export as it was", exc)
         return model
-    log.info("simplified the export: %d shapes folded, %d GELU chains fused, %d nodes dropped", folded, fused,
-             dropped)
+    log.info("simplified the export: %d shapes folded, %d GELU chains fused, %d kv-head copies bypassed, %d nodes "
+             "dropped", folded, fused, shared, dropped)
     return work
 

@@ -117,3 +117,42 @@ def test_static_dims_and_identity_slices_are_folded():
     for shape in ((1, 5, 8), (2, 3, 8)):
         x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
         np.testing.assert_array_equal(_run(simple, x), _run(model, x))
+
+
+def _gqa_attention(kv_heads: int, extra_reader: bool = False) -> onnx.ModelProto:
+    """softmax(Q K^T) V with q [b, 3, t, 4] from x and K = V = x[:, :kv_heads] repeated to 3 heads
+    the way grouped-query exports spell ``repeat_kv`` (Unsqueeze -> Expand -> Reshape)."""
+    groups = 3 // kv_heads
+    c = {"ax2": [2], "grow": [1, 1, groups, 1, 1], "heads": [0, 3, -1, 4], "first": [0], "kv": [kv_heads],
+         "ax1": [1]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in c.items()]
+    nodes = [helper.make_node("Slice", ["x", "first", "kv", "ax1"], ["k"]),
+             helper.make_node("Unsqueeze", ["k", "ax2"], ["k5"]),
+             helper.make_node("Expand", ["k5", "grow"], ["k_rep5"]),
+             helper.make_node("Reshape", ["k_rep5", "heads"], ["k_rep"]),
+             helper.make_node("Transpose", ["k_rep"], ["k_t"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["x", "k_t"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "k_rep"], ["ctx"])]
+    if extra_reader:  # something other than a MatMul reads the copy: it must stay
+        nodes.append(helper.make_node("Add", ["ctx", "k_rep"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["ctx"], ["y"]))
+    return with_named_shapes(_model(nodes, inits, ["batch", 3, "seq", 4], ["batch", 3, "seq", 4]))
+
+
+def test_a_single_kv_head_is_broadcast_by_the_attention_matmuls_not_copied():
+    model = _gqa_attention(kv_heads=1)
+    simple = simplify(model)
+    ops = [n.op_type for n in simple.graph.node]
+    assert "Expand" not in ops and "Unsqueeze" not in ops and "Reshape" not in ops, ops
+    for shape in ((1, 3, 5, 4), (2, 3, 7, 4)):
+        x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+        np.testing.assert_allclose(_run(simple, x), _run(model, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kv_heads", "extra_reader"), [(3, False), (1, True)])
+def test_kv_copies_stay_where_broadcasting_would_change_the_result(kv_heads, extra_reader):
+    """Several kv heads (broadcasting cannot repeat them) or a non-MatMul reader: left alone."""
+    model = _gqa_attention(kv_heads, extra_reader)
+    assert "Expand" in [n.op_type for n in simplify(model).graph.node]
