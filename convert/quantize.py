@@ -51,7 +51,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.rotate import DEFAULT_BLOCK, block_for, rotate_activation, rotate_weights
+from convert.fold import rms_normalized_outputs, rotation_donor
+from convert.rotate import DEFAULT_BLOCK, block_for, rotate_activation, rotate_columns, rotate_weights
 from worker.cpu import cpu_features
 from worker.variant import EXACT_U8S8
 
@@ -125,6 +126,11 @@ class QuantizeOptions:
     rotation_block: int = DEFAULT_BLOCK
     #: Quantize the head's Dense MatMuls too (they run once per paragraph: size only, no speed).
     quantize_head: bool = False
+    #: Skip the row-scale Mul where an RMS norm follows and an activation's rotation where an
+    #: upstream GEMM's weight columns can carry it (convert.fold); False keeps every node.
+    fold: bool = True
+    #: One integer GEMM per quantized activation (q/k/v, gate/up side by side) instead of one per MatMul.
+    merge_gemms: bool = True
     #: Token-embedding table bits: 8 (one scale per row) or 4 (one fp16 scale per 32 values;
     #: EmbeddingGemma's table drops from 201 MB to 113 MB; fidelity reported by the gate).
     embedding_bits: int = 8
@@ -289,15 +295,28 @@ def _int8_columns(weights: np.ndarray, qmax: float, wide: bool) -> tuple[np.ndar
             np.concatenate([step, fine]).astype(np.float32))
 
 
+@dataclass
+class _Folds:
+    """Work the graph lets a group skip (:mod:`convert.fold`): MatMul outputs whose row-scale ``Mul``
+    an RMS norm absorbs, MatMuls whose weight columns carry the next activation's rotation (output
+    name -> block), and rotated activations that therefore arrive already rotated (group keys)."""
+
+    scale_free: set[str] = field(default_factory=set)
+    column_blocks: dict[str, int] = field(default_factory=dict)
+    prerotated: set[str] = field(default_factory=set)
+
+
 def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: int,
                       activation_bits: int = 8, wide_weights: tuple[str, ...] = (),
-                      rotation: tuple[int, int] | None = None) -> list[onnx.NodeProto]:
+                      rotation: tuple[int, int] | None = None, folds: _Folds | None = None,
+                      merge: bool = True) -> list[onnx.NodeProto]:
     """MatMul(X, W_i) for every W_i of ``group`` -> per-row u8 X x per-column int8 W_i -> float.
 
     X is quantized ONCE for all MatMuls that read it (q/k/v, gate/up), each with one step per
     row taken from the row's own max, so a row's result never depends on the other rows of
-    its batch. The weight scales are applied inside ``MatMulIntegerToFloat`` and the row step
-    by one ``Mul``. Few nodes and small buffers matter: a 16-token query on EmbeddingGemma is
+    its batch. The weight scales (and the activation's 1 / a_max) are applied inside
+    ``MatMulIntegerToFloat`` and the row's max by one ``Mul``, dropped where an RMS norm follows
+    (``folds``). Few nodes and small buffers matter: a 16-token query on EmbeddingGemma is
     mostly per-node overhead, and buffers above the worker's 1 MiB mmap threshold pay page
     faults on every call (so the weights are not concatenated into one wide GEMM).
 
@@ -309,8 +328,10 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
     the same GEMM, so the prepacked weights exist once.
 
     ``rotation`` = (rank, block) of the activation when ``group.rotate``: X is multiplied by a
-    block-Hadamard matrix first and every W_i by its transpose (:mod:`convert.rotate`).
+    block-Hadamard matrix first and every W_i by its transpose (:mod:`convert.rotate`), unless an
+    upstream GEMM's weight columns already rotated it (``folds.prerotated``).
     """
+    folds = folds or _Folds()
     qmax = float(2 ** (weight_bits - 1) - 1)
     first = group.nodes[0]
     p = f"{first.name or first.output[0]}/tq"
@@ -320,47 +341,109 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
     shared = f"tq/shared{activation_bits}"
     if not any(i.name == f"{shared}/axis" for i in graph.initializer):
         _const(graph, f"{shared}/axis", np.array([-1], np.int64))
-        _const(graph, f"{shared}/q", np.array(float(a_max), np.float32))
-        _const(graph, f"{shared}/eps", np.array(1e-10, np.float32))
+        _const(graph, f"{shared}/eps", np.array(1e-10 * a_max, np.float32))
         _const(graph, f"{shared}/zp", np.array(a_max + 1, np.uint8))
         _const(graph, f"{shared}/one", np.array(1.0, np.float32))
+        _const(graph, f"{shared}/step", np.array(1.0 / a_max, np.float32))
+        _const(graph, f"{shared}/fine_step", np.array(1.0 / (2 * a_max * a_max), np.float32))
         _const(graph, f"{shared}/fine", np.array(1.0 / (2 * a_max), np.float32))
     x = first.input[0]
     block = 0
     if rotation is not None:
         rank, block = rotation
-        rotated, x = rotate_activation(graph, x, group.weights[0].dims[0], rank, block, f"{p}/rot")
-        nodes += rotated
+        if first.output[0] not in folds.prerotated:
+            rotated, x = rotate_activation(graph, x, group.weights[0].dims[0], rank, block, f"{p}/rot")
+            nodes += rotated
+    # Row max m, X / m in [-1, 1], QuantizeLinear with step 1 / a_max: round, saturate, shift to u8
+    # in one vectorized pass. The 1 / a_max goes into the weight scales, m into the output Mul.
     absmax = op("ReduceMax", [op("Abs", [x], "abs"), f"{shared}/axis"], "absmax", keepdims=1)
-    scale = op("Max", [op("Div", [absmax, f"{shared}/q"], "scale_raw"), f"{shared}/eps"], "scale")
+    scale = op("Max", [absmax, f"{shared}/eps"], "scale")
     scaled = op("Div", [x, scale], "scaled")
-    # Per-tensor QuantizeLinear with step 1: round, saturate and shift to u8 in one vectorized pass.
-    x_u8 = op("QuantizeLinear", [scaled, f"{shared}/one", f"{shared}/zp"], "x_u8")
+    x_u8 = op("QuantizeLinear", [scaled, f"{shared}/step", f"{shared}/zp"], "x_u8")
     if group.wide:
-        rounded = op("DequantizeLinear", [x_u8, f"{shared}/one", f"{shared}/zp"], "rounded")
+        rounded = op("DequantizeLinear", [x_u8, f"{shared}/step", f"{shared}/zp"], "rounded")
         residual = op("Sub", [scaled, rounded], "residual")
-        fine_u8 = op("QuantizeLinear", [residual, f"{shared}/fine", f"{shared}/zp"], "residual_u8")
+        fine_u8 = op("QuantizeLinear", [residual, f"{shared}/fine_step", f"{shared}/zp"], "residual_u8")
         x_u8 = op("Concat", [x_u8, fine_u8], "stacked", axis=0)
+    parts = []
     for node, weight in zip(group.nodes, group.weights, strict=True):
         weights = numpy_helper.to_array(weight).astype(np.float32)
         if block:
             weights = rotate_weights(weights, block)
-        prefix = f"{node.name or node.output[0]}/tq"
-        g = _op_builder(nodes, prefix)
+        if node.output[0] in folds.column_blocks:
+            weights = rotate_columns(weights, folds.column_blocks[node.output[0]])
         wide_w = any(fnmatch.fnmatch(node.name, pattern) for pattern in wide_weights)
         w_int8, w_scale = _int8_columns(weights, qmax, wide_w)
-        acc = g("MatMulIntegerToFloat", [x_u8, _const(graph, f"{prefix}/w_int8", w_int8), f"{shared}/one",
-                                         _const(graph, f"{prefix}/w_scale", w_scale), f"{shared}/zp"], "acc",
-                domain=MS_DOMAIN)
-        if group.wide:  # y = step * (coarse + fine / (2 * a_max))
-            coarse, fine = g("Split", [acc], "coarse", axis=0, num_outputs=2), f"{prefix}/fine_acc"
-            nodes[-1].output.append(fine)
-            acc = g("Add", [coarse, g("Mul", [fine, f"{shared}/fine"], "fine_term")], "wide")
-        if wide_w:  # columns [W_int8 | residual_int8], the residual's steps already scaled in w_scale
-            main, rest = g("Split", [acc], "w_main", axis=-1, num_outputs=2), f"{prefix}/w_rest"
-            nodes[-1].output.append(rest)
-            acc = g("Add", [main, rest], "wide_w")
-        nodes.append(helper.make_node("Mul", [acc, scale], [node.output[0]], name=f"{prefix}/out"))
+        scale_free = node.output[0] in folds.scale_free
+        # Where a norm absorbs m, the GEMM still yields a_max * y / m: the same magnitudes as y / step,
+        # so the norm's epsilon keeps the weight it has on y (it is what breaks exact scale invariance).
+        parts.append(_GemmPart(node, w_int8, w_scale if scale_free else w_scale / np.float32(a_max), wide_w,
+                               scale_free))
+    if merge and len(parts) > 1:
+        return nodes + _merged_gemm(graph, parts, x_u8, scale, shared, group.wide, f"{p}/merged")
+    for part in parts:
+        own = f"{part.node.name or part.node.output[0]}/tq"
+        nodes += _merged_gemm(graph, [part], x_u8, scale, shared, group.wide, own)
+    return nodes
+
+
+@dataclass
+class _GemmPart:
+    """One MatMul of a group, ready for the integer GEMM: its int8 columns and their float steps."""
+
+    node: onnx.NodeProto
+    w_int8: np.ndarray
+    w_scale: np.ndarray
+    wide_w: bool  # columns [W_int8 | residual_int8], the residual's steps already scaled in w_scale
+    scale_free: bool  # an RMS norm follows: it absorbs the row's m
+
+
+def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scale: str, shared: str, wide: bool,
+                 prefix: str) -> list[onnx.NodeProto]:
+    """ONE ``MatMulIntegerToFloat`` over the parts' columns side by side, then each part's output.
+
+    Why one GEMM: the parts read the same u8 activation, and on a 16-token query a narrow GEMM
+    (EmbeddingGemma's k_proj has 256 columns) runs at ~0.8x the rate of a wide one, besides the
+    dispatch; the output is split once (and multiplied by the row's m once when every part needs it).
+    """
+    nodes: list[onnx.NodeProto] = []
+    g = _op_builder(nodes, prefix)
+    w_int8 = np.concatenate([part.w_int8 for part in parts], axis=1)
+    w_scale = np.concatenate([part.w_scale for part in parts])
+    acc = g("MatMulIntegerToFloat", [x_u8, _const(graph, f"{prefix}/w_int8", w_int8), f"{shared}/one",
+                                     _const(graph, f"{prefix}/w_scale", w_scale), f"{shared}/zp"], "acc",
+            domain=MS_DOMAIN)
+    if wide:  # y = m * (coarse + fine / (2 * a_max))
+        coarse, fine = g("Split", [acc], "coarse", axis=0, num_outputs=2), f"{prefix}/fine_acc"
+        nodes[-1].output.append(fine)
+        acc = g("Add", [coarse, g("Mul", [fine, f"{shared}/fine"], "fine_term")], "wide")
+    scale_once = len(parts) > 1 and not any(part.scale_free for part in parts)
+    if scale_once:
+        acc = g("Mul", [acc, scale], "scaled_all")
+    pieces: list[str] = []
+    for part in parts:
+        name = part.node.output[0]
+        direct = scale_once or part.scale_free
+        if part.wide_w:
+            pieces += [f"{name}/tq/w_main", f"{name}/tq/w_rest"]
+        else:
+            pieces.append(name if direct else f"{name}/tq/acc")
+    if len(pieces) > 1:
+        widths = [part.w_int8.shape[1] // (2 if part.wide_w else 1) for part in parts for _ in range(1 + part.wide_w)]
+        split = _const(graph, f"{prefix}/split", np.array(widths, np.int64))
+        nodes.append(helper.make_node("Split", [acc, split], pieces, name=f"{prefix}/split", axis=-1))
+    else:
+        nodes[-1].output[0] = pieces[0]
+    for part in parts:
+        name, node_prefix = part.node.output[0], f"{part.node.name or part.node.output[0]}/tq"
+        direct = scale_once or part.scale_free
+        out = f"{name}/tq/acc"
+        if part.wide_w:
+            add_out = name if direct else out
+            nodes.append(helper.make_node("Add", [f"{name}/tq/w_main", f"{name}/tq/w_rest"], [add_out],
+                                          name=f"{node_prefix}/wide_w"))
+        if not direct:
+            nodes.append(helper.make_node("Mul", [out, scale], [name], name=f"{node_prefix}/out"))
     return nodes
 
 
@@ -378,11 +461,13 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
         raise QuantizeError("no MatMul with constant weights found to quantize")
     grouped = {node.output[0] for group in groups.values() for node in group.nodes}
     rotations = _rotations(graph, groups, opts.rotation_block)
+    folds = _find_folds(graph, groups, rotations) if opts.fold else _Folds()
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.output[0] in groups:
             nodes += _per_token_matmul(graph, groups[node.output[0]], weight_bits, activation_bits,
-                                       tuple(opts.wide_weights), rotations.get(node.output[0]))
+                                       tuple(opts.wide_weights), rotations.get(node.output[0]), folds,
+                                       opts.merge_gemms)
         elif node.output[0] not in grouped:
             nodes.append(node)
     if opts.quantize_embeddings:
@@ -394,7 +479,30 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
     log.info("%s: quantized %d MatMuls (%d distinct activations, %d rotated) with %d-bit weights, %d-bit "
              "activations", opts.recipe, len(grouped), len(groups), len(rotations), weight_bits, activation_bits)
     return model, {"quantized_matmuls": len(grouped), "quantized_activations": len(groups),
-                   "rotated_activations": len(rotations)}
+                   "rotated_activations": len(rotations), "rotations_folded_into_weights": len(folds.prerotated),
+                   "row_scales_absorbed_by_norms": len(folds.scale_free)}
+
+
+def _find_folds(graph: onnx.GraphProto, groups: dict[str, _MatMulGroup],
+                rotations: dict[str, tuple[int, int]]) -> _Folds:
+    """Row-scale Muls an RMS norm absorbs and rotations an upstream GEMM's columns can carry
+    (:mod:`convert.fold`); the donors' bias vectors are rotated here, in the graph."""
+    matmuls = [node for group in groups.values() for node in group.nodes]
+    folds = _Folds(scale_free=rms_normalized_outputs(graph, matmuls))
+    outputs = {node.output[0] for node in matmuls}
+    inits = _initializers(graph)
+    for key, (_rank, block) in rotations.items():
+        donor = rotation_donor(graph, groups[key].nodes[0].input[0], block, outputs)
+        if donor is None:
+            continue
+        folds.prerotated.add(key)
+        folds.column_blocks[donor.matmul.output[0]] = block
+        for name in donor.biases:
+            bias = inits[name]
+            bias.CopyFrom(numpy_helper.from_array(rotate_columns(numpy_helper.to_array(bias), block), name))
+    log.info("folds: %d row scales absorbed by RMS norms, %d rotations carried by upstream weights",
+             len(folds.scale_free), len(folds.prerotated))
+    return folds
 
 
 def _rotations(graph: onnx.GraphProto, groups: dict[str, _MatMulGroup], block: int) -> dict[str, tuple[int, int]]:

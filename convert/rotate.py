@@ -58,6 +58,13 @@ def rotate_weights(weights: np.ndarray, block: int) -> np.ndarray:
     return rotated.reshape(k, n).astype(np.float32)
 
 
+def rotate_columns(weights: np.ndarray, block: int) -> np.ndarray:
+    """W H for a [K, N] weight (or an [N] bias): the GEMM's output comes out already rotated, so
+    the next GEMM reading it needs no rotation of its own (see :mod:`convert.fold`)."""
+    flat = weights.reshape(1, -1) if weights.ndim == 1 else weights
+    return rotate_weights(flat.T, block).T.reshape(weights.shape)
+
+
 def rotate_activation(graph: onnx.GraphProto, x: str, width: int, rank: int, block: int,
                       prefix: str) -> tuple[list[onnx.NodeProto], str]:
     """Nodes computing x H (H block-diagonal) over the last axis of ``x``; returns them and the
