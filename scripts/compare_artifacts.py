@@ -6,8 +6,9 @@ Why a separate script from ``deposium-bench``: recipe decisions need ratios betw
 on a shared, noisy host only ratios measured round-robin in the same process hold (the same
 artifact measured 1,137 and 885 tokens/s an hour apart on one machine). Each round runs every
 artifact once: the gate's held-out paragraphs (document prompt, the Embedder's token budget),
-then up to 50 short queries (<= 16 tokens with the query prompt, one per call). CPU time of this
-process, medians over rounds (queries: over every call).
+then up to 50 short queries (<= 16 tokens with the query prompt, one per call, each query on every
+artifact back to back). CPU time of this process, medians over rounds (queries: over every call,
+and the median of each query's time ratio to the first artifact's).
 """
 
 from __future__ import annotations
@@ -45,16 +46,20 @@ def main() -> None:
             start = time.process_time()
             e.embed(paragraphs, task=document)
             tokens_per_s[name].append(tokens[name] / (time.process_time() - start))
-            for text in queries:
+        for text in queries:  # each query on every artifact back to back: the pairs share the noise
+            for name, e in embedders.items():
                 start = time.process_time()
                 e.embed([text], task=query)
                 query_ms[name].append((time.process_time() - start) * 1000)
     print(f"{len(paragraphs)} paragraphs ({next(iter(tokens.values()))} tokens), "
           f"{len(queries)} queries, {args.rounds} rounds; CPU time, medians")
+    first = next(iter(embedders))
     for name in embedders:
         rounds = ", ".join(f"{v:,.0f}" for v in tokens_per_s[name])
+        paired = statistics.median(a / b for a, b in zip(query_ms[name], query_ms[first], strict=True))
         print(f"{name}: {statistics.median(tokens_per_s[name]):,.0f} tokens/s ({rounds}); "
-              f"query {statistics.median(query_ms[name]):.1f} ms")
+              f"query {statistics.median(query_ms[name]):.1f} ms (p90 "
+              f"{statistics.quantiles(query_ms[name], n=10)[-1]:.1f}; {paired:.3f}x the first's, per-query median)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ def recipe_part(node_name: str, op_type: str) -> str:
     if "/tq/" in node_name:
         if op_type == "MatMulIntegerToFloat":
             return "int8 GEMM"
-        return "row-scale Mul" if node_name.endswith("/tq/out") else f"per-row quantization {op_type}"
+        if node_name.endswith(("/tq/out", "/tq/merged/scaled_all")):
+            return "row-scale Mul"
+        if node_name.endswith(("/split", "/wide_w")):
+            return f"GEMM output {op_type}"
+        return f"per-row quantization {op_type}"
     return f"{'attention' if 'self_attn' in node_name or '/attention/' in node_name else 'other'} {op_type}"
 
 
