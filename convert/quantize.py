@@ -29,10 +29,9 @@ the rotation spreads outlier channels over their block, so one step per token ro
 channel. On real EmbeddingGemma-300m it reached 0.99975 / 0.99952 (with the value projections'
 weight residual below) at 1.6x the speed of ``int8-wide`` on an AVX-512 VNNI core without AMX.
 
-Every per-token recipe also skips what the graph makes redundant (:mod:`convert.fold`): the
-row-scale ``Mul`` where an RMS norm follows, and the rotation of the attention output, carried
-by the value projection's weight columns instead; and it runs one integer GEMM per quantized
-activation. On EmbeddingGemma that is 1,924 instead of 2,282 node kernels per query.
+Every per-token recipe runs one integer GEMM per quantized activation (q/k/v side by side, and
+gate/up), and ``int8-rot`` lets the value projection's weight columns carry the attention
+output's rotation instead of rotating it in the graph (:mod:`convert.fold`).
 
 ``int8-wide`` is ``int8-token`` with a second int8 pass over every activation's rounding
 residual (see ``_per_token_matmul``): ~15-bit activations (~13 with its default 7-bit passes,
@@ -56,7 +55,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.fold import rms_normalized_outputs, rotation_donor
+from convert.fold import rotation_donor
 from convert.rotate import DEFAULT_BLOCK, block_for, rotate_activation, rotate_columns, rotate_weights
 from worker.cpu import cpu_features
 from worker.variant import EXACT_U8S8
@@ -131,8 +130,8 @@ class QuantizeOptions:
     rotation_block: int = DEFAULT_BLOCK
     #: Quantize the head's Dense MatMuls too (they run once per paragraph: size only, no speed).
     quantize_head: bool = False
-    #: Skip the row-scale Mul where an RMS norm follows and an activation's rotation where an
-    #: upstream GEMM's weight columns can carry it (convert.fold); False keeps every node.
+    #: int8-rot: skip an activation's rotation where an upstream GEMM's weight columns can carry it
+    #: (convert.fold); False keeps every rotation node.
     fold: bool = True
     #: One integer GEMM per quantized activation (q/k/v, gate/up side by side) instead of one per MatMul.
     merge_gemms: bool = True
@@ -302,11 +301,10 @@ def _int8_columns(weights: np.ndarray, qmax: float, wide: bool) -> tuple[np.ndar
 
 @dataclass
 class _Folds:
-    """Work the graph lets a group skip (:mod:`convert.fold`): MatMul outputs whose row-scale ``Mul``
-    an RMS norm absorbs, MatMuls whose weight columns carry the next activation's rotation (output
-    name -> block), and rotated activations that therefore arrive already rotated (group keys)."""
+    """Rotations the graph lets ``int8-rot`` skip (:mod:`convert.fold`): MatMuls whose weight columns
+    carry the next activation's rotation (output name -> block), and the rotated activations that
+    therefore arrive already rotated (group keys)."""
 
-    scale_free: set[str] = field(default_factory=set)
     column_blocks: dict[str, int] = field(default_factory=dict)
     prerotated: set[str] = field(default_factory=set)
 
@@ -320,12 +318,11 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
     X is quantized ONCE for all MatMuls that read it (q/k/v, gate/up), each with one step per
     row taken from the row's own max, so a row's result never depends on the other rows of
     its batch. The weight scales (and the activation's 1 / a_max) are applied inside
-    ``MatMulIntegerToFloat`` and the row's max by one ``Mul``, dropped where an RMS norm follows
-    (``folds``). ``merge`` puts the group's weights side by side in ONE GEMM: at 16 rows a
-    256-column GEMM (EmbeddingGemma's k_proj) ran at ~0.8x the rate of a 1,152-column one on
-    Zen 5, and one output split replaces per-GEMM nodes. The widest output, gate/up's [rows,
-    2,304] floats, is 1.2 MB at the default 128-token budget: under the worker's 4 MiB mmap
-    threshold, so it costs no page faults per call.
+    ``MatMulIntegerToFloat`` and the row's max by one ``Mul``. ``merge`` puts the group's weights
+    side by side in ONE GEMM: at 16 rows a 256-column GEMM (EmbeddingGemma's k_proj) ran at ~0.8x
+    the rate of a 1,152-column one on Zen 5, and one output split replaces per-GEMM nodes. The
+    widest output, gate/up's [rows, 2,304] floats, is 1.2 MB at the default 128-token budget:
+    under the worker's 4 MiB mmap threshold, so it costs no page faults per call.
 
     ``wide``: the rounding residual of X (at most half a step) is quantized again with a step
     ``2 * a_max`` times finer and multiplied by the same int8 W. Why: EmbeddingGemma's MLP
@@ -381,11 +378,7 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
             weights = rotate_columns(weights, folds.column_blocks[node.output[0]])
         wide_w = any(fnmatch.fnmatch(node.name, pattern) for pattern in wide_weights)
         w_int8, w_scale = _int8_columns(weights, qmax, wide_w)
-        scale_free = node.output[0] in folds.scale_free
-        # Where a norm absorbs m, the GEMM still yields a_max * y / m: the same magnitudes as y / step,
-        # so the norm's epsilon keeps the weight it has on y (it is what breaks exact scale invariance).
-        parts.append(_GemmPart(node, w_int8, w_scale if scale_free else w_scale / np.float32(a_max), wide_w,
-                               scale_free))
+        parts.append(_GemmPart(node, w_int8, w_scale / np.float32(a_max), wide_w))
     if merge and len(parts) > 1:
         return nodes + _merged_gemm(graph, parts, x_u8, scale, shared, group.wide, f"{p}/merged")
     for part in parts:
@@ -402,7 +395,6 @@ class _GemmPart:
     w_int8: np.ndarray
     w_scale: np.ndarray
     wide_w: bool  # columns [W_int8 | residual_int8], the residual's steps already scaled in w_scale
-    scale_free: bool  # an RMS norm follows: it absorbs the row's m
 
 
 def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scale: str, shared: str, wide: bool,
@@ -411,7 +403,7 @@ def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scal
 
     Why one GEMM: the parts read the same u8 activation, and on a 16-token query a narrow GEMM
     (EmbeddingGemma's k_proj has 256 columns) runs at ~0.8x the rate of a wide one, besides the
-    dispatch; the output is split once (and multiplied by the row's m once when every part needs it).
+    dispatch; the output is multiplied by the row's m and split once.
     """
     nodes: list[onnx.NodeProto] = []
     g = _op_builder(nodes, prefix)
@@ -424,17 +416,16 @@ def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scal
         coarse, fine = g("Split", [acc], "coarse", axis=0, num_outputs=2), f"{prefix}/fine_acc"
         nodes[-1].output.append(fine)
         acc = g("Add", [coarse, g("Mul", [fine, f"{shared}/fine"], "fine_term")], "wide")
-    scale_once = len(parts) > 1 and not any(part.scale_free for part in parts)
+    scale_once = len(parts) > 1
     if scale_once:
         acc = g("Mul", [acc, scale], "scaled_all")
     pieces: list[str] = []
     for part in parts:
         name = part.node.output[0]
-        direct = scale_once or part.scale_free
         if part.wide_w:
             pieces += [f"{name}/tq/w_main", f"{name}/tq/w_rest"]
         else:
-            pieces.append(name if direct else f"{name}/tq/acc")
+            pieces.append(name if scale_once else f"{name}/tq/acc")
     if len(pieces) > 1:
         widths = [part.w_int8.shape[1] // (2 if part.wide_w else 1) for part in parts for _ in range(1 + part.wide_w)]
         split = _const(graph, f"{prefix}/split", np.array(widths, np.int64))
@@ -443,13 +434,12 @@ def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scal
         nodes[-1].output[0] = pieces[0]
     for part in parts:
         name, node_prefix = part.node.output[0], f"{part.node.name or part.node.output[0]}/tq"
-        direct = scale_once or part.scale_free
         out = f"{name}/tq/acc"
         if part.wide_w:
-            add_out = name if direct else out
+            add_out = name if scale_once else out
             nodes.append(helper.make_node("Add", [f"{name}/tq/w_main", f"{name}/tq/w_rest"], [add_out],
                                           name=f"{node_prefix}/wide_w"))
-        if not direct:
+        if not scale_once:
             nodes.append(helper.make_node("Mul", [out, scale], [name], name=f"{node_prefix}/out"))
     return nodes
 
@@ -486,17 +476,15 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
     log.info("%s: quantized %d MatMuls (%d distinct activations, %d rotated) with %d-bit weights, %d-bit "
              "activations", opts.recipe, len(grouped), len(groups), len(rotations), weight_bits, activation_bits)
     return model, {"quantized_matmuls": len(grouped), "quantized_activations": len(groups),
-                   "rotated_activations": len(rotations), "rotations_folded_into_weights": len(folds.prerotated),
-                   "row_scales_absorbed_by_norms": len(folds.scale_free)}
+                   "rotated_activations": len(rotations), "rotations_folded_into_weights": len(folds.prerotated)}
 
 
 def _find_folds(graph: onnx.GraphProto, groups: dict[str, _MatMulGroup],
                 rotations: dict[str, tuple[int, int]]) -> _Folds:
-    """Row-scale Muls an RMS norm absorbs and rotations an upstream GEMM's columns can carry
-    (:mod:`convert.fold`); the donors' bias vectors are rotated here, in the graph."""
-    matmuls = [node for group in groups.values() for node in group.nodes]
-    folds = _Folds(scale_free=rms_normalized_outputs(graph, matmuls))
-    outputs = {node.output[0] for node in matmuls}
+    """Rotations an upstream GEMM's columns can carry (:mod:`convert.fold`); the donors' bias
+    vectors are rotated here, in the graph."""
+    folds = _Folds()
+    outputs = {node.output[0] for group in groups.values() for node in group.nodes}
     inits = _initializers(graph)
     for key, (_rank, block) in rotations.items():
         donor = rotation_donor(graph, groups[key].nodes[0].input[0], block, outputs)
@@ -507,8 +495,7 @@ def _find_folds(graph: onnx.GraphProto, groups: dict[str, _MatMulGroup],
         for name in donor.biases:
             bias = inits[name]
             bias.CopyFrom(numpy_helper.from_array(rotate_columns(numpy_helper.to_array(bias), block), name))
-    log.info("folds: %d row scales absorbed by RMS norms, %d rotations carried by upstream weights",
-             len(folds.scale_free), len(folds.prerotated))
+    log.info("folds: %d rotations carried by upstream weights", len(folds.prerotated))
     return folds
 
 
