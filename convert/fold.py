@@ -20,15 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 Dim = int | str | None
 
 
 @dataclass
 class GraphIndex:
+    """Producer, readers, symbolic shape and constant of every tensor: what a walk needs to prove
+    that each step commutes with the rotation."""
+
     producer: dict[str, onnx.NodeProto]
     consumers: dict[str, list[onnx.NodeProto]]
     shapes: dict[str, list[Dim]]
@@ -51,25 +52,6 @@ class GraphIndex:
     def only_reader(self, name: str) -> onnx.NodeProto | None:
         readers = self.consumers.get(name, [])
         return readers[0] if len(readers) == 1 else None
-
-    def scalar(self, name: str) -> float | None:
-        init = self.constants.get(name)
-        if init is not None and int(np.prod(init.dims)) == 1:
-            return float(numpy_helper.to_array(init).reshape(-1)[0])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            value = numpy_helper.to_array(node.attribute[0].t)
-            return float(value.reshape(-1)[0]) if value.size == 1 else None
-        return None
-
-    def ints(self, name: str) -> list[int] | None:
-        init = self.constants.get(name)
-        if init is not None:
-            return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            return [int(v) for v in numpy_helper.to_array(node.attribute[0].t).reshape(-1)]
-        return None
 
 
 def _perm(node: onnx.NodeProto) -> list[int] | None:
