@@ -7,7 +7,8 @@ already rotated (block 32 inside a head of 256 or 64 channels keeps every block 
 Three nodes and a small GEMM fewer per layer, on EmbeddingGemma and MiniLM alike.
 
 The rotation is found by walking the graph through operations proven to commute with it, never
-by node names, so a graph without the pattern simply keeps its rotation nodes.
+by node names, so a graph without the pattern simply keeps its rotation nodes. ``GraphIndex`` and
+``value_shapes`` are also how :mod:`convert.simplify` reads the graph.
 
 Tried and dropped: letting an RMS norm absorb the row-scale ``Mul`` of the GEMM before it (the
 norm is scale-invariant but for its epsilon). On real EmbeddingGemma it broke fidelity (cosine vs
@@ -23,6 +24,21 @@ from dataclasses import dataclass
 import onnx
 
 Dim = int | str | None
+
+
+def value_shapes(graph: onnx.GraphProto) -> dict[str, list[Dim]]:
+    """Every tensor's shape the graph records (value_info, inputs, outputs): ints for fixed dims,
+    names for symbolic ones, None for unknown ones."""
+    found = {}
+    for vi in [*graph.value_info, *graph.input, *graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            found[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in vi.type.tensor_type.shape.dim]
+    return found
+
+
+def perm_of(transpose: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
 
 
 @dataclass
@@ -41,21 +57,12 @@ class GraphIndex:
         for node in graph.node:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
-        shapes: dict[str, list[Dim]] = {}
-        for vi in [*graph.value_info, *graph.input, *graph.output]:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                   for d in vi.type.tensor_type.shape.dim]
-        return cls({o: n for n in graph.node for o in n.output}, consumers, shapes,
+        return cls({o: n for n in graph.node for o in n.output}, consumers, value_shapes(graph),
                    {init.name: init for init in graph.initializer})
 
     def only_reader(self, name: str) -> onnx.NodeProto | None:
         readers = self.consumers.get(name, [])
         return readers[0] if len(readers) == 1 else None
-
-
-def _perm(node: onnx.NodeProto) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
 def _splits_last_axis(source: list[Dim] | None, target: list[Dim] | None, block: int = 1) -> bool:
@@ -74,13 +81,12 @@ class RotationDonor:
     biases: list[str]
 
 
-def rotation_donor(graph: onnx.GraphProto, x: str, block: int, donors: set[str]) -> RotationDonor | None:
+def rotation_donor(index: GraphIndex, x: str, block: int, donors: set[str]) -> RotationDonor | None:
     """The MatMul among ``donors`` (output names) that ``x`` is a block-rotatable linear image of:
     x H equals the graph with that MatMul's weights W replaced by W H, through Add of a constant
     bias (rotated too), Reshape splitting or merging the last axis in multiples of ``block``,
     Transpose keeping the last axis, Cast, and MatMul where the path is the right operand. Every
     tensor on the way must have that single reader, so nothing else sees the rotation."""
-    index = GraphIndex.of(graph)
     biases: list[str] = []
     name = x
     while True:
@@ -105,7 +111,7 @@ def _rotatable_input(index: GraphIndex, node: onnx.NodeProto, out: str, block: i
     if node.op_type == "Cast":
         return node.input[0]
     if node.op_type == "Transpose":
-        perm = _perm(node)
+        perm = perm_of(node)
         return node.input[0] if perm is not None and perm[-1] == len(perm) - 1 else None
     if node.op_type == "Reshape":
         ok = _splits_last_axis(shape_in, shape_out, block) or _splits_last_axis(shape_out, shape_in, block)

@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.fold import rotation_donor
+from convert.fold import GraphIndex, rotation_donor
 from convert.rotate import DEFAULT_BLOCK, block_for, rotate_activation, rotate_columns, rotate_weights
 from worker.cpu import cpu_features
 from worker.variant import EXACT_U8S8
@@ -485,15 +485,15 @@ def _find_folds(graph: onnx.GraphProto, groups: dict[str, _MatMulGroup],
     vectors are rotated here, in the graph."""
     folds = _Folds()
     outputs = {node.output[0] for group in groups.values() for node in group.nodes}
-    inits = _initializers(graph)
+    index = GraphIndex.of(graph)  # once: the walks only read the graph
     for key, (_rank, block) in rotations.items():
-        donor = rotation_donor(graph, groups[key].nodes[0].input[0], block, outputs)
+        donor = rotation_donor(index, groups[key].nodes[0].input[0], block, outputs)
         if donor is None:
             continue
         folds.prerotated.add(key)
         folds.column_blocks[donor.matmul.output[0]] = block
         for name in donor.biases:
-            bias = inits[name]
+            bias = index.constants[name]
             bias.CopyFrom(numpy_helper.from_array(rotate_columns(numpy_helper.to_array(bias), block), name))
     log.info("folds: %d rotations carried by upstream weights", len(folds.prerotated))
     return folds

@@ -23,33 +23,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from convert.fold import Dim, GraphIndex, perm_of, value_shapes
 from convert.quantize import MS_DOMAIN, drop_unused_initializers, use_contrib_domain
 
 log = logging.getLogger(__name__)
 
-Dim = int | str | None
 #: Constants read here are shape indices and scalars; larger initializers (the weights) are
 #: never decoded.
 SMALL_CONSTANT = 64
 #: tanh-GELU constants: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))).
 GELU_CUBIC, GELU_SQRT_2_OVER_PI = 0.044715, float(np.sqrt(2.0 / np.pi))
-
-
-def _shapes(graph: onnx.GraphProto) -> dict[str, list[Dim]]:
-    def dims(vi: onnx.ValueInfoProto) -> list[Dim] | None:
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            return None
-        out: list[Dim] = []
-        for d in vi.type.tensor_type.shape.dim:
-            out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-        return out
-
-    found = {}
-    for vi in [*graph.value_info, *graph.input, *graph.output]:
-        shape = dims(vi)
-        if shape is not None:
-            found[vi.name] = shape
-    return found
 
 
 def reshape_target(source: list[Dim], target: list[Dim]) -> list[int] | None:
@@ -93,7 +76,7 @@ def _constant_inputs(graph: onnx.GraphProto) -> set[str]:
 def fold_shape_computations(model: onnx.ModelProto) -> int:
     """Give computed Reshape/Expand shapes their constant form; return how many were folded."""
     graph = model.graph
-    shapes, constants = _shapes(graph), _constant_inputs(graph)
+    shapes, constants = value_shapes(graph), _constant_inputs(graph)
     folded = 0
     for node in graph.node:
         if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constants:
@@ -118,7 +101,7 @@ def fold_static_dims(model: onnx.ModelProto) -> int:
     embeddings split head_dim / 2 this way), and a Slice from 0 that leaves its input's shape as
     it was becomes Identity (the attention mask cut to the key length); return how many."""
     graph = model.graph
-    shapes, consts = _shapes(graph), _const_values(graph)
+    shapes, consts = value_shapes(graph), _const_values(graph)
     producer = {o: n for n in graph.node for o in n.output}
     folded, kept = 0, []
     for node in graph.node:
@@ -247,12 +230,8 @@ def share_single_kv_head(model: onnx.ModelProto) -> int:
     read the copy, and their other operand must have the h heads, so every result keeps its
     shape. Returns how many copies were bypassed; the dead chain is dropped afterwards."""
     graph = model.graph
-    shapes = _shapes(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    index = GraphIndex.of(graph)
+    shapes, producer, consumers = index.shapes, index.producer, index.consumers
     shared = 0
     for reshape in [n for n in graph.node if n.op_type == "Reshape"]:
         expand = producer.get(reshape.input[0])
@@ -294,7 +273,7 @@ def _broadcasts_heads(name: str, heads: int, shapes: dict[str, list[Dim]],
         return False
     for node in readers:
         if node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            perm = perm_of(node)
             if perm is None or perm[:2] != [0, 1] or not _broadcasts_heads(node.output[0], heads, shapes, consumers):
                 return False
         elif node.op_type == "MatMul":
