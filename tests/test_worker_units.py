@@ -228,13 +228,18 @@ def test_cpu_features_from_cpuinfo(tmp_path):
 def test_quantization_warning_depends_on_cpu():
     avx2, vnni = frozenset({"avx2"}), frozenset({"avx2", "avx512_vnni"})
     token8, token7 = {"recipe": "int8-token", "weight_bits": 8}, {"recipe": "int8-token", "weight_bits": 7}
-    assert "no faster than fp32" in quantization_warning(token8, avx2)  # exact there, via model.u8.onnx
-    assert "u8 x u8" in quantization_warning({"recipe": "int8-wide", "activation_bits": 8}, avx2)
-    wide7 = {"recipe": "int8-wide", "activation_bits": 7}  # the default int8-wide: one signed graph
-    assert "no faster than fp32" in quantization_warning(wide7, avx2) and "16-bit" in quantization_warning(wide7, avx2)
+    rot = {"recipe": "int8-rot", "weight_bits": 8, "activation_bits": 8, "wide_activations": []}
+    # one int8 pass per activation: exact via model.u8.onnx on AVX2 and faster than fp32 there
+    assert quantization_warning(rot, avx2) is None and quantization_warning(token8, avx2) is None
+    wide8 = {"recipe": "int8-wide", "activation_bits": 8}
+    assert "u8 x u8" in quantization_warning(wide8, avx2) and "slower than fp32" in quantization_warning(wide8, avx2)
+    wide7 = {"recipe": "int8-wide", "activation_bits": 7}  # 7-bit activations: one signed graph
+    assert "16-bit" in quantization_warning(wide7, avx2) and "int8-rot" in quantization_warning(wide7, avx2)
+    attn = {"recipe": "int8-attn", "activation_bits": 8, "wide_activations": ["*attention*"]}
+    assert "doubles the GEMM rows it covers" in quantization_warning(attn, avx2)
     assert quantization_warning(wide7, vnni) is None
     assert quantization_warning(token8, vnni) is None
-    assert quantization_warning(token8, frozenset({"avx2", "amx_int8"})) is None
+    assert quantization_warning(wide8, frozenset({"avx2", "amx_int8"})) is None
     assert "7-bit weights" in quantization_warning(token7, vnni)
     assert "no VNNI" in quantization_warning({"recipe": "int8-block"}, avx2)
     assert quantization_warning({"recipe": "int8-block"}, vnni) is None

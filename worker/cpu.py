@@ -108,14 +108,23 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def _doubles_gemm_rows(quantization: Mapping[str, Any]) -> bool:
+    """Whether the recipe runs a second int8 pass over activations (``int8-wide``, ``--wide-activations``):
+    twice the GEMM rows, which a CPU without VNNI cannot afford."""
+    return quantization.get("recipe") == "int8-wide" or bool(quantization.get("wide_activations"))
+
+
 def quantization_warning(quantization: Mapping[str, Any], features: frozenset[str]) -> str | None:
     """A warning when the artifact's quantization recipe does not suit these CPU features, else None.
 
     * any int8 recipe needs at least AVX2 for usable int8 kernels;
-    * integer-GEMM recipes on x86 without VNNI/AMX: exact (worker/variant.py runs the unsigned-weight
-      graph there unless the artifact has 7-bit operands) but through ONNX Runtime's u8 x u8 or 16-bit
-      u8 x s8 kernels, which on the AMD EPYC (Zen 3) measured no faster than fp32 (BENCHMARKS.md), so
-      the operator should know an fp32 artifact may serve;
+    * integer-GEMM recipes on x86 without VNNI/AMX run exact (worker/variant.py runs the unsigned-weight
+      graph there unless the artifact has 7-bit operands) through ONNX Runtime's u8 x u8 or 16-bit
+      u8 x s8 kernels, at about a third of a VNNI core's int8 rate. One pass per activation still
+      beats fp32 there (AMD EPYC Zen 3, ``int8-rot``: EmbeddingGemma 1.23x fp32's tokens/s and
+      queries in 0.63x the time; MiniLM 1.11x and 0.70x), so no warning; a second pass over the
+      activations (``int8-wide``) doubles the GEMM rows and measured slower than fp32 (210 vs 290
+      tokens/s), so the operator hears about it (BENCHMARKS.md);
     * 7-bit weights (an explicit convert option) give away precision no CPU needs to lose now;
     * ``int8-block`` (``MatMulNBits``) without VNNI runs correctly, at lower int8 throughput.
     """
@@ -130,13 +139,14 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
         )
     bits = quantization.get("weight_bits", 8)
     integer_matmul = recipe in INTEGER_GEMM_RECIPES
-    if integer_matmul and u8s8_saturates(features):
+    if integer_matmul and u8s8_saturates(features) and _doubles_gemm_rows(quantization):
         kernel = ("the u8 x u8 int8 kernel (model.u8.onnx)" if needs_unsigned_graph(quantization)
                   else "the 16-bit u8 x s8 kernel (7-bit operands cannot saturate it)")
         return (
-            f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through {kernel}, which measured "
-            "no faster than fp32 on such a CPU (AMD EPYC Zen 3, BENCHMARKS.md); an fp32 artifact "
-            "(deposium-convert --recipe fp32) may serve it better"
+            f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through {kernel}, but its "
+            "second int8 pass over activations doubles the GEMM rows it covers, which measured slower than fp32 on "
+            "such a CPU (AMD EPYC Zen 3, BENCHMARKS.md); an int8-rot artifact (deposium-convert --recipe "
+            "int8-rot, or auto where it passes the gate) or an fp32 one (--recipe fp32) serves it better"
         )
     if integer_matmul and bits == 7:
         return (
