@@ -21,21 +21,17 @@ import onnx
 
 from convert.quantize import AUTO_RECIPES, QuantizeOptions, quantize, save_model
 from convert.source import SentenceTransformerSource, read_source, resolve_source
-from convert.unsigned import write_unsigned_variant
 from convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
 from worker.artifact import (
     FORMAT_VERSION,
     MODEL_FILE,
     TOKENIZER_FILE,
-    UNSIGNED_MODEL_FILE,
-    UNSIGNED_WEIGHTS_FILE,
     VALIDATION_FILE,
     WEIGHTS_FILE,
     Manifest,
     sha256_file,
     write_manifest,
 )
-from worker.variant import needs_unsigned_graph
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +139,9 @@ def _write_artifact_dir(directory: Path, model_src: Path, source: SentenceTransf
     directory.mkdir(parents=True, exist_ok=True)
     if model_src != directory / MODEL_FILE:
         save_model(onnx.load(str(model_src)), directory / MODEL_FILE)
-    if needs_unsigned_graph(quant) and not (directory / UNSIGNED_MODEL_FILE).is_file():
-        write_unsigned_variant(directory / MODEL_FILE)
     if tokenizer_dir != directory:
         shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, directory / TOKENIZER_FILE)
-    optional = (WEIGHTS_FILE, UNSIGNED_MODEL_FILE, UNSIGNED_WEIGHTS_FILE)
-    files = [MODEL_FILE, TOKENIZER_FILE] + [name for name in optional if (directory / name).is_file()]
+    files = [MODEL_FILE, TOKENIZER_FILE] + ([WEIGHTS_FILE] if (directory / WEIGHTS_FILE).is_file() else [])
     if validation is not None:
         (directory / VALIDATION_FILE).write_text(json.dumps(validation, indent=2, sort_keys=True) + "\n")
         files.append(VALIDATION_FILE)

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization recipe (default auto: int8-token, int8-rot, int8-wide, int8-block in "
                    "that order; the first that passes the gate ships)")
     p.add_argument("--weight-bits", default="8", choices=["7", "8"],
-                   help="integer-GEMM weight bits (8 is exact on every CPU: CPUs without VNNI run the "
-                        "artifact's unsigned-weight graph)")
+                   help="integer-GEMM weight bits (8 is exact on every CPU: workers on CPUs without VNNI "
+                        "run ONNX Runtime's u8 x u8 kernel)")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token-embedding table fp32")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of MatMul node names to leave in fp32 (repeatable)")
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-bits", type=int, choices=(8, 7), default=None,
                    help="integer-GEMM activations, 8 or 7 (default: 7 for int8-wide, whose residual pass keeps the "
                         "precision, 8 for the single-pass recipes). 7-bit activations cannot saturate the u8 x s8 "
-                        "kernel of CPUs without VNNI, so the artifact needs no model.u8.onnx and runs that kernel "
-                        "directly there (MiniLM on AVX2: int8-token 1.6x the speed of the default artifact, cosine "
+                        "kernel of CPUs without VNNI, so workers there run that faster kernel instead of "
+                        "u8 x u8 (MiniLM on AVX2: int8-token 1.6x the speed of the default artifact, cosine "
                         "0.9961 / 0.9931 instead of 0.9992 / 0.9985); the gate reports it")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
                    help="token-embedding table: 8-bit per row (default) or 4-bit per 32 values (smaller)")

@@ -13,8 +13,8 @@ BENCHMARKS.md): cosine vs fp32 0.997 mean / 0.994 min on paragraphs, batch invar
 
 Weight bits: 8 by default, on every build machine, so an artifact does not depend on where it
 was converted. Where ONNX Runtime's u8 x s8 kernel saturates (x86 without VNNI/AMX), the worker
-runs the artifact's second graph with the same weights shifted to u8 (``convert.unsigned``,
-``worker.variant``): same integers, same vectors. ``weight_bits=7`` remains as an option.
+asks ONNX Runtime for its u8 x u8 kernel, which shifts the weights to u8 at load
+(``worker.variant``): same integers, same vectors. ``weight_bits=7`` remains as an option.
 
 The token-embedding table is stored int8 with one scale per row (Gather the int8 rows and their
 scales, then multiply): EmbeddingGemma's 262144x768 table is two thirds of its weights.
@@ -87,8 +87,8 @@ VALUE_PROJECTIONS = ("*v_proj*", "*/value/*")
 #: Activation bits of each integer-GEMM recipe unless the caller chooses. ``int8-wide`` takes 7: its
 #: residual pass already carries the bits a 7-bit first pass drops (coarse + fine, a step 126x finer:
 #: ~13 bits), so on real EmbeddingGemma paragraphs 7 and 8 gave the same cosine vs torch to five digits,
-#: while 7-bit activations cannot saturate the u8 x s8 kernel of CPUs without VNNI: one exact signed
-#: graph on every CPU, no ``model.u8.onnx`` (106 MB), 1.2x faster there (BENCHMARKS.md). The
+#: while 7-bit activations cannot saturate the u8 x s8 kernel of CPUs without VNNI: the exact signed
+#: kernel on every CPU, 1.2x faster than u8 x u8 on CPUs without VNNI (BENCHMARKS.md). The
 #: single-pass recipes keep 8: their first pass is all the precision they have.
 #: ``int8-rot`` keeps 8: with 7 bits EmbeddingGemma fell to 0.99951 / 0.99927, at the gate's edge.
 DEFAULT_ACTIVATION_BITS = {"int8-token": 8, "int8-rot": 8, "int8-attn": 8, "int8-wide": 7}
@@ -573,7 +573,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-        reduce_range = False  # 8-bit weights; saturating CPUs run the unsigned graph (convert.unsigned)
+        reduce_range = False  # 8-bit weights; saturating CPUs run u8 x u8 (worker.variant)
         op_types = ["MatMul", "Gather"] if opts.quantize_embeddings else ["MatMul"]
         quantize_dynamic(str(fp32_path), str(out_path), per_channel=True, reduce_range=reduce_range,
                          weight_type=QuantType.QInt8, op_types_to_quantize=op_types,

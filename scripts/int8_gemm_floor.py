@@ -8,7 +8,7 @@ does. This builds a graph holding nothing but ``layers`` GEMMs of [rows, k] u8 x
 prepacked weights, the shipped recipes' kernel, the worker's session options) summed into one output, and prints the
 median CPU time per run of 7 and the GOP/s it reaches. EmbeddingGemma-300m's transformer runs 168
 GEMMs with ~101 M weights, i.e. about 1.6 x the default 72 GEMMs of 768 x 1,152 (64 M weights).
-``--weights u8`` times the unsigned-weight graph a worker runs on x86 without VNNI (``worker/variant.py``),
+``--weights u8`` times the u8 x u8 kernel a worker runs on x86 without VNNI (``worker/variant.py``),
 ``--weights fp32`` a plain fp32 ``MatMul`` of the same shapes: the floor an fp32 artifact stands on.
 """
 
@@ -41,7 +41,7 @@ def gemm_graph(k: int, n: int, layers: int, weights: str = "s8", seed: int = 0) 
             nodes.append(helper.make_node("MatMul", ["xf", f"w{i}"], [f"y{i}"]))
         else:
             inputs = ["x", f"w{i}", "one", f"s{i}", "zp"]
-            if weights == "u8":  # the same integers shifted by 128, as convert.unsigned writes them
+            if weights == "u8":  # the same integers shifted by 128, as ONNX Runtime does for u8 x u8
                 inits.append(numpy_helper.from_array((signed.astype(np.int16) + 128).astype(np.uint8), f"w{i}"))
                 inputs.append("zp")
             else:
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=72)
     parser.add_argument("--rows", default="1,4,8,16,32,64,128")
     parser.add_argument("--weights", choices=("s8", "u8", "fp32"), default="s8",
-                        help="s8: the signed graph's kernel; u8: the unsigned graph's; fp32: MatMul")
+                        help="s8: the u8 x s8 kernel; u8: the u8 x u8 kernel; fp32: MatMul")
     args = parser.parse_args()
 
     opts = session_options(load_settings())  # the worker's own: one thread, every graph optimisation

@@ -24,6 +24,7 @@ import onnxruntime
 from convert.api import build_artifact
 from worker.cpu import cpu_features
 from worker.embedder import Embedder
+from worker.variant import kernel_label
 
 #: Short, long (past MiniLM's 256-token window), non-Latin and code-like texts.
 TEXTS = (
@@ -52,8 +53,8 @@ def record(artifact: Path) -> dict[str, object]:
     vectors = embedder.embed(list(TEXTS)).vectors
     return {
         "why": "the suite's MiniLM int8 vectors; scripts/record_reference_vectors.py says when to re-record",
-        "recorded_on": {"cpu": cpu_model(), "int8_features": sorted(cpu_features()), "graph": embedder.model_file,
-                        "onnxruntime": onnxruntime.__version__},
+        "recorded_on": {"cpu": cpu_model(), "int8_features": sorted(cpu_features()),
+                        "kernel": kernel_label(embedder.unsigned_kernel), "onnxruntime": onnxruntime.__version__},
         "recipe": embedder.manifest.quantization.get("recipe"),
         "weights_sha256": hashlib.sha256((artifact / "model.onnx.data").read_bytes()).hexdigest(),
         "texts": list(TEXTS),

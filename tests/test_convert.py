@@ -13,14 +13,13 @@ import pytest
 
 from convert.api import ConvertError, build_artifact
 from convert.cli import main as convert_main
-from convert.unsigned import unsigned_path, write_unsigned_variant
 from convert.validate import Thresholds, load_paragraphs
 from tests.gemma_tiny import EMBEDDINGGEMMA_PROMPTS, build_tiny_gemma
 from worker.artifact import ArtifactError, load_manifest
 from worker.config import Settings
 from worker.cpu import cpu_features
 from worker.embedder import Embedder
-from worker.variant import needs_unsigned_graph, u8s8_saturates
+from worker.variant import UNSIGNED_KERNEL_KEY, can_saturate, u8s8_saturates
 
 BIG = Settings(max_batch_paragraphs=10_000, max_batch_bytes=1 << 28)
 
@@ -32,12 +31,13 @@ def minilm_st(minilm_dir):
     return SentenceTransformer(str(minilm_dir), device="cpu")
 
 
-def worker_graph(model_path: Path) -> str:
-    """The graph a worker would run here (worker.variant): the unsigned-weight one where this CPU's
-    u8 x s8 GEMM saturates."""
-    if u8s8_saturates(cpu_features()) and write_unsigned_variant(model_path):
-        return str(unsigned_path(model_path))
-    return str(model_path)
+def worker_session(model_path: Path, unsigned_kernel: bool | None = None) -> ort.InferenceSession:
+    """A session on ``model_path`` as a worker would open it here (worker.variant): asking for the
+    u8 x u8 kernel where this CPU's u8 x s8 GEMM saturates (or as ``unsigned_kernel`` says)."""
+    opts = ort.SessionOptions()
+    if u8s8_saturates(cpu_features()) if unsigned_kernel is None else unsigned_kernel:
+        opts.add_session_config_entry(UNSIGNED_KERNEL_KEY, "1")
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -56,15 +56,13 @@ def _mixed_texts() -> list[str]:
 def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
     manifest = load_manifest(minilm_artifact)
     assert sorted(p.name for p in minilm_artifact.iterdir()) == [
-        "manifest.json", "model.onnx", "model.onnx.data", "model.u8.onnx", "model.u8.onnx.data", "tokenizer.json",
-        "validation.json"]
+        "manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"]
     assert manifest.dim == 384 and manifest.matryoshka_dims == [384]
     assert manifest.pooling == "mean" and manifest.max_seq_length == 256
     assert manifest.inputs == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest.quantization["recipe"] == "int8-rot"  # auto: int8-token misses the 0.999 mean gate
-    assert manifest.quantization["weight_bits"] == 8  # on every build machine (convert.unsigned)
-    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "model.u8.onnx", "model.u8.onnx.data",
-                                   "tokenizer.json", "validation.json"}
+    assert manifest.quantization["weight_bits"] == 8  # on every build machine (worker.variant)
+    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"}
     validation = json.loads((minilm_artifact / "validation.json").read_text())
     assert validation["passed"] is True
     assert validation["batch_invariance_min_cosine"] >= 0.9999
@@ -236,13 +234,12 @@ def test_tiny_gemma_manifest_prompts_dense_and_int8(tiny_gemma, tiny_gemma_fp32,
 
 def test_seven_bit_activations_ship_one_signed_graph_and_report_their_fidelity(tiny_gemma, tmp_path):
     """--activation-bits 7 (the faster option for CPUs without VNNI): recorded in the manifest, gated
-    like any recipe, and no unsigned graph, because its signed GEMMs cannot saturate anywhere."""
+    like any recipe, and run through the signed kernel everywhere, because it cannot saturate."""
     out = build_artifact(str(tiny_gemma), tmp_path / "a7", recipe="int8-token", activation_bits=7, stsb=None,
                          paragraph_limit=24, thresholds=Thresholds(min_mean_cosine=0.99, min_min_cosine=0.98))
     manifest = load_manifest(out)
-    assert manifest.quantization["activation_bits"] == 7 and "model.u8.onnx" not in manifest.files
-    assert not (out / "model.u8.onnx").exists()
-    assert Embedder(out, settings=BIG).model_file == "model.onnx"
+    assert manifest.quantization["activation_bits"] == 7
+    assert not Embedder(out, settings=BIG).unsigned_kernel
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] and report["paragraphs"]["int8_vs_torch_cosine"]["mean"] >= 0.99
 
@@ -334,7 +331,7 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
     def error(**options) -> float:
         out = tmp_path / f"{len(options)}.onnx"
         quantize(tmp_path / "fp32.onnx", out, QuantizeOptions(recipe="int8-token", weight_bits=8, **options))
-        got = ort.InferenceSession(worker_graph(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = worker_session(out).run(None, {"x": x})[0]
         return float(np.abs(got - exact).mean() / np.abs(exact).mean())
 
     plain, wide = error(), error(wide_activations=["*down_proj*"])
@@ -368,11 +365,11 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
     settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx",
                         QuantizeOptions(recipe=recipe, weight_bits=8, activation_bits=activation_bits))
     bits = activation_bits or {"int8-token": 8, "int8-rot": 8, "int8-wide": 7}[recipe]
-    assert settings["activation_bits"] == bits and needs_unsigned_graph(settings) == (bits == 8)
+    assert settings["activation_bits"] == bits and can_saturate(settings) == (bits == 8)
     a_max = 2 ** (bits - 1) - 1
-    graphs = [str(p) for p in write_unsigned_variant(tmp_path / "q.onnx") if p.suffix == ".onnx"]
-    if bits == 7 or not u8s8_saturates(cpu_features()):  # 8-bit: the signed graph is exact only where u8 x s8
-        graphs.append(str(tmp_path / "q.onnx"))        # does not saturate; 7-bit: everywhere
+    sessions = [worker_session(tmp_path / "q.onnx", unsigned_kernel=True)]  # exact on every CPU
+    if bits == 7 or not u8s8_saturates(cpu_features()):  # 8-bit: the signed kernel is exact only where u8 x s8
+        sessions.append(worker_session(tmp_path / "q.onnx", unsigned_kernel=False))  # does not saturate
     x = (rng.normal(size=(3, 7, 48)) * rng.uniform(0.1, 30, size=(3, 7, 1))).astype(np.float32)
     x[0, 0, 5] *= 80  # an outlier channel in one row
 
@@ -382,8 +379,7 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
     coarse = np.round(xr / step)
     fine = 2 * a_max
     rows = coarse + (np.round((xr / step - coarse) * fine) / fine if recipe == "int8-wide" else 0)
-    for graph_path in graphs:
-        session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
+    for session in sessions:
         outputs = zip((w1, w2), session.run(None, {"x": x}), session.run(None, {"x": x[1:2, 2:3]}), strict=True)
         for w0, got, alone in outputs:
             w = rotation.T @ w0
@@ -418,8 +414,7 @@ def test_embedding_table_quantization_dequantizes_every_row(tmp_path, bits):
                         QuantizeOptions(recipe="int8-token", embedding_bits=bits))
     assert settings["embedding_table"].startswith("int8" if bits == 8 else "4-bit")
     ids = rng.integers(0, 16384, size=(3, 50))
-    rows = ort.InferenceSession(worker_graph(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["rows"], {"ids": ids})[0]
+    rows = worker_session(tmp_path / "q.onnx").run(["rows"], {"ids": ids})[0]
     exact = table[ids]
     if bits == 8:
         step = np.abs(exact).max(axis=-1, keepdims=True) / 127
@@ -466,10 +461,10 @@ def test_int8_wide_is_more_faithful_batch_invariant_and_keeps_the_head_fp32(outl
     assert report["batch_invariance_min_cosine"] >= 0.9999
     quant = load_manifest(wide).quantization
     assert quant["recipe"] == "int8-wide" and quant["wide_activations"] == ["*"] and "head/*" in quant["keep_fp32"]
-    # 7-bit activations by default (the residual pass keeps the precision): one signed graph, exact on
-    # every CPU, so no unsigned-weight variant; the single-pass recipe keeps 8 bits and carries one.
-    assert quant["activation_bits"] == 7 and not (wide / "model.u8.onnx").exists()
-    assert load_manifest(token).quantization["activation_bits"] == 8 and (token / "model.u8.onnx").exists()
+    # 7-bit activations by default (the residual pass keeps the precision): the signed kernel is exact on
+    # every CPU; the single-pass recipe keeps 8 bits and needs the u8 x u8 kernel where u8 x s8 saturates.
+    assert quant["activation_bits"] == 7 and not can_saturate(quant)
+    assert load_manifest(token).quantization["activation_bits"] == 8 and can_saturate(load_manifest(token).quantization)
     ops = _op_types(wide)
     assert ops["head/dense0"] == "MatMul" and ops["head/dense1"] == "MatMul"
     integer_matmuls = [sum(op == "MatMulIntegerToFloat" for op in _op_types(a).values()) for a in (token, wide)]
@@ -535,7 +530,7 @@ def test_auto_recipe_goes_on_to_rotation_then_the_residual_pass(outlier_gemma, o
     token_mean, rot_mean, wide_mean = (_paragraph_cosine(a)["mean"] for a in (outlier_gemma_token, rot, wide))
     assert token_mean < rot_mean < wide_mean
     quant = load_manifest(rot).quantization
-    assert quant["rotate_activations"] == ["*"] and quant["activation_bits"] == 8 and (rot / "model.u8.onnx").exists()
+    assert quant["rotate_activations"] == ["*"] and quant["activation_bits"] == 8 and can_saturate(quant)
     for low, high, shipped, rejected in ((token_mean, rot_mean, "int8-rot", ["int8-token"]),
                                          (rot_mean, wide_mean, "int8-wide", ["int8-token", "int8-rot"])):
         between = Thresholds(min_mean_cosine=(low + high) / 2, min_min_cosine=0.8)

@@ -317,8 +317,8 @@ from worker import embedder
 from worker.config import Settings
 if sys.argv[2] != "1":  # negative control: what a multi-threaded session would look like
     original = embedder.session_options
-    def wide(settings):
-        opts = original(settings)
+    def wide(settings, *args):
+        opts = original(settings, *args)
         opts.intra_op_num_threads = int(sys.argv[2])
         return opts
     embedder.session_options = wide

@@ -20,7 +20,7 @@ import pytest
 from worker.config import Settings
 from worker.cpu import cpu_features
 from worker.embedder import Embedder
-from worker.variant import u8s8_saturates
+from worker.variant import kernel_label, u8s8_saturates
 
 REFERENCE = Path(__file__).parent / "data" / "reference-vectors-minilm.json"
 #: The project's batch-invariance bar (issue 10): a vector that moves less than this is the same vector.
@@ -49,14 +49,15 @@ def test_vectors_match_the_recording_on_this_cpu(minilm_artifact, reference):
     cosines = _cosines(embedder, reference)
     recorded = reference["recorded_on"]
     assert cosines.min() >= SAME_VECTOR, (
-        f"vectors differ from the recording ({recorded}) here ({sorted(cpu_features())}, {embedder.model_file}): "
+        f"vectors differ from the recording ({recorded}) here ({sorted(cpu_features())}, "
+        f"{kernel_label(embedder.unsigned_kernel)}): "
         f"cosine per text {np.round(cosines, 6).tolist()}"
     )
 
 
-@pytest.mark.skipif(not u8s8_saturates(cpu_features()), reason="the signed graph is exact on this CPU")
+@pytest.mark.skipif(not u8s8_saturates(cpu_features()), reason="the signed kernel is exact on this CPU")
 def test_a_saturating_kernel_would_fail_the_comparison(minilm_artifact, reference):
-    """The comparison has teeth: on this CPU the signed graph's u8 x s8 kernel saturates, and its vectors
-    fall below the bar (the worker never runs it here; worker/variant.py)."""
+    """The comparison has teeth: on this CPU the u8 x s8 kernel saturates, and its vectors fall below the
+    bar (the worker never runs it here; worker/variant.py)."""
     settings = dataclasses.replace(Settings(), int8_weights="signed")
     assert _cosines(Embedder(minilm_artifact, settings=settings), reference).min() < SAME_VECTOR

@@ -229,7 +229,7 @@ def test_quantization_warning_depends_on_cpu():
     avx2, vnni = frozenset({"avx2"}), frozenset({"avx2", "avx512_vnni"})
     token8, token7 = {"recipe": "int8-token", "weight_bits": 8}, {"recipe": "int8-token", "weight_bits": 7}
     rot = {"recipe": "int8-rot", "weight_bits": 8, "activation_bits": 8, "wide_activations": []}
-    # one int8 pass per activation: exact via model.u8.onnx on AVX2 and faster than fp32 there
+    # one int8 pass per activation: exact via the u8 x u8 kernel on AVX2 and faster than fp32 there
     assert quantization_warning(rot, avx2) is None and quantization_warning(token8, avx2) is None
     wide8 = {"recipe": "int8-wide", "activation_bits": 8}
     assert "u8 x u8" in quantization_warning(wide8, avx2) and "slower than fp32" in quantization_warning(wide8, avx2)

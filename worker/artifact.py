@@ -11,14 +11,13 @@ An artifact is a directory::
                       embedding table: two thirds of EmbeddingGemma) are read-only page-cache
                       pages shared by every worker process instead of a private copy each.
                       Artifacts with the weights inside model.onnx load too.
-    model.u8.onnx     int8 artifacts with 8-bit activations only (int8-token, int8-rot,
-                      int8-attn; not int8-wide, whose 7-bit activations cannot saturate): the
-                      same graph with unsigned GEMM weights, for CPUs
-    model.u8.onnx.data  whose u8 x s8 kernel saturates (no VNNI/AMX; see worker.variant). Its
-                      data file holds only the shifted weights; the rest stays in model.onnx.data.
     tokenizer.json    Hugging Face ``tokenizers`` file, padding and truncation switched off
     validation.json   what ``convert``'s gate measured (fidelity, STS-B, batch invariance)
     manifest.json     this module's :class:`Manifest`, with the sha256 of every other file
+
+Earlier versions also wrote ``model.u8.onnx`` (+ ``.data``), the graph with unsigned GEMM weights
+for CPUs whose u8 x s8 kernel saturates; ONNX Runtime now does that shift at load time
+(worker.variant), so such a file is verified with the rest but not read.
 
 Why the whole head lives in the ONNX graph (as llama.cpp does in GGUF): the runtime then
 needs no knowledge of architectures, pooling modes or Dense layers, and a worker image
@@ -40,9 +39,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-#: The same graph with its int8 GEMM weights shifted to u8 (convert.unsigned, worker.variant).
-UNSIGNED_MODEL_FILE = "model.u8.onnx"
-UNSIGNED_WEIGHTS_FILE = "model.u8.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 VALIDATION_FILE = "validation.json"
 OUTPUT_NAME = "sentence_embedding"

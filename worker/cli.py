@@ -19,7 +19,7 @@ from pathlib import Path
 from worker.artifact import ArtifactError, Manifest, load_manifest
 from worker.config import ConfigError, Settings, load_settings, mask_url
 from worker.cpu import available_cpus, cpu_features, quantization_warning
-from worker.variant import choose_model_file
+from worker.variant import kernel_label, wants_unsigned_kernel
 
 log = logging.getLogger("deposium.worker")
 
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     features = cpu_features()
     try:
         manifest = load_manifest(settings.artifact_dir)
-        model_file = choose_model_file(manifest, settings.int8_weights, features)
+        unsigned = wants_unsigned_kernel(manifest.quantization, settings.int8_weights, features)
     except ArtifactError as exc:
         print(f"deposium-worker: refusing to start: {exc}", file=sys.stderr)
         return EXIT_ARTIFACT
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     concurrency = settings.concurrency or available_cpus()
     for line in describe_startup(settings, manifest, concurrency):
         log.info(line)
-    log.info("graph %s (DEPOSIUM_INT8_WEIGHTS=%s)", model_file, settings.int8_weights)
+    log.info("int8 GEMM kernel %s (DEPOSIUM_INT8_WEIGHTS=%s)", kernel_label(unsigned), settings.int8_weights)
     warning = quantization_warning(manifest.quantization, features)
     if warning:
         log.warning(warning)

@@ -105,8 +105,8 @@ class Settings:
     #: glibc trim threshold (bytes): free heap kept for the next call instead of being returned
     #: and zero-filled again (worker/memory.py); 0 keeps glibc's default.
     malloc_trim_threshold: int = 32 * 1024 * 1024
-    #: Which int8 graph to run: ``auto`` picks the unsigned-weight one where the CPU's u8 x s8 GEMM
-    #: saturates (AVX2 without VNNI/AMX; worker/variant.py), ``signed`` / ``unsigned`` force one.
+    #: Which int8 GEMM kernel to run: ``auto`` asks for ONNX Runtime's u8 x u8 one where the CPU's u8 x s8
+    #: GEMM saturates (AVX2 without VNNI/AMX; worker/variant.py), ``signed`` / ``unsigned`` force one.
     int8_weights: str = "auto"
     #: Load the model once in the prefork parent so every child shares its weights copy-on-write
     #: (PSS per child measured in BENCHMARKS.md); 0 loads a private copy in each child instead.

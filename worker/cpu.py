@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.variant import INTEGER_GEMM_RECIPES, needs_unsigned_graph, u8s8_saturates
+from worker.variant import INTEGER_GEMM_RECIPES, can_saturate, u8s8_saturates
 
 #: Instruction sets that decide int8 speed, best first.
 INT8_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
@@ -118,8 +118,8 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
     """A warning when the artifact's quantization recipe does not suit these CPU features, else None.
 
     * any int8 recipe needs at least AVX2 for usable int8 kernels;
-    * integer-GEMM recipes on x86 without VNNI/AMX run exact (worker/variant.py runs the unsigned-weight
-      graph there unless the artifact has 7-bit operands) through ONNX Runtime's u8 x u8 or 16-bit
+    * integer-GEMM recipes on x86 without VNNI/AMX run exact (worker/variant.py asks for the u8 x u8
+      kernel there unless the artifact has 7-bit operands) through ONNX Runtime's u8 x u8 or 16-bit
       u8 x s8 kernels, at about a third of a VNNI core's int8 rate. One pass per activation still
       beats fp32 there (AMD EPYC Zen 3, ``int8-rot``: EmbeddingGemma 1.23x fp32's tokens/s and
       queries in 0.63x the time; MiniLM 1.11x and 0.70x), so no warning; a second pass over the
@@ -140,7 +140,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
     bits = quantization.get("weight_bits", 8)
     integer_matmul = recipe in INTEGER_GEMM_RECIPES
     if integer_matmul and u8s8_saturates(features) and _doubles_gemm_rows(quantization):
-        kernel = ("the u8 x u8 int8 kernel (model.u8.onnx)" if needs_unsigned_graph(quantization)
+        kernel = ("the u8 x u8 int8 kernel" if can_saturate(quantization)
                   else "the 16-bit u8 x s8 kernel (7-bit operands cannot saturate it)")
         return (
             f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through {kernel}, but its "
@@ -151,7 +151,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
     if integer_matmul and bits == 7:
         return (
             f"artifact recipe {recipe} uses 7-bit weights: rebuilding with 8-bit weights (the default, exact "
-            "on every CPU through the unsigned-weight graph) gives more accurate vectors"
+            "on every CPU through ONNX Runtime's u8 x u8 kernel where u8 x s8 saturates) gives more accurate vectors"
         )
     if recipe == "int8-block" and not vnni:
         return (

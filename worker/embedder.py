@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from worker.artifact import (  # noqa: E402
+    MODEL_FILE,
     OUTPUT_NAME,
     ArtifactError,
     Manifest,
@@ -35,7 +36,7 @@ from worker.cpu import cpu_features  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
 from worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
-from worker.variant import choose_model_file  # noqa: E402
+from worker.variant import UNSIGNED_KERNEL_KEY, wants_unsigned_kernel  # noqa: E402
 
 __all__ = [
     "DISABLED_OPTIMIZERS",
@@ -73,13 +74,14 @@ class EmbedResult:
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
-def session_options(settings: Settings) -> ort.SessionOptions:
+def session_options(settings: Settings, unsigned_kernel: bool = False) -> ort.SessionOptions:
     """Options for the one session a process owns: one intra-op and one inter-op thread,
     sequential execution, every graph optimisation but :data:`DISABLED_OPTIMIZERS`. Arena and
     memory pattern come from settings: both cache buffers per shape, so with length-packed
     batches (a new shape nearly every call) they make RSS ratchet upwards; measurements in
     BENCHMARKS.md. Without the arena every buffer a call needs is allocated afresh, which is
-    why ``token_budget`` must stay small (see :func:`pack_batches`)."""
+    why ``token_budget`` must stay small (see :func:`pack_batches`). ``unsigned_kernel``: run int8
+    GEMMs through the u8 x u8 kernel where u8 x s8 would saturate (worker/variant.py)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
@@ -92,6 +94,8 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     # thread-count change does not silently burn the core between runs.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if unsigned_kernel:
+        opts.add_session_config_entry(UNSIGNED_KERNEL_KEY, "1")
     return opts
 
 
@@ -203,13 +207,15 @@ class Embedder:
         # verify=True hashes every file: a truncated copy must fail here, naming the file.
         self.manifest: Manifest = (load_manifest if verify else read_manifest)(self.artifact_dir)
         self.tokenizer = ParagraphTokenizer.from_artifact(self.artifact_dir, self.manifest)
-        #: model.onnx, or model.u8.onnx where signed int8 GEMMs would saturate (worker/variant.py).
-        self.model_file = choose_model_file(self.manifest, self.settings.int8_weights, cpu_features())
+        self.model_file = MODEL_FILE
+        #: u8 x u8 int8 GEMMs where this CPU's u8 x s8 kernel would saturate (worker/variant.py).
+        self.unsigned_kernel = wants_unsigned_kernel(self.manifest.quantization, self.settings.int8_weights,
+                                                     cpu_features())
         model_path = self.artifact_dir / self.model_file
         try:
             self.session = ort.InferenceSession(
                 str(model_path),
-                sess_options=session_options(self.settings),
+                sess_options=session_options(self.settings, self.unsigned_kernel),
                 providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types

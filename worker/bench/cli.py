@@ -105,21 +105,18 @@ def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, valida
 
 
 def artifact_note(label: str, path: Path) -> str:
-    """One line for the report: which artifact ran, which of its graphs a worker runs on this CPU
+    """One line for the report: which artifact ran, which int8 GEMM kernel a worker runs on this CPU
     (worker.variant), which recipe it holds (its manifest), and which recipes ``auto`` rejected
     before it (its validation record)."""
     import json
 
-    from worker.artifact import VALIDATION_FILE, ArtifactError, read_manifest
+    from worker.artifact import VALIDATION_FILE, read_manifest
     from worker.cpu import cpu_features
-    from worker.variant import choose_model_file
+    from worker.variant import kernel_label, wants_unsigned_kernel
 
     manifest = read_manifest(path)
     quant = manifest.quantization
-    try:
-        graph = f"graph `{choose_model_file(manifest, 'auto', cpu_features())}` on this CPU"
-    except ArtifactError as exc:
-        graph = f"no usable graph on this CPU: {exc}"
+    graph = f"int8 GEMM kernel {kernel_label(wants_unsigned_kernel(quant, 'auto', cpu_features()))} on this CPU"
     line = f"ours {label}: `{path}` ({graph}), recipe `{quant.get('recipe', '?')}` (manifest)"
     try:
         validation = json.loads((path / VALIDATION_FILE).read_text())

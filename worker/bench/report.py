@@ -86,8 +86,8 @@ def machine_info() -> dict[str, str]:
     from worker.cpu import cpu_features
     from worker.variant import u8s8_saturates
 
-    info["u8 x s8 int8 GEMM"] = ("saturates with 8-bit operands (their artifacts run model.u8.onnx, worker/variant.py)"
-                                 if u8s8_saturates(cpu_features()) else "exact")
+    info["u8 x s8 int8 GEMM"] = ("saturates with 8-bit operands (their artifacts run the u8 x u8 kernel here, "
+                                 "worker/variant.py)" if u8s8_saturates(cpu_features()) else "exact")
     try:  # which code produced the figures (a dirty tree is said so)
         import subprocess
 
