@@ -120,6 +120,9 @@ def test_wants_unsigned_kernel():
     with pytest.raises(ValueError, match="choose one of auto, signed, unsigned"):
         wants_unsigned_kernel(eight, "u8", avx2)
     assert UNSIGNED_KERNEL_KEY in kernel_label(True) and kernel_label(False) == "u8 x s8"
+    assert kernel_label(True, {"recipe": "int8-rot"}) == kernel_label(True)
+    assert kernel_label(True, {"recipe": "fp32"}) == "none (fp32 recipe)"
+    assert kernel_label(False, {"recipe": "int8-block"}) == "none (int8-block recipe)"  # MatMulNBits
 
 
 def test_int8_weights_setting_is_validated():

@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     concurrency = settings.concurrency or available_cpus()
     for line in describe_startup(settings, manifest, concurrency):
         log.info(line)
-    log.info("int8 GEMM kernel %s (DEPOSIUM_INT8_WEIGHTS=%s)", kernel_label(unsigned), settings.int8_weights)
+    log.info("int8 GEMM kernel %s (DEPOSIUM_INT8_WEIGHTS=%s)", kernel_label(unsigned, manifest.quantization),
+             settings.int8_weights)
     warning = quantization_warning(manifest.quantization, features)
     if warning:
         log.warning(warning)

@@ -69,6 +69,8 @@ def wants_unsigned_kernel(quantization: Mapping[str, Any], choice: str, features
     return u8s8_saturates(features) and not seven_bit_operands(quantization)
 
 
-def kernel_label(unsigned: bool) -> str:
-    """How logs and reports name the kernel a session runs."""
+def kernel_label(unsigned: bool, quantization: Mapping[str, Any] | None = None) -> str:
+    """How logs and reports name the int8 GEMM kernel a session runs (none for a graph without int8 GEMMs)."""
+    if quantization is not None and str(quantization.get("recipe", "")) not in INTEGER_GEMM_RECIPES:
+        return f"none ({quantization.get('recipe', 'unknown')} recipe)"
     return f"u8 x u8 ({UNSIGNED_KERNEL_KEY})" if unsigned else "u8 x s8"

@@ -116,7 +116,7 @@ def artifact_note(label: str, path: Path) -> str:
 
     manifest = read_manifest(path)
     quant = manifest.quantization
-    graph = f"int8 GEMM kernel {kernel_label(wants_unsigned_kernel(quant, 'auto', cpu_features()))} on this CPU"
+    graph = f"int8 GEMM kernel {kernel_label(wants_unsigned_kernel(quant, 'auto', cpu_features()), quant)} on this CPU"
     line = f"ours {label}: `{path}` ({graph}), recipe `{quant.get('recipe', '?')}` (manifest)"
     try:
         validation = json.loads((path / VALIDATION_FILE).read_text())
