@@ -8,18 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from convert.api import ConvertError, build_artifact
 from convert.cli import main as convert_main
 from convert.validate import Thresholds, load_paragraphs
 from tests.gemma_tiny import EMBEDDINGGEMMA_PROMPTS, build_tiny_gemma
+from tests.sessions import worker_session
 from worker.artifact import ArtifactError, load_manifest
 from worker.config import Settings
 from worker.cpu import cpu_features
 from worker.embedder import Embedder
-from worker.variant import UNSIGNED_KERNEL_KEY, can_saturate, u8s8_saturates
+from worker.variant import can_saturate, u8s8_saturates
 
 BIG = Settings(max_batch_paragraphs=10_000, max_batch_bytes=1 << 28)
 
@@ -29,15 +29,6 @@ def minilm_st(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_dir), device="cpu")
-
-
-def worker_session(model_path: Path, unsigned_kernel: bool | None = None) -> ort.InferenceSession:
-    """A session on ``model_path`` as a worker would open it here (worker.variant): asking for the
-    u8 x u8 kernel where this CPU's u8 x s8 GEMM saturates (or as ``unsigned_kernel`` says)."""
-    opts = ort.SessionOptions()
-    if u8s8_saturates(cpu_features()) if unsigned_kernel is None else unsigned_kernel:
-        opts.add_session_config_entry(UNSIGNED_KERNEL_KEY, "1")
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
