@@ -9,6 +9,7 @@ onnxruntime on this very CPU, and that the u8 x u8 kernel is exact on every CPU.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.artifact import read_manifest, sha256_file, write_manifest
 from worker.config import ConfigError, Settings, load_settings
 from worker.cpu import cpu_features
 from worker.embedder import Embedder
@@ -146,3 +148,19 @@ def test_both_kernels_give_the_same_vectors(minilm_artifact):
     if saturates:  # the signed kernel is measurably wrong here: the reason for the choice
         signed = Embedder(minilm_artifact, settings=dataclasses.replace(big, int8_weights="signed"))
         assert np.abs(signed.embed(texts).vectors - vectors).max() > 1e-3
+
+
+def test_an_artifact_from_before_the_session_option_still_loads(minilm_artifact, tmp_path):
+    """Artifacts converted before this version carry ``model.u8.onnx`` (listed and hashed in their
+    manifest): they verify and load, the worker reads ``model.onnx`` with the kernel option, and the
+    vectors are those of a current artifact."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(minilm_artifact, legacy)
+    (legacy / "model.u8.onnx").write_bytes(b"an unsigned-weight graph this version never reads")
+    manifest = read_manifest(legacy)
+    write_manifest(legacy, dataclasses.replace(
+        manifest, files={**manifest.files, "model.u8.onnx": sha256_file(legacy / "model.u8.onnx")}))
+    texts = ["short", "A sentence about ONNX Runtime and integer kernels."]
+    old, new = Embedder(legacy), Embedder(minilm_artifact)
+    assert old.model_file == new.model_file == "model.onnx" and old.unsigned_kernel == new.unsigned_kernel
+    np.testing.assert_array_equal(old.embed(texts).vectors, new.embed(texts).vectors)
