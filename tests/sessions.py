@@ -6,15 +6,18 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from worker.config import Settings
 from worker.cpu import cpu_features
-from worker.variant import UNSIGNED_KERNEL_KEY, u8s8_saturates
+from worker.embedder import session_options
+from worker.variant import wants_unsigned_kernel
 
 
 def worker_session(model_path: Path, unsigned_kernel: bool | None = None) -> ort.InferenceSession:
-    """A session on ``model_path`` asking for the u8 x u8 int8 kernel where this CPU's u8 x s8 GEMM
-    saturates (worker.variant), or as ``unsigned_kernel`` says. Why: a test that ran an 8-bit graph
+    """A session on ``model_path`` with the worker's own options, asking for the u8 x u8 int8 kernel
+    where this CPU's u8 x s8 GEMM saturates (worker.variant; a raw graph has no manifest, so nothing
+    declares 7-bit operands), or as ``unsigned_kernel`` says. Why: a test that ran an 8-bit graph
     through a plain session passed on VNNI machines and failed on AVX2 ones."""
-    opts = ort.SessionOptions()
-    if u8s8_saturates(cpu_features()) if unsigned_kernel is None else unsigned_kernel:
-        opts.add_session_config_entry(UNSIGNED_KERNEL_KEY, "1")
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    if unsigned_kernel is None:
+        unsigned_kernel = wants_unsigned_kernel({}, "auto", cpu_features())
+    return ort.InferenceSession(str(model_path), session_options(Settings(), unsigned_kernel),
+                                providers=["CPUExecutionProvider"])
