@@ -19,7 +19,7 @@ import pytest
 from worker.bench import corpus as bc
 from worker.bench import llama as bl
 from worker.bench import peers as bp
-from worker.bench.e2e import ModeResult, overhead, write_jsonl
+from worker.bench.e2e import ModeResult, agreement, overhead, write_jsonl
 from worker.bench.fidelity import apply_fidelity, as_vectors, reference_index, row_cosines
 from worker.bench.report import SECTIONS, BenchResult, fidelity_row, goal_rows, render, write_report
 from worker.bench.stats import format_token_stats, median, percentile, summarize, token_stats
@@ -244,7 +244,7 @@ def test_write_report_with_figures_and_plot(tmp_path):
     timings = [_timing("ST torch fp32", "peer", "1", 4.0), _timing("ours int8", "ours", "1", 1.0)]
     gemma = {128: {"tokens": 128.0, "samples_ms": [500.0], "summary": s([500.0]), "tokens_per_s": 256.0}}
     e2e = [ModeResult("local", 100, 5000, 10.0, 9.0, 2 ** 27),
-           ModeResult("queue1", 100, 5000, 11.0, 9.9, 2 ** 27, [2 ** 26], [2 ** 27])]
+           ModeResult("queue1", 100, 5000, 11.0, 9.9, 2 ** 27, [2 ** 26], [2 ** 27], 97, 0.9999871)]
     result = _result(timings=timings, gemma=gemma, gemma_ops_per_token=2e8, e2e=e2e, e2e_overhead=overhead(e2e),
                      roofline=Roofline({"1x1x1": 1e11}, {"1x1x1": 5e10}, 0.02),
                      profiles=[("ours", [("MatMulInteger", 9.0, 90.0), ("Add", 1.0, 10.0)])])
@@ -254,7 +254,7 @@ def test_write_report_with_figures_and_plot(tmp_path):
     assert "](docs/bench.png)" in text
     assert "| ours int8 | 1 |" in text and "4.00×" in text  # 4x the torch row at the same batching
     assert "| 128 | 500 |" in text and "51%" in text  # 256 tok/s * 2e8 ops / 1e11
-    assert "| queue1 | 100 |" in text and "64 → 128" in text
+    assert "| queue1 | 100 |" in text and "64 → 128 | 97 / 100 (0.999987) |" in text
     assert "| MatMulInteger | 9.0 | 90.0 |" in text and "Skipped" not in text
 
 
@@ -266,6 +266,33 @@ def test_overhead_from_modes():
     assert ov["queue_overhead_cpu"] == pytest.approx(0.2)
     assert ov["scaling"] == pytest.approx(1.6)
     assert overhead(rs[:1]) == {}
+
+
+def _output(path, ids, vectors):
+    import pyarrow.parquet as pq
+
+    from producer.model import Paragraph
+    from producer.schema import rows_table
+
+    rows = [Paragraph(document=i, index=0, text=f"text {i}", tokens=3, hash=f"h{i}") for i in ids]
+    pq.write_table(rows_table(rows, np.asarray(vectors, np.float32), [3] * len(ids), [False] * len(ids), dim=3),
+                   path)
+    return path
+
+
+def test_agreement_joins_by_id_and_counts_identical_vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, 3))
+    ref = _output(tmp_path / "local.parquet", ["a", "b", "c", "d", "e"], vectors)
+    shuffled = _output(tmp_path / "q1.parquet", ["e", "d", "c", "b", "a"], vectors[::-1])
+    assert agreement(ref, shuffled) == (5, pytest.approx(1.0))
+    moved = vectors.copy()
+    moved[2] = -moved[2]
+    moved[4, 0] += 1e-3
+    identical, lowest = agreement(ref, _output(tmp_path / "q2.parquet", ["a", "b", "c", "d", "e"], moved))
+    assert identical == 3 and lowest == pytest.approx(-1.0)
+    with pytest.raises(RuntimeError, match="1 missing, 0 extra"):
+        agreement(ref, _output(tmp_path / "lost.parquet", ["a", "b", "c", "d"], vectors[:4]))
 
 
 def test_write_jsonl_round_trips(tmp_path):
@@ -718,6 +745,9 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
                 "| queue1 | 60 |", "| queue2 | 60 |", "int8 peak used below", "| MatMulIntegerToFloat |"):
         assert row in text, row
     assert "Skipped" not in text and "**Reduced run.**" in text and "`--skip-peers openvino`" in text
+    for mode in ("queue1", "queue2"):  # the same batches through Celery give bit-identical vectors
+        row = next(line for line in text.splitlines() if line.startswith(f"| {mode} | 60 |"))
+        assert row.endswith("| 60 / 60 (1.000000) |"), row
     assert "OpenVINO static int8: skipped (`--skip-peers openvino`)" in text
     assert "llama.cpp: skipped, only for Gemma3" in text
     assert "recipe `int8-token` (manifest), not validated" in text  # auto, no gate: its first recipe
@@ -727,6 +757,21 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
     cos_mean, cos_min = (float(c) for c in fp32_row.split("|")[9:11])
     assert 0.999 <= cos_min <= cos_mean <= 1.0 + 1e-6  # our fp32 graph is torch's model
     assert (tmp_path / "docs" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_end_to_end_only_run_builds_no_fp32_artifact(tmp_path, minilm_dir):
+    """A real model's end-to-end run (``--skip-single``) must not export the fp32 graph nobody times."""
+    model = _tiny_bert(tmp_path / "tiny", minilm_dir)
+    cache = tmp_path / "cache"
+    out = tmp_path / "e2e.md"
+    args = ["--model", str(model), "--paragraphs", "4", "--no-validate", "--cache", str(cache), "--skip-single",
+            "--skip-gemma", "--skip-e2e", "--out", str(out)]
+    proc = subprocess.run([str(Path(sys.executable).parent / "deposium-bench"), *args], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir() if (p / "manifest.json").is_file()) == ["tiny-int8-auto"]
+    text = out.read_text()
+    assert "- ours int8: " in text and "- ours fp32" not in text, text[:2000]
 
 
 class _WordTokenizer:

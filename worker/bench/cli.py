@@ -227,7 +227,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     skipped_peers(args.skip_peers)  # a typo fails before an artifact is built
     # "auto" (the converter's default): the fastest recipe that passes this model's gate
     int8 = _artifact(args.int8_artifact, source, cache, "auto", not args.no_validate, label="int8-auto")
-    fp32 = _artifact(args.fp32_artifact, source, cache, "fp32", not args.no_validate)
+    # only the single-core part times our fp32 graph: an end-to-end run of a real model need not export it
+    fp32 = None if args.skip_single else _artifact(args.fp32_artifact, source, cache, "fp32", not args.no_validate)
 
     from worker.embedder import Embedder
 
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     command = "deposium-bench " + " ".join(shlex.quote(a) for a in argv)
     result = BenchResult(command=command, corpus_label=label, token_stats=stats, lengths=lengths,
                          repeats=args.repeats, machine=machine, reduced=_reduced(args))
-    result.artifacts = [artifact_note("int8", int8), artifact_note("fp32", fp32)]
+    result.artifacts = [artifact_note("int8", int8), *([artifact_note("fp32", fp32)] if fp32 else [])]
     result.prompt = (f"`{prompt}` prepended (task `{task or 'default'}`)" if prompt
                      else "no prompt (the model defines none)")
     _say("\n".join(result.artifacts))

@@ -34,6 +34,10 @@ class ModeResult:
     #: Worker child processes' RSS (bytes) right after start-up and right before shutdown.
     worker_rss_start: list[int] = field(default_factory=list)
     worker_rss_end: list[int] = field(default_factory=list)
+    #: Against the first mode of the run, paragraph by paragraph: how many vectors are bit-identical,
+    #: and the lowest cosine (None for the first mode itself).
+    identical_to_first: int | None = None
+    min_cosine_to_first: float | None = None
 
     @property
     def paragraphs_per_s(self) -> float:
@@ -145,10 +149,43 @@ def run_modes(paragraphs: Sequence[str], artifact: Path, modes: Sequence[str] = 
                 redis_proc.wait(timeout=30)
         result = ModeResult(mode, int(summary["embedded"]), int(summary["tokens"]), seconds, cpu, peak,
                             rss_start, rss_end)
+        if results:
+            result.identical_to_first, result.min_cosine_to_first = agreement(work / f"{modes[0]}.parquet", out)
         results.append(result)
+        same = "" if result.identical_to_first is None else (
+            f"; {result.identical_to_first:,} vectors identical to {modes[0]}, min cosine "
+            f"{result.min_cosine_to_first:.6f}")
         log(f"  {mode:>7}: {result.paragraphs:,} paragraphs in {seconds:.1f} s wall = "
-            f"{result.paragraphs_per_s:,.1f} par/s; {result.cpu_ms_per_paragraph:.2f} CPU ms/paragraph")
+            f"{result.paragraphs_per_s:,.1f} par/s; {result.cpu_ms_per_paragraph:.2f} CPU ms/paragraph{same}")
     return results
+
+
+def agreement(reference: Path, other: Path) -> tuple[int, float]:
+    """Bit-identical vectors and the lowest cosine between two outputs of one job, joined by id.
+
+    Why in the bench: a mode, a worker count or a batch split must not change what users store, and
+    this is the one place the same large job runs every way; the suite checks it on small batches.
+    Raises if the two outputs do not hold the same paragraph ids: a lost row is a failure too.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(path, columns=["id", "embedding"]) for path in (reference, other)]
+    ids = [t.column("id").to_pylist() for t in tables]
+    if sorted(ids[0]) != sorted(ids[1]):
+        missing = len(set(ids[0]) - set(ids[1]))
+        extra = len(set(ids[1]) - set(ids[0]))
+        raise RuntimeError(f"{other.name} holds different paragraphs than {reference.name}: "
+                           f"{missing} missing, {extra} extra, {len(ids[1]) - len(set(ids[1]))} duplicated")
+    vectors = []
+    for table, order in zip(tables, ids, strict=True):
+        emb = table.column("embedding").combine_chunks()
+        flat = emb.values.to_numpy(zero_copy_only=False).astype(np.float32)
+        vectors.append(flat.reshape(len(order), -1)[np.argsort(order, kind="stable")])
+    a, b = vectors
+    identical = int(np.all(a == b, axis=1).sum())
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return identical, float(cos.min())
 
 
 def overhead(results: Sequence[ModeResult]) -> dict[str, float]:

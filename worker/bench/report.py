@@ -217,8 +217,6 @@ def _single_section(result: BenchResult) -> list[str]:
     ]
     if result.prompt:
         lines += [f"Every configuration embeds with the same prompt: {result.prompt}.", ""]
-    if result.artifacts:
-        lines += [f"- {a}" for a in result.artifacts] + [""]
     if result.peers:
         lines += ["Optional peers:", "", *[f"- {p}" for p in result.peers], ""]
     lines += [
@@ -296,12 +294,15 @@ def _e2e_section(result: BenchResult) -> list[str]:
              "test-owned `redis-server` + `celery worker --pool prefork` with 1 and 2 processes, int8 artifact. "
              "CPU ms/paragraph sums the producer, the worker processes and redis-server.", "",
              "| mode | paragraphs | tokens | wall s | paragraphs/s (wall) | CPU ms/paragraph | producer peak RSS MiB "
-             "| worker RSS start → end MiB (per child) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| worker RSS start → end MiB (per child) | vectors identical to the first mode (min cosine) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result.e2e:
         rss = ", ".join(f"{a / mib:.0f} → {b / mib:.0f}" for a, b in zip(r.worker_rss_start, r.worker_rss_end,
                                                                         strict=False)) or "—"
+        same = getattr(r, "identical_to_first", None)
+        same_text = "reference" if same is None else f"{same:,} / {r.paragraphs:,} ({r.min_cosine_to_first:.6f})"
         lines.append(f"| {r.mode} | {r.paragraphs:,} | {r.tokens:,} | {r.wall_s:.1f} | {r.paragraphs_per_s:,.1f} | "
-                     f"{r.cpu_ms_per_paragraph:.2f} | {r.producer_peak_rss / mib:.0f} | {rss} |")
+                     f"{r.cpu_ms_per_paragraph:.2f} | {r.producer_peak_rss / mib:.0f} | {rss} | {same_text} |")
     ov = result.e2e_overhead or {}
     parts = []
     if "queue_overhead_wall" in ov:
@@ -361,6 +362,7 @@ def render(result: BenchResult, plot_name: str | None) -> str:
                                        if k.startswith("version "))]
     out += ["", "## Command", "", "```", result.command, "```", "",
             f"Total run time {result.elapsed_s / 60:.1f} min.", "",
+            *[f"- {a}" for a in result.artifacts], *([""] if result.artifacts else []),
             "## Corpus", "", f"{result.corpus_label}. Token lengths (the model's tokenizer, prompt and special tokens "
             "included):",
             "", "```", format_token_stats(result.token_stats), "```", "",
