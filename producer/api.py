@@ -115,6 +115,8 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
     the options, Redis or the sink are unusable. ``out`` is any sink target: a ``.parquet``
     path, ``postgresql://user@host/db?table=NAME`` or ``lancedb://PATH?table=NAME``;
     ``index`` (``"hnsw"``) builds a vector index in those stores once the job is complete.
+    ``task`` names the model's prompt; ``None`` takes its ``document`` prompt when it has one
+    (EmbeddingGemma), ``""`` (``worker.tokenize.NO_PROMPT``) none at all.
     """
     settings = settings or load_settings()
     options = with_in_flight(JobOptions(task=task, dim=dim, dtype=dtype, batch_tokens=batch_tokens,

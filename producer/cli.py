@@ -52,7 +52,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="JOB_ID",
                    help="continue a job by id with its recorded inputs and options")
     p.add_argument("--job-id", help="name the job yourself instead of deriving it from inputs and options")
-    p.add_argument("--task", help="task prompt name from the model's manifest (e.g. query, document)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--task", help="task prompt name from the model's manifest (default: its 'document' "
+                                       "prompt when it has one, e.g. EmbeddingGemma; none otherwise)")
+    prompt.add_argument("--no-prompt", action="store_true",
+                        help="embed the texts as they are, even with a model that has a document prompt")
     p.add_argument("--dim", type=_at_least(1), help="Matryoshka dimension (one of the model's dims)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--batch-tokens", type=_at_least(1), default=None,
@@ -116,11 +120,12 @@ def _main(args: argparse.Namespace) -> int:
     from worker.artifact import ArtifactError
     from worker.config import ConfigError, load_settings
     from worker.errors import EmbedRequestError
+    from worker.tokenize import NO_PROMPT
 
     try:
         settings = load_settings()
-        options = JobOptions(task=args.task, dim=args.dim, dtype=args.dtype, batch_tokens=args.batch_tokens,
-                             max_tokens=args.max_tokens, min_chars=args.min_chars)
+        options = JobOptions(task=NO_PROMPT if args.no_prompt else args.task, dim=args.dim, dtype=args.dtype,
+                             batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, min_chars=args.min_chars)
         paths = list(args.paths)
         target = args.out
         local = True if args.local else None
@@ -137,7 +142,7 @@ def _main(args: argparse.Namespace) -> int:
             paths, target = spec.get("paths", spec["inputs"]), spec["target"]
             if spec.get("cwd"):
                 os.chdir(spec["cwd"])  # document ids are the paths as first given, relative to this
-            options = JobOptions(**spec["options"])
+            options = JobOptions(**spec["options"])  # final: the task it started with, resolved
             artifact = artifact or Path(spec["artifact_dir"])
             errors = errors or Path(spec["errors_path"])
         if not paths:
@@ -154,7 +159,7 @@ def _main(args: argparse.Namespace) -> int:
         options = with_in_flight(options, settings, args.max_in_flight)
         plan = plan_job(inputs=identity_inputs, target=target, options=options, settings=settings,
                         local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
-                        errors_path=errors)
+                        errors_path=errors, resolve_task=not args.resume)
         plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format)
         meter = Meter()
         progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),

@@ -23,6 +23,7 @@ from producer.sinks import open_sink
 from producer.tokens import TokenCounter
 from worker.artifact import ArtifactError, read_manifest
 from worker.config import Settings, load_settings
+from worker.tokenize import ingestion_task
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,19 @@ def is_file_target(target: str) -> bool:
 
 def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: Settings | None = None,
              local: bool | None = None, artifact_dir: Path | None = None, job_id: str | None = None,
-             errors_path: Path | None = None, extra_identity: dict[str, Any] | None = None) -> Plan:
-    """Validate options against the artifact and derive the job id (no work, no connections)."""
+             errors_path: Path | None = None, extra_identity: dict[str, Any] | None = None,
+             resolve_task: bool = True) -> Plan:
+    """Validate options against the artifact and derive the job id (no work, no connections).
+
+    A job that names no task gets the model's document prompt (``worker.tokenize.ingestion_task``);
+    the plan records the task it resolved to, so a resumed job (``resolve_task=False``: its
+    recorded options are final) keeps embedding the way it started.
+    """
     settings = settings or load_settings()
     artifact_dir = Path(artifact_dir or settings.artifact_dir).expanduser()
     manifest = read_manifest(artifact_dir)
+    if resolve_task:
+        options = replace(options, task=ingestion_task(options.task, manifest.prompts))
     if options.dim is not None and options.dim not in manifest.matryoshka_dims:
         raise ValueError(f"--dim {options.dim} is not offered by this model; choose one of "
                          f"{manifest.matryoshka_dims}")

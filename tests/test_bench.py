@@ -442,11 +442,9 @@ def test_artifact_note_reads_the_recipe_from_the_manifest_and_the_gate(tmp_path)
     assert artifact_note("int8", tmp_path).endswith("gate passed after rejecting int8-token.")
 
 
-def test_cli_document_task_and_skip_peers():
-    from worker.bench.cli import document_task, parser, skipped_peers
+def test_cli_skip_peers():
+    from worker.bench.cli import parser, skipped_peers
 
-    assert document_task({"query": "q: ", "document": "title: none | text: "}) == "document"
-    assert document_task({}) is None
     assert skipped_peers("") == set() and skipped_peers(" openvino, llama ") == {"openvino", "llama"}
     with pytest.raises(ValueError, match="openvno"):
         skipped_peers("openvno")

@@ -211,3 +211,54 @@ def test_library_submit_refuses_unknown_options_before_starting(tmp_path: Path, 
         with pytest.raises(error, match=message):
             submit(docs, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_job_naming_no_task_gets_the_models_document_prompt(tmp_path: Path, minilm_artifact: Path):
+    """EmbeddingGemma-like manifest: task prompts, no default prompt. A job that forgets --task must not
+    store prompt-less vectors for good; --no-prompt (task "") still asks for them explicitly."""
+    from producer.job import plan_job
+    from producer.runner import JobOptions
+    from tests.test_embedder import linked_copy
+    from worker.config import Settings
+    from worker.embedder import Embedder
+    from worker.tokenize import NO_PROMPT, ingestion_task
+
+    artifact = linked_copy(minilm_artifact, tmp_path / "prompted",
+                           {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None})
+    texts = ["The first paragraph of a document about rivers and their deltas.",
+             "A second paragraph, about the sea, its tides and the moon that drives them."]
+    embedder = Embedder(artifact)
+
+    def stored(out: str, **options) -> np.ndarray:
+        table = submit([(f"d{i}", t) for i, t in enumerate(texts)], out=tmp_path / out, local=True,
+                       artifact_dir=artifact, **options).results()
+        return np.array(table.column("embedding").to_pylist(), np.float32)
+
+    document = embedder.embed(texts, task="document").vectors
+    bare = embedder.embed(texts, task=NO_PROMPT).vectors
+    assert float((document * bare).sum(1).min()) < 0.999  # the prompt moves the vectors
+    np.testing.assert_allclose(stored("implied.parquet"), document, atol=1e-6)
+    np.testing.assert_allclose(stored("bare.parquet", task=NO_PROMPT), bare, atol=1e-6)
+    np.testing.assert_allclose(stored("query.parquet", task="query"), embedder.embed(texts, task="query").vectors,
+                               atol=1e-6)
+
+    # the CLI: --no-prompt reaches the same vectors; it and --task exclude each other
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
+                                               for i, t in enumerate(texts)))
+    r = _run(["in.jsonl", "--out", "cli.parquet", "--local", "--no-prompt", "--no-progress"],
+             _env(tmp_path, artifact), tmp_path)
+    assert r.returncode == 0, r.stderr
+    cli = np.array(pq.read_table(tmp_path / "cli.parquet").column("embedding").to_pylist(), np.float32)
+    np.testing.assert_allclose(cli, bare, atol=1e-6)
+    r = _run(["in.jsonl", "--out", "x.parquet", "--local", "--no-prompt", "--task", "query"],
+             _env(tmp_path, artifact), tmp_path)
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+    # the plan records the resolved task; a resumed job's recorded options are final
+    plan = plan_job(inputs=["x"], target=str(tmp_path / "p.parquet"), options=JobOptions(batch_tokens=8192), local=True,
+                    artifact_dir=artifact, settings=Settings())
+    assert plan.options.task == plan.spec["options"]["task"] == "document"
+    resumed = plan_job(inputs=["x"], target=str(tmp_path / "p.parquet"), options=JobOptions(batch_tokens=8192), local=True,
+                       artifact_dir=artifact, settings=Settings(), resolve_task=False)
+    assert resumed.options.task is None and resumed.job_id != plan.job_id
+    assert ingestion_task(None, {}) is None and ingestion_task(NO_PROMPT, {"document": "p: "}) == NO_PROMPT

@@ -8,7 +8,7 @@ sides use this one class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,24 @@ from tokenizers import Encoding, Tokenizer  # noqa: E402
 
 from worker.artifact import TOKENIZER_FILE, ArtifactError, Manifest, read_manifest  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
+
+#: The task a job of documents embeds with when it names none: the prompt sentence-transformers'
+#: ``encode_document`` uses (EmbeddingGemma: ``title: none | text: ``).
+DOCUMENT_TASK = "document"
+#: A task that asks for no prompt at all, even from a model that defines a document prompt.
+NO_PROMPT = ""
+
+
+def ingestion_task(requested: str | None, prompts: Mapping[str, str]) -> str | None:
+    """The task an ingestion job embeds with: the one it names, else the model's document prompt.
+
+    Why a default at all: a model with a document prompt was trained to see it before the texts
+    a search retrieves, and a job that forgot ``--task`` would otherwise store, silently and for
+    good, vectors made without it. Models without one (MiniLM) keep ``None``: their default.
+    """
+    if requested is not None:
+        return requested
+    return DOCUMENT_TASK if DOCUMENT_TASK in prompts else None
 
 
 @dataclass(frozen=True)
@@ -81,7 +99,10 @@ class ParagraphTokenizer:
 
     def prompt(self, task: str | None) -> str:
         """The text prepended for ``task`` ('' for none). ``None`` means the model's default prompt,
-        as sentence-transformers does; an unknown name is a request error listing the known ones."""
+        as sentence-transformers does, ``NO_PROMPT`` none at all; an unknown name is a request error
+        listing the known ones."""
+        if task == NO_PROMPT:
+            return ""
         if task is None:
             return self.prompts[self.default_prompt_name] if self.default_prompt_name else ""
         try:

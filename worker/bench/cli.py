@@ -127,12 +127,6 @@ def artifact_note(label: str, path: Path) -> str:
     return line + f", gate {gate}" + (f" after rejecting {', '.join(rejected)}" if rejected else "") + "."
 
 
-def document_task(prompts: dict[str, str]) -> str | None:
-    """The task every configuration embeds with: "document" when the model has that prompt
-    (EmbeddingGemma: ``title: none | text: ``), else none (MiniLM has no prompts)."""
-    return "document" if "document" in prompts else None
-
-
 def skipped_peers(value: str) -> set[str]:
     """``--skip-peers`` parsed and checked."""
     names = {v.strip() for v in value.split(",") if v.strip()}
@@ -231,9 +225,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     fp32 = None if args.skip_single else _artifact(args.fp32_artifact, source, cache, "fp32", not args.no_validate)
 
     from worker.embedder import Embedder
+    from worker.tokenize import ingestion_task
 
     counter = Embedder(int8, token_budget=token_budget)
-    task = document_task(counter.manifest.prompts)
+    # every configuration embeds with the task an ingestion job defaults to (the document prompt)
+    task = ingestion_task(None, counter.manifest.prompts)
     prompt = counter.tokenizer.prompt(task)
     lengths = counter.tokenizer.encode(paragraphs, task).lengths
     stats = token_stats(lengths)
