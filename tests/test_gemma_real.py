@@ -106,3 +106,44 @@ def test_plain_dynamic_recipe_is_rejected(tmp_path):
     with pytest.raises(ConvertError, match="validation gate failed"):
         build_artifact(GEMMA_DIR, tmp_path / "dyn", recipe="int8-dynamic", stsb=None, paragraph_limit=48)
     assert not (tmp_path / "dyn").exists()
+
+
+def test_a_queued_job_stores_what_torch_computes(gemma_artifact, gemma_st, redis_server, tmp_path):
+    """The real model on the path users run: ``deposium-submit`` -> Redis -> two Celery prefork
+    processes -> Parquet. Every paragraph lands once, its stored vector is the in-process Embedder's
+    for that paragraph alone (whatever batch and process it went through) and llama.cpp-grade
+    against torch: the gate's figures hold for what is stored, not only for the gate's own calls."""
+    import pyarrow.parquet as pq
+
+    from tests.procs import Worker, exactly_once, producer_env, run_submit, write_jsonl
+    from worker.embedder import Embedder
+
+    paragraphs = load_paragraphs()
+    corpus = write_jsonl(tmp_path / "job.jsonl", paragraphs)
+    out = tmp_path / "out.parquet"
+    env = producer_env(tmp_path, gemma_artifact, redis_server.url)
+    with Worker(redis_server.url, gemma_artifact, tmp_path / "worker.log", concurrency=2) as worker:
+        # no --task: a job takes the model's document prompt. ~1,000 tokens per task: ~20 batches of
+        # varied make-up, shared by both processes
+        code, summary, stderr = run_submit([str(corpus), "--out", str(out), "--batch-tokens", "1024"], env,
+                                           tmp_path, timeout=3600)
+        succeeded = [line for line in worker.text().splitlines() if "succeeded" in line]
+    assert code == 0, stderr[-3000:]
+    table = pq.read_table(out).to_pylist()
+    rows, duplicated, missing = exactly_once(out, {row["id"] for row in table})
+    assert (rows, duplicated, missing) == (summary["embedded"], 0, set())
+    assert summary["failed_paragraphs"] == summary["batches_failed"] == 0
+    assert rows >= len(paragraphs), rows  # a record may split into paragraphs, never merge
+    assert summary["batches"] >= 10 and len(succeeded) == summary["batches_sent"] == summary["batches"]
+    assert len({line.split("ForkPoolWorker-")[1].split("]")[0] for line in succeeded}) == 2
+
+    texts = [row["text"] for row in table]
+    stored = np.array([row["embedding"] for row in table], dtype=np.float32)
+    embedder = Embedder(gemma_artifact, settings=BIG)
+    alone = np.concatenate([embedder.embed([t], task="document").vectors for t in texts])
+    assert _cos(stored, alone).min() >= 0.9999
+    ref = gemma_st.encode(texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
+    vs_torch = _cos(stored, ref)
+    print(f"\n{rows} paragraphs, {summary['batches']} batches: stored vs alone min {_cos(stored, alone).min():.6f}, "
+          f"vs torch mean {vs_torch.mean():.5f} min {vs_torch.min():.5f}")
+    assert vs_torch.mean() >= 0.999 and vs_torch.min() >= 0.998, (vs_torch.mean(), vs_torch.min())
