@@ -255,10 +255,11 @@ def test_a_job_naming_no_task_gets_the_models_document_prompt(tmp_path: Path, mi
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
 
     # the plan records the resolved task; a resumed job's recorded options are final
-    plan = plan_job(inputs=["x"], target=str(tmp_path / "p.parquet"), options=JobOptions(batch_tokens=8192), local=True,
+    options = JobOptions(batch_tokens=8192)
+    plan = plan_job(inputs=["x"], target=str(tmp_path / "p.parquet"), options=options, local=True,
                     artifact_dir=artifact, settings=Settings())
     assert plan.options.task == plan.spec["options"]["task"] == "document"
-    resumed = plan_job(inputs=["x"], target=str(tmp_path / "p.parquet"), options=JobOptions(batch_tokens=8192), local=True,
+    resumed = plan_job(inputs=["x"], target=str(tmp_path / "p.parquet"), options=options, local=True,
                        artifact_dir=artifact, settings=Settings(), resolve_task=False)
     assert resumed.options.task is None and resumed.job_id != plan.job_id
     assert ingestion_task(None, {}) is None and ingestion_task(NO_PROMPT, {"document": "p: "}) == NO_PROMPT
