@@ -770,6 +770,7 @@ def test_end_to_end_only_run_builds_no_fp32_artifact(tmp_path, minilm_dir):
     assert sorted(p.name for p in cache.iterdir() if (p / "manifest.json").is_file()) == ["tiny-int8-auto"]
     text = out.read_text()
     assert "- ours int8: " in text and "- ours fp32" not in text, text[:2000]
+    assert "No plot (nothing timed" in text and not list(tmp_path.glob("*.png"))  # no empty axes
 
 
 class _WordTokenizer:

@@ -113,7 +113,9 @@ def run_modes(paragraphs: Sequence[str], artifact: Path, modes: Sequence[str] = 
     results = []
     for mode in modes:
         out = work / f"{mode}.parquet"
-        for stale in (out, Path(f"{out}.parts"), Path(f"{out}.job.json"), Path(f"{out}.errors.jsonl")):
+        # a worker log left by an earlier run would read as "ready" before this run's worker is
+        for stale in (out, Path(f"{out}.parts"), Path(f"{out}.job.json"), Path(f"{out}.errors.jsonl"),
+                      work / f"worker-{mode}.log"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         rss_start: list[int] = []
         rss_end: list[int] = []

@@ -377,12 +377,15 @@ def render(result: BenchResult, plot_name: str | None) -> str:
             "## Noise", "", *_noise_section(result), "",
             "## Plot", ""]
     out += [f"![tokens/s per configuration and latency vs paragraph length]({plot_name})" if plot_name
-            else "No plot (matplotlib missing or plotting skipped)."]
+            else "No plot (nothing timed per configuration, matplotlib missing, or plotting skipped)."]
     return "\n".join(out) + "\n"
 
 
 def plot(result: BenchResult, path: Path) -> Path | None:
-    """Two panels: tokens/s per configuration, and CPU ms per paragraph vs its length in tokens."""
+    """Two panels: tokens/s per configuration, and CPU ms per paragraph vs its length in tokens.
+    None when the run timed nothing per configuration (e.g. end to end only): no empty axes."""
+    if not result.timings and not result.gemma:
+        return None
     try:
         import matplotlib
     except ImportError:
