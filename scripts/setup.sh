@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with every extra (convert, producer, monitor, bench, dev).
+# Create .venv and install the project with every extra (convert, producer, monitor, bench, sinks, dev,
+# openvino: the bench's OpenVINO peer, so the suite tests it instead of skipping it).
 # torch is pinned to 2.13.0: on these machines that is a CPU wheel from local disk; an unpinned
 # torch would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -10,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[producer,convert,monitor,bench,sinks,dev]'
+.venv/bin/python -m pip install -q -e '.[producer,convert,monitor,bench,sinks,dev,openvino]'
 # pgvector for the machine's PostgreSQL (tests start their own cluster with it). A no-op when
 # installed; builds Debian's source package through a temporary apt source list otherwise.
 if ! scripts/install-pgvector.sh --check 2>/dev/null; then
