@@ -109,7 +109,6 @@ class ParagraphTokenizer:
         else:
             tokenizer.no_truncation()
             self._counting = tokenizer
-        release_free_heap()
         return tokenizer
 
     @classmethod

@@ -299,8 +299,8 @@ def _e2e_section(result: BenchResult) -> list[str]:
     for r in result.e2e:
         rss = ", ".join(f"{a / mib:.0f} → {b / mib:.0f}" for a, b in zip(r.worker_rss_start, r.worker_rss_end,
                                                                         strict=False)) or "—"
-        same = getattr(r, "identical_to_first", None)
-        same_text = "reference" if same is None else f"{same:,} / {r.paragraphs:,} ({r.min_cosine_to_first:.6f})"
+        same_text = ("reference" if r.identical_to_first is None
+                     else f"{r.identical_to_first:,} / {r.paragraphs:,} ({r.min_cosine_to_first:.6f})")
         lines.append(f"| {r.mode} | {r.paragraphs:,} | {r.tokens:,} | {r.wall_s:.1f} | {r.paragraphs_per_s:,.1f} | "
                      f"{r.cpu_ms_per_paragraph:.2f} | {r.producer_peak_rss / mib:.0f} | {rss} | {same_text} |")
     ov = result.e2e_overhead or {}
