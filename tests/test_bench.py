@@ -684,6 +684,16 @@ def test_llama_configs_reuse_a_cached_gguf_and_size_the_context(tmp_path, monkey
     assert "n_ctx = n_batch = n_ubatch = 320" in note and "'title: none | text: '" in note
 
 
+def test_llama_peer_needs_sentencepiece_before_it_starts(monkeypatch):
+    """The GGUF conversion of a Gemma3 vocabulary imports sentencepiece: say so up front."""
+    monkeypatch.setattr(bl, "_importable", lambda module: module != "sentencepiece")
+    assert "sentencepiece" in (bl.llama_missing() or "")
+    monkeypatch.setattr(bl, "_importable", lambda module: module != "llama_cpp")
+    assert "llama_cpp" in (bl.llama_missing() or "")
+    monkeypatch.setattr(bl, "_importable", lambda module: True)
+    assert bl.llama_missing() is None
+
+
 def test_llama_peer_skips_with_a_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(bl, "llama_missing", lambda: "`llama_cpp` is not importable")
     with pytest.raises(bp.PeerUnavailable, match="llama_cpp"):

@@ -39,16 +39,27 @@ CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 GEMMA_MODEL_TYPES = {"gemma3_text", "gemma3"}
 
 
-def llama_missing() -> str | None:
-    """Why the llama.cpp peer cannot run here, or None when ``llama_cpp`` is importable."""
+def _importable(module: str) -> bool:
     import importlib.util
 
     try:
-        found = importlib.util.find_spec("llama_cpp") is not None
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
-        found = False
-    return None if found else ("`llama_cpp` is not importable (install llama-cpp-python, e.g. the wheel "
-                               "in ~/.cache/deposium/wheels, and `sentencepiece` for the GGUF conversion)")
+        return False
+
+
+def llama_missing() -> str | None:
+    """Why the llama.cpp peer cannot run here, or None when it can.
+
+    Why sentencepiece too: the GGUF conversion reads Gemma3's vocabulary with it, and without it
+    the peer failed only after minutes of the bench, as a converter traceback in the report.
+    """
+    if not _importable("llama_cpp"):
+        return ("`llama_cpp` is not importable (install llama-cpp-python, e.g. the wheel "
+                "in ~/.cache/deposium/wheels)")
+    if not _importable("sentencepiece"):
+        return "`sentencepiece` is not importable (the GGUF conversion needs it; the `bench` extra installs it)"
+    return None
 
 
 def is_gemma3(model_dir: Path) -> bool:
