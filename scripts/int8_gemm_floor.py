@@ -8,8 +8,12 @@ does. This builds a graph holding nothing but ``layers`` GEMMs of [rows, k] u8 x
 prepacked weights, the shipped recipes' kernel, the worker's session options) summed into one output, and prints the
 median CPU time per run of 7 and the GOP/s it reaches. EmbeddingGemma-300m's transformer runs 168
 GEMMs with ~101 M weights, i.e. about 1.6 x the default 72 GEMMs of 768 x 1,152 (64 M weights).
-``--weights u8`` times the u8 x u8 kernel a worker runs on x86 without VNNI (``worker/variant.py``),
-``--weights fp32`` a plain fp32 ``MatMul`` of the same shapes: the floor an fp32 artifact stands on.
+It also times one plain read of as many bytes as the weights (a NumPy max over them, the fastest
+read measured: ~27 GB/s for 64 MB on a Xeon core where a sum reached 18): where a
+GEMM takes about that long, it is bound by memory bandwidth, not arithmetic, and no kernel that
+reads the same weights can run faster. ``--weights u8`` times the u8 x u8 kernel a worker runs on
+x86 without VNNI (``worker/variant.py``), ``--weights fp32`` a plain fp32 ``MatMul`` of the same
+shapes: the floor an fp32 artifact stands on.
 """
 
 from __future__ import annotations
@@ -58,6 +62,19 @@ def gemm_graph(k: int, n: int, layers: int, weights: str = "s8", seed: int = 0) 
     return helper.make_model(graph, opset_imports=opsets)
 
 
+def read_seconds(nbytes: int, repeats: int = 7) -> float:
+    """Median CPU time of one sequential read of ``nbytes``, read as often as the GEMMs read their
+    weights (so both get whatever share of the shared L3 cache the host leaves them)."""
+    buf = np.ones(max(nbytes, 1), np.uint8)
+    buf.max()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        buf.max()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=768)
@@ -75,6 +92,8 @@ def main() -> None:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     weights_mb = args.layers * args.k * args.n / 1e6 * (4 if args.weights == "fp32" else 1)
+    read = read_seconds(int(weights_mb * 1e6))
+    print(f"one read of {weights_mb:.0f} MB: {1000 * read:7.2f} ms ({weights_mb / 1000 / read:.1f} GB/s on one core)")
     for rows in (int(r) for r in args.rows.split(",")):
         x = rng.integers(0, 256, (rows, args.k), dtype=np.uint8)
         session.run(None, {"x": x})
