@@ -7,8 +7,9 @@
 // and this measures how much a custom op with its own kernel could take off them. CPUs with AMX-INT8
 // only (Linux >= 5.16 grants the tile state on request).
 //
-//   gcc -O3 -march=sapphirerapids -o /tmp/amx_probe scripts/amx_fused_gemm_probe.c -lm
-//   /tmp/amx_probe 16        # rows; prints a check against a scalar reference, then the median CPU time
+//   gcc -O3 -march=sapphirerapids -o /tmp/amx_probe scripts/experiments/fused_gemm/amx_fused_gemm_probe.c -lm
+//   /tmp/amx_probe 16 [72]   # rows [GEMMs]; prints a check against a scalar reference, then the median CPU time
+//   (120 GEMMs = 106 MB, EmbeddingGemma-300m's int8 weights: too many to stay in cache between runs)
 //
 // Layout: the weights are packed once, as a custom op would at session start, into AMX's B layout
 // (per 16-column block and 64-deep k step: 16 rows of k/4 x 64 bytes = 16 columns x 4 k values).
@@ -27,7 +28,6 @@
 
 #define K 768
 #define N 1152
-#define L 72
 #define NB 4  // C tiles (16 columns each) per pass
 
 typedef struct { uint8_t palette; uint8_t start_row; uint8_t rsv[14]; uint16_t colsb[16]; uint8_t rows[16]; } tilecfg;
@@ -44,7 +44,6 @@ static void pack_b(const int8_t *w, int8_t *bp) {
             bp[((((size_t)j * (K / 64) + ks) * 16 + r) * 16 + c) * 4 + q] = w[(size_t)(ks * 64 + r * 4 + q) * N + j * 16 + c];
 }
 
-static int32_t colsum[L][N];
 
 // x: [M][K] fp32 -> y: [M][N] fp32. Per-row absmax quantization to u8 (zp 128), AMX u8 x s8, scales fused.
 static void fused(int M, const float *x, const int8_t *bp, const float *wscale, const int32_t *cs, float *y) {
@@ -90,6 +89,8 @@ static void fused(int M, const float *x, const int8_t *bp, const float *wscale, 
 
 int main(int argc, char **argv) {
   int M = argc > 1 ? atoi(argv[1]) : 16;
+  int L = argc > 2 ? atoi(argv[2]) : 72;
+  if (M < 1 || M > 16 || L < 1) { fprintf(stderr, "usage: amx_probe ROWS(1-16) [GEMMS]\n"); return 2; }
   if (!__builtin_cpu_supports("amx-int8")) { fprintf(stderr, "this CPU has no AMX-INT8\n"); return 2; }
   if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)) {
     perror("arch_prctl(ARCH_REQ_XCOMP_PERM)");
@@ -101,6 +102,7 @@ int main(int argc, char **argv) {
   srand(1);
   int8_t *w = malloc((size_t)K * N);
   int8_t **bp = malloc(L * sizeof(*bp));
+  int32_t (*colsum)[N] = malloc(sizeof(int32_t[N]) * L);
   float *wscale = malloc(N * sizeof(float));
   for (int n = 0; n < N; n++) wscale[n] = 0.01f;
   for (int l = 0; l < L; l++) {
@@ -133,7 +135,7 @@ int main(int argc, char **argv) {
     if (r) best[r - 1] = cpu_ms() - t0;
   }
   for (int i = 0; i < nrep; i++) for (int j = i + 1; j < nrep; j++) if (best[j] < best[i]) { double t = best[i]; best[i] = best[j]; best[j] = t; }
-  printf("rows %2d: %.2f ms median for %d fused quantize + AMX GEMM + scale of 768x1152 (64 MB int8)\n", M, best[nrep / 2], L);
+  printf("rows %2d: %.2f ms median for %d fused quantize + AMX GEMM + scale of 768x1152 (%.0f MB int8)\n", M, best[nrep / 2], L, L * (double)K * N / 1e6);
   _tile_release();
   return 0;
 }
