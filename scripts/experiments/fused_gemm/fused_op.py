@@ -1,7 +1,7 @@
 """Experiment (not shipped): an `int8-rot` artifact whose integer GEMMs run as ONE custom op each.
 
 Usage (build the op first, see README.md beside this file):
-    python scripts/experiments/fused_gemm/fused_op.py rewrite SHIPPED_ARTIFACT OUT
+    python scripts/experiments/fused_gemm/fused_op.py rewrite SHIPPED_ARTIFACT OUT [--rotation]
     python scripts/experiments/fused_gemm/fused_op.py check SHIPPED_ARTIFACT OUT --lib LIB [--source MODEL_DIR]
     python scripts/experiments/fused_gemm/fused_op.py compare SHIPPED_ARTIFACT OUT --lib LIB [compare_artifacts options]
     python scripts/experiments/fused_gemm/fused_op.py profile OUT --lib LIB [profile_artifact options]
@@ -10,7 +10,8 @@ Why: the shipped graph quantizes each activation row with five ONNX Runtime node
 Max, Div, QuantizeLinear), runs ``MatMulIntegerToFloat`` and multiplies by the row scale with a sixth.
 ``rewrite`` replaces every such chain by ``FusedRowQGemm`` (``fused_rowq_gemm_op.cc``: per-row
 quantization, AMX int8 GEMM, zero-point and scales in one kernel), its weights packed once into AMX's
-layout. The rotations, attention and norms are left as they are. ``compare`` and ``profile`` run the
+layout. ``--rotation`` also folds each block-32 Hadamard rotation in (``FusedRotRowQGemm``); attention
+and norms are left as they are. ``compare`` and ``profile`` run the
 repository's own scripts with the op's library registered in the worker's session options, so the
 figures are measured exactly like the shipped artifact's.
 """
@@ -39,7 +40,23 @@ def amx_layout(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k // 64, 16, 4, n // 16, 16).transpose(3, 0, 1, 4, 2)).reshape(-1)
 
 
-def rewrite(src: Path, dst: Path) -> None:
+def rotation_input(x: str, producer: dict[str, onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]]
+                   ) -> tuple[str, list[onnx.NodeProto]] | None:
+    """When ``x`` is a block-32 rotation's output (convert/rotate.py: Reshape, MatMul by
+    rot/hadamard32, Reshape) that nothing else reads: the unrotated input and the three nodes."""
+    joined = producer.get(x)
+    if joined is None or not joined.name.endswith("/rot/rotated"):
+        return None
+    turned = producer[joined.input[0]]
+    blocks = producer[turned.input[0]]
+    if turned.input[1] != "rot/hadamard32":
+        return None
+    if any(len(consumers[n.output[0]]) != 1 for n in (blocks, turned)):
+        return None
+    return blocks.input[0], [blocks, turned, joined]
+
+
+def rewrite(src: Path, dst: Path, rotation: bool = False) -> None:
     from worker.artifact import sha256_file
 
     model = onnx.load(str(src / "model.onnx"))
@@ -64,13 +81,16 @@ def rewrite(src: Path, dst: Path) -> None:
         w = numpy_helper.to_array(inits[gemm.input[1]]).astype(np.int8)
         if w.shape[0] % 64 or w.shape[1] % 64:
             raise SystemExit(f"{gemm.name}: K and N must be multiples of 64, got {w.shape}")
-        base = f"{gemm.name}/fused"
+        base, op_type, chain = f"{gemm.name}/fused", "FusedRowQGemm", []
+        if rotation and (found := rotation_input(x, producer, consumers)) is not None:
+            if {c.op_type for c in consumers[x]} == {"Abs", "Div"}:
+                (x, chain), op_type = found, "FusedRotRowQGemm"
         added += [numpy_helper.from_array(amx_layout(w), f"{base}/b"),
                   numpy_helper.from_array(w.astype(np.int32).sum(axis=0).astype(np.int32), f"{base}/colsum")]
-        op = helper.make_node("FusedRowQGemm", [x, f"{base}/b", gemm.input[3], f"{base}/colsum"],
+        op = helper.make_node(op_type, [x, f"{base}/b", gemm.input[3], f"{base}/colsum"],
                               [scale_mul.output[0]], name=base, domain=DOMAIN)
         graph.node.insert(list(graph.node).index(gemm), op)
-        dropped |= {id(n) for n in (gemm, scale_mul, quantize, divide, floor, absmax, absolute)}
+        dropped |= {id(n) for n in (gemm, scale_mul, quantize, divide, floor, absmax, absolute, *chain)}
         fused += 1
     kept = [n for n in graph.node if id(n) not in dropped]
     del graph.node[:]
@@ -89,7 +109,8 @@ def rewrite(src: Path, dst: Path) -> None:
             shutil.copy(src / name, dst / name)
     manifest["files"] = {name: sha256_file(dst / name) for name in manifest["files"]}
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"{fused} integer GEMM chains fused; {len(graph.node)} nodes; wrote {dst}")
+    rotated = sum(n.op_type == "FusedRotRowQGemm" for n in graph.node)
+    print(f"{fused} integer GEMM chains fused ({rotated} with their rotation); {len(graph.node)} nodes; wrote {dst}")
 
 
 def register(lib: Path) -> None:
@@ -132,10 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("rewrite", "check", "compare", "profile"))
     parser.add_argument("--lib", type=Path, default=Path("/tmp/libfused_rowq_gemm.so"))
+    parser.add_argument("--rotation", action="store_true",
+                        help="rewrite: fold each block-32 Hadamard rotation into the op (FusedRotRowQGemm)")
     parser.add_argument("--source", type=Path, help="check: also compare with this sentence-transformers model")
     args, rest = parser.parse_known_args()
     if args.command == "rewrite":
-        rewrite(Path(rest[0]), Path(rest[1]))
+        rewrite(Path(rest[0]), Path(rest[1]), args.rotation)
         return
     register(args.lib)
     if args.command == "check":

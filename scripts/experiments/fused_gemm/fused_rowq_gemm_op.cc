@@ -3,7 +3,8 @@
 // place of the shipped recipe's Abs/ReduceMax/Max/Div/QuantizeLinear/MatMulIntegerToFloat/Mul chain.
 // Inputs: x fp32 [..., K], b int8 in AMX's B layout (fused_op.py: amx_layout), w_scale fp32 [N] (the
 // shipped graph's column steps, 1/127 included), colsum int32 [N]. Output fp32 [..., N]. K and N must be
-// multiples of 64. AMX-INT8 CPUs only: no AVX-512 or AVX2 path, which a shipped op would need.
+// multiples of 64. "FusedRotRowQGemm" first rotates each row by the block-32 Hadamard matrix, in place
+// of the graph's Reshape/MatMul/Reshape (fused_op.py rewrite --rotation). AMX-INT8 CPUs only: no AVX-512 or AVX2 path, which a shipped op would need.
 //
 // Build (headers: see README.md beside this file):
 //   g++ -O3 -march=sapphirerapids -std=c++17 -fPIC -shared -I$ORT_INCLUDE \
@@ -28,9 +29,35 @@ static void load_tiles() {  // every call: MLAS's own AMX kernels load other con
   _tile_loadconfig(&cfg);
 }
 
-void FusedRowQGemm(const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<int8_t>& b,
-                   const Ort::Custom::Tensor<float>& ws, const Ort::Custom::Tensor<int32_t>& cs,
-                   Ort::Custom::Tensor<float>& y) {
+// x H over each 32-wide block, H the orthonormal Sylvester-Hadamard matrix (convert/rotate.py): the
+// five butterfly stages of a fast Walsh-Hadamard transform, four inside a 16-lane register
+// (partner lane j ^ h: y = x[j ^ h] + sign * x[j]), the last across the block's two halves.
+static void rotate32(float* v, int64_t K) {
+  static const __m512 scale = _mm512_set1_ps(0.17677669529663687f);  // 1 / sqrt(32)
+  __m512i idx[4];
+  __m512 sign[4];
+  for (int s = 0; s < 4; s++) {
+    alignas(64) int32_t i[16];
+    alignas(64) float g[16];
+    for (int j = 0; j < 16; j++) { i[j] = j ^ (1 << s); g[j] = (j & (1 << s)) ? -1.f : 1.f; }
+    idx[s] = _mm512_load_si512(i);
+    sign[s] = _mm512_load_ps(g);
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512 lo = _mm512_loadu_ps(v + k), hi = _mm512_loadu_ps(v + k + 16);
+    for (int s = 0; s < 4; s++) {
+      lo = _mm512_fmadd_ps(sign[s], lo, _mm512_permutexvar_ps(idx[s], lo));
+      hi = _mm512_fmadd_ps(sign[s], hi, _mm512_permutexvar_ps(idx[s], hi));
+    }
+    _mm512_storeu_ps(v + k, _mm512_mul_ps(_mm512_add_ps(lo, hi), scale));
+    _mm512_storeu_ps(v + k + 16, _mm512_mul_ps(_mm512_sub_ps(lo, hi), scale));
+  }
+}
+
+template <bool kRotate>
+void RowQGemm(const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<int8_t>& b,
+              const Ort::Custom::Tensor<float>& ws, const Ort::Custom::Tensor<int32_t>& cs,
+              Ort::Custom::Tensor<float>& y) {
   std::vector<int64_t> shape = x.Shape();
   const int64_t K = shape.back(), N = ws.NumberOfElement(), M = x.NumberOfElement() / K;
   shape.back() = N;
@@ -47,8 +74,15 @@ void FusedRowQGemm(const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tenso
   for (int64_t m0 = 0; m0 < M; m0 += 16) {
     const int rows = (int)std::min<int64_t>(16, M - m0);
     float rs[16];
+    static thread_local std::vector<float> turned;
+    if (kRotate) turned.resize(K);
     for (int m = 0; m < rows; m++) {
       const float* xr = xin + (m0 + m) * K;
+      if (kRotate) {
+        std::memcpy(turned.data(), xr, K * sizeof(float));
+        rotate32(turned.data(), K);
+        xr = turned.data();
+      }
       __m512 mx = _mm512_setzero_ps();
       for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
       const float amax = std::fmax(_mm512_reduce_max_ps(mx), 1e-10f * 127.f);
@@ -89,9 +123,11 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   if (syscall(SYS_arch_prctl, 0x1023, 18)) return Ort::GetApi().CreateStatus(ORT_FAIL, "no AMX tile state");
   static Ort::CustomOpDomain domain{"deposium.experiment"};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op{
-      Ort::Custom::CreateLiteCustomOp("FusedRowQGemm", "CPUExecutionProvider", FusedRowQGemm)};
+      Ort::Custom::CreateLiteCustomOp("FusedRowQGemm", "CPUExecutionProvider", RowQGemm<false>)};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> rotating{
+      Ort::Custom::CreateLiteCustomOp("FusedRotRowQGemm", "CPUExecutionProvider", RowQGemm<true>)};
   static bool added = false;
-  if (!added) { domain.Add(op.get()); added = true; }
+  if (!added) { domain.Add(op.get()); domain.Add(rotating.get()); added = true; }
   Ort::UnownedSessionOptions(options).Add(domain);
   return nullptr;
 }
