@@ -7,8 +7,8 @@
 // of the graph's Reshape/MatMul/Reshape (fused_op.py rewrite --rotation). AMX-INT8 CPUs only: no AVX-512 or AVX2 path, which a shipped op would need.
 //
 // Build (headers: see README.md beside this file):
-//   g++ -O3 -march=sapphirerapids -std=c++17 -fPIC -shared -I$ORT_INCLUDE \
-//       -o /tmp/libfused_rowq_gemm.so scripts/experiments/fused_gemm/fused_rowq_gemm_op.cc
+//   g++ -O3 -march=sapphirerapids -std=c++17 -fPIC -shared -I$ORT_INCLUDE -o /tmp/libfused_rowq_gemm.so
+//       scripts/experiments/fused_gemm/fused_rowq_gemm_op.cc
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -32,16 +32,23 @@ static void load_tiles() {  // every call: MLAS's own AMX kernels load other con
 // x H over each 32-wide block, H the orthonormal Sylvester-Hadamard matrix (convert/rotate.py): the
 // five butterfly stages of a fast Walsh-Hadamard transform, four inside a 16-lane register
 // (partner lane j ^ h: y = x[j ^ h] + sign * x[j]), the last across the block's two halves.
+struct ButterflyTables {  // per in-register stage s: partner lane j ^ 2^s and the sign of x[j]
+  alignas(64) int32_t partner[4][16];
+  alignas(64) float sign[4][16];
+  ButterflyTables() {
+    for (int s = 0; s < 4; s++)
+      for (int j = 0; j < 16; j++) { partner[s][j] = j ^ (1 << s); sign[s][j] = (j & (1 << s)) ? -1.f : 1.f; }
+  }
+};
+
 static void rotate32(float* v, int64_t K) {
-  static const __m512 scale = _mm512_set1_ps(0.17677669529663687f);  // 1 / sqrt(32)
+  static const ButterflyTables tables;  // built once, not per row
+  const __m512 scale = _mm512_set1_ps(0.17677669529663687f);  // 1 / sqrt(32)
   __m512i idx[4];
   __m512 sign[4];
   for (int s = 0; s < 4; s++) {
-    alignas(64) int32_t i[16];
-    alignas(64) float g[16];
-    for (int j = 0; j < 16; j++) { i[j] = j ^ (1 << s); g[j] = (j & (1 << s)) ? -1.f : 1.f; }
-    idx[s] = _mm512_load_si512(i);
-    sign[s] = _mm512_load_ps(g);
+    idx[s] = _mm512_load_si512(tables.partner[s]);
+    sign[s] = _mm512_load_ps(tables.sign[s]);
   }
   for (int64_t k = 0; k < K; k += 32) {
     __m512 lo = _mm512_loadu_ps(v + k), hi = _mm512_loadu_ps(v + k + 16);
