@@ -1,19 +1,23 @@
 """Experiment (not shipped): an `int8-rot` artifact whose integer GEMMs run as ONE custom op each.
 
 Usage (build the op first, see README.md beside this file):
-    python scripts/experiments/fused_gemm/fused_op.py rewrite SHIPPED_ARTIFACT OUT [--rotation]
+    python scripts/experiments/fused_gemm/fused_op.py rewrite SHIPPED_ARTIFACT OUT [--rotation] [--epilogue]
     python scripts/experiments/fused_gemm/fused_op.py check SHIPPED_ARTIFACT OUT --lib LIB [--source MODEL_DIR]
     python scripts/experiments/fused_gemm/fused_op.py compare SHIPPED_ARTIFACT OUT --lib LIB [compare_artifacts options]
     python scripts/experiments/fused_gemm/fused_op.py profile OUT --lib LIB [profile_artifact options]
+    python scripts/experiments/fused_gemm/fused_op.py bench --lib LIB [deposium-bench options, --int8-artifact OUT]
 
 Why: the shipped graph quantizes each activation row with five ONNX Runtime nodes (Abs, ReduceMax,
 Max, Div, QuantizeLinear), runs ``MatMulIntegerToFloat`` and multiplies by the row scale with a sixth.
 ``rewrite`` replaces every such chain by ``FusedRowQGemm`` (``fused_rowq_gemm_op.cc``: per-row
 quantization, AMX int8 GEMM, zero-point and scales in one kernel), its weights packed once into AMX's
-layout. ``--rotation`` also folds each block-32 Hadamard rotation in (``FusedRotRowQGemm``); attention
-and norms are left as they are. ``compare`` and ``profile`` run the
-repository's own scripts with the op's library registered in the worker's session options, so the
-figures are measured exactly like the shipped artifact's.
+layout. ``--rotation`` also folds each block-32 Hadamard rotation in (``FusedRotRowQGemm``);
+``--epilogue`` folds the bias ``Add`` after the GEMM, and the erf GELU after that (BERT-style models:
+all-MiniLM-L6-v2's FFN), into the op's epilogue (``...Bias``, ``...BiasGelu``). Attention and norms
+are left as they are. ``compare``, ``profile`` and ``bench`` run the
+repository's own scripts (``bench``: ``deposium-bench``, whose single-core peers run in-process)
+with the op's library registered in the worker's session options, so the figures are measured
+exactly like the shipped artifact's.
 """
 
 from __future__ import annotations
@@ -56,7 +60,54 @@ def rotation_input(x: str, producer: dict[str, onnx.NodeProto], consumers: dict[
     return blocks.input[0], [blocks, turned, joined]
 
 
-def rewrite(src: Path, dst: Path, rotation: bool = False) -> None:
+def constant(name: str, inits: dict[str, onnx.TensorProto], producer: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The value of an initializer or a ``Constant`` node's output; None for computed tensors."""
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def sole(name: str, consumers: dict[str, list[onnx.NodeProto]], op_type: str) -> onnx.NodeProto | None:
+    found = consumers.get(name, [])
+    return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+
+def epilogue_after(out: str, n: int, inits: dict[str, onnx.TensorProto], producer: dict[str, onnx.NodeProto],
+                   consumers: dict[str, list[onnx.NodeProto]]) -> tuple[str, str, list[onnx.NodeProto], str] | None:
+    """(suffix, bias name, nodes folded, new output) when ``out`` only feeds ``Add(out, bias[n])``, and
+    the exact GELU after it when that Add only feeds ``x * 0.5 * (1 + erf(x / sqrt 2))`` as exported."""
+    add = sole(out, consumers, "Add")
+    if add is None:
+        return None
+    bias = add.input[1] if add.input[0] == out else add.input[0]
+    value = constant(bias, inits, producer)
+    if value is None or value.shape != (n,):
+        return None
+    y = add.output[0]
+    users = consumers.get(y, [])
+    if sorted(u.op_type for u in users) != ["Div", "Mul"]:
+        return "Bias", bias, [add], y
+    div = next(u for u in users if u.op_type == "Div")
+    times_x = next(u for u in users if u.op_type == "Mul")
+    root2 = constant(div.input[1], inits, producer)
+    erf = sole(div.output[0], consumers, "Erf")
+    plus = erf and sole(erf.output[0], consumers, "Add")
+    if root2 is None or root2.size != 1 or abs(float(root2) - 2 ** 0.5) > 1e-6 or plus is None:
+        return "Bias", bias, [add], y
+    one = constant(plus.input[1] if plus.input[0] == erf.output[0] else plus.input[0], inits, producer)
+    half_mul = sole(times_x.output[0], consumers, "Mul")
+    if one is None or float(one) != 1.0 or half_mul is None or plus.output[0] not in times_x.input:
+        return "Bias", bias, [add], y
+    half = constant(half_mul.input[1] if half_mul.input[0] == times_x.output[0] else half_mul.input[0], inits, producer)
+    if half is None or float(half) != 0.5:
+        return "Bias", bias, [add], y
+    return "BiasGelu", bias, [add, div, erf, plus, times_x, half_mul], half_mul.output[0]
+
+
+def rewrite(src: Path, dst: Path, rotation: bool = False, epilogue: bool = False) -> None:
     from worker.artifact import sha256_file
 
     model = onnx.load(str(src / "model.onnx"))
@@ -70,6 +121,7 @@ def rewrite(src: Path, dst: Path, rotation: bool = False) -> None:
     dropped: set[int] = set()
     added: list[onnx.TensorProto] = []
     fused = 0
+    epilogues = {"Bias": 0, "BiasGelu": 0}
     for gemm in [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]:
         quantize = producer[gemm.input[0]]
         divide = producer[quantize.input[0]]
@@ -87,12 +139,20 @@ def rewrite(src: Path, dst: Path, rotation: bool = False) -> None:
                 (x, chain), op_type = found, "FusedRotRowQGemm"
         added += [numpy_helper.from_array(amx_layout(w), f"{base}/b"),
                   numpy_helper.from_array(w.astype(np.int32).sum(axis=0).astype(np.int32), f"{base}/colsum")]
-        op = helper.make_node(op_type, [x, f"{base}/b", gemm.input[3], f"{base}/colsum"],
-                              [scale_mul.output[0]], name=base, domain=DOMAIN)
+        inputs, output = [x, f"{base}/b", gemm.input[3], f"{base}/colsum"], scale_mul.output[0]
+        if epilogue and (after := epilogue_after(output, w.shape[1], inits, producer, consumers)) is not None:
+            suffix, bias, folded, output = after
+            op_type += suffix
+            inputs.append(bias)
+            chain = [*chain, *folded]
+            epilogues[suffix] += 1
+        op = helper.make_node(op_type, inputs, [output], name=base, domain=DOMAIN)
         graph.node.insert(list(graph.node).index(gemm), op)
         dropped |= {id(n) for n in (gemm, scale_mul, quantize, divide, floor, absmax, absolute, *chain)}
         fused += 1
     kept = [n for n in graph.node if id(n) not in dropped]
+    read = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in read]  # the GELU's 0.5, 1, sqrt 2
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(added)
@@ -109,8 +169,9 @@ def rewrite(src: Path, dst: Path, rotation: bool = False) -> None:
             shutil.copy(src / name, dst / name)
     manifest["files"] = {name: sha256_file(dst / name) for name in manifest["files"]}
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    rotated = sum(n.op_type == "FusedRotRowQGemm" for n in graph.node)
-    print(f"{fused} integer GEMM chains fused ({rotated} with their rotation); {len(graph.node)} nodes; wrote {dst}")
+    rotated = sum(n.op_type.startswith("FusedRot") for n in graph.node)
+    print(f"{fused} integer GEMM chains fused ({rotated} with their rotation, {epilogues['Bias']} with their bias, "
+          f"{epilogues['BiasGelu']} with bias + GELU); {len(graph.node)} nodes; wrote {dst}")
 
 
 def register(lib: Path) -> None:
@@ -132,18 +193,19 @@ def check(shipped: Path, fused: Path, source: Path | None) -> None:
     from worker.embedder import Embedder
 
     texts = load_paragraphs(limit=160)
-    a = Embedder(shipped).embed(texts, task="document").vectors
-    fused_embedder = Embedder(fused)
-    b = fused_embedder.embed(texts, task="document").vectors
+    shipped_embedder, fused_embedder = Embedder(shipped), Embedder(fused)
+    task = "document" if "document" in shipped_embedder.manifest.prompts else None  # MiniLM has no prompts
+    a = shipped_embedder.embed(texts, task=task).vectors
+    b = fused_embedder.embed(texts, task=task).vectors
     cosine = (a * b).sum(axis=1)
-    alone = np.stack([fused_embedder.embed([t], task="document").vectors[0] for t in texts[:32]])
+    alone = np.stack([fused_embedder.embed([t], task=task).vectors[0] for t in texts[:32]])
     print(f"{len(texts)} gate paragraphs: cosine fused vs shipped mean {cosine.mean():.6f} min {cosine.min():.6f}; "
           f"fused, 32 alone vs in one batch: min {(alone * b[:32]).sum(axis=1).min():.6f}")
     if source is not None:  # the same paragraphs through sentence-transformers, torch fp32
         from sentence_transformers import SentenceTransformer
 
         torch_vectors = SentenceTransformer(str(source), device="cpu").encode(
-            texts, prompt_name="document", normalize_embeddings=True)
+            texts, prompt_name=task, normalize_embeddings=True)
         for name, vectors in (("shipped", a), ("fused", b)):
             c = (vectors * torch_vectors).sum(axis=1)
             print(f"{name} vs torch fp32: mean {c.mean():.5f} min {c.min():.5f}")
@@ -151,18 +213,26 @@ def check(shipped: Path, fused: Path, source: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("rewrite", "check", "compare", "profile"))
+    parser.add_argument("command", choices=("rewrite", "check", "compare", "profile", "bench"))
     parser.add_argument("--lib", type=Path, default=Path("/tmp/libfused_rowq_gemm.so"))
     parser.add_argument("--rotation", action="store_true",
                         help="rewrite: fold each block-32 Hadamard rotation into the op (FusedRotRowQGemm)")
+    parser.add_argument("--epilogue", action="store_true",
+                        help="rewrite: fold the bias Add and the erf GELU after it into the op")
     parser.add_argument("--source", type=Path, help="check: also compare with this sentence-transformers model")
     args, rest = parser.parse_known_args()
     if args.command == "rewrite":
-        rewrite(Path(rest[0]), Path(rest[1]), args.rotation)
+        rewrite(Path(rest[0]), Path(rest[1]), args.rotation, args.epilogue)
         return
     register(args.lib)
     if args.command == "check":
         check(Path(rest[0]), Path(rest[1]), args.source)
+        return
+    if args.command == "bench":
+        from worker.bench.cli import main as bench
+
+        sys.argv = ["deposium-bench", *rest]
+        bench()
         return
     script = REPO / "scripts" / f"{args.command}_artifact{'s' if args.command == 'compare' else ''}.py"
     sys.argv = [str(script), *rest]
