@@ -7,10 +7,13 @@
 // separate ONNX Runtime nodes (Abs, ReduceMax, Max, Div, QuantizeLinear, MatMulIntegerToFloat, Mul),
 // and this measures how much a custom op with its own kernel could take off them. The GEMM runs on
 // AMX tiles where the CPU has AMX-INT8 (Linux >= 5.16 grants the tile state on request), else on
-// AVX-512 VNNI; ROWQ_PATH=vnni forces the VNNI path on an AMX CPU.
+// AVX-512 VNNI; ROWQ_PATH=vnni or ROWQ_PATH=avx2 (rowq_avx2.c, for CPUs without VNNI) forces a path.
+// "same" as the third argument instead checks that the AVX2 path gives the same bits as the VNNI
+// (or AMX) path: codes, row scales and outputs, with and without the rotation, bias and GELU.
 //
+//   gcc -O3 -ffp-contract=off -mavx2 -mfma -c -o /tmp/rowq_avx2.o scripts/experiments/fused_gemm/rowq_avx2.c
 //   gcc -O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni -mamx-tile -mamx-int8
-//       -o /tmp/fused_probe scripts/experiments/fused_gemm/fused_gemm_probe.c -lm    (one line)
+//       -o /tmp/fused_probe scripts/experiments/fused_gemm/fused_gemm_probe.c /tmp/rowq_avx2.o -lm    (one line)
 //   /tmp/fused_probe 16 [72 [gelu]]   # rows [GEMMs [epilogue]]; prints a check against a scalar
 //                                       # reference, then the median CPU time
 //   (120 GEMMs = 106 MB, EmbeddingGemma-300m's int8 weights: too many to stay in cache between runs)
@@ -19,6 +22,7 @@
 // precomputed column sums.
 #define _GNU_SOURCE
 #include "rowq_kernels.h"
+#include "rowq_avx2.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -29,7 +33,7 @@
 #define N 1152
 #define MAX_ROWS 128
 
-static int use_amx;
+static int use_amx, use_avx2;
 static int act = ROWQ_NONE;  // "gelu" as the third argument: + bias, then the erf GELU
 
 static double cpu_ms(void) { struct timespec t; clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t); return t.tv_sec * 1e3 + t.tv_nsec / 1e6; }
@@ -50,6 +54,11 @@ static uint8_t a[MAX_ROWS * K] __attribute__((aligned(64)));
 static void fused(int M, const float *x, const int8_t *bp, const float *wscale, const int32_t *cs,
                   const float *bias, float *y) {
   float rs[MAX_ROWS];
+  if (use_avx2) {
+    for (int m = 0; m < M; m++) rs[m] = rowq_avx2_quantize_row(x + (size_t)m * K, K, 0, NULL, a + (size_t)m * K);
+    rowq_avx2_gemm(M, a, K, N, bp, wscale, rs, act, bias, y);
+    return;
+  }
   for (int m = 0; m < M; m++) rs[m] = rowq_quantize_row(x + (size_t)m * K, K, 0, NULL, a + (size_t)m * K);
 #ifdef __AMX_INT8__
   if (use_amx) {
@@ -62,20 +71,53 @@ static void fused(int M, const float *x, const int8_t *bp, const float *wscale, 
   rowq_gemm_vnni(M, a, K, N, bp, wscale, cs, rs, act, bias, y);
 }
 
+// The AVX2 path against the AVX-512 one (VNNI, or AMX when granted) on the same rows: every code,
+// row scale and output bit. Returns the number of mismatching cases.
+static int same_bits(int M, const float *x, const int8_t *bp, const float *wscale, const int32_t *cs, const float *bias) {
+  static uint8_t a2[MAX_ROWS * K] __attribute__((aligned(64)));
+  static float y1[MAX_ROWS * N], y2[MAX_ROWS * N], scratch[K];
+  float rs1[MAX_ROWS], rs2[MAX_ROWS];
+  int bad = 0;
+  for (int rotate = 0; rotate < 2; rotate++)
+    for (int mode = ROWQ_NONE; mode <= ROWQ_BIAS_GELU; mode++) {
+      for (int m = 0; m < M; m++) {
+        rs1[m] = rowq_quantize_row(x + (size_t)m * K, K, rotate, scratch, a + (size_t)m * K);
+        rs2[m] = rowq_avx2_quantize_row(x + (size_t)m * K, K, rotate, scratch, a2 + (size_t)m * K);
+      }
+      const int codes = !memcmp(a, a2, (size_t)M * K) && !memcmp(rs1, rs2, M * sizeof(float));
+#ifdef __AMX_INT8__
+      if (use_amx) {
+        memset(a + (size_t)M * K, 128, (size_t)((M + 15) / 16 * 16 - M) * K);
+        rowq_gemm_amx(M, a, K, N, bp, wscale, cs, rs1, mode, bias, y1);
+      } else
+#endif
+        rowq_gemm_vnni(M, a, K, N, bp, wscale, cs, rs1, mode, bias, y1);
+      rowq_avx2_gemm(M, a2, K, N, bp, wscale, rs2, mode, bias, y2);
+      const int outputs = !memcmp(y1, y2, (size_t)M * N * sizeof(float));
+      printf("rows %3d, rotation %d, epilogue %-9s: codes and row scales %s, outputs %s\n", M, rotate,
+             mode == ROWQ_NONE ? "scales" : mode == ROWQ_BIAS ? "+ bias" : "+ GELU", codes ? "identical" : "DIFFER",
+             outputs ? "identical" : "DIFFER");
+      bad += !codes + !outputs;
+    }
+  return bad;
+}
+
 int main(int argc, char **argv) {
   int M = argc > 1 ? atoi(argv[1]) : 16;
   int L = argc > 2 ? atoi(argv[2]) : 72;
   if (argc > 3 && !strcmp(argv[3], "gelu")) act = ROWQ_BIAS_GELU;
   if (M < 1 || M > MAX_ROWS || L < 1) { fprintf(stderr, "usage: fused_probe ROWS(1-%d) [GEMMS]\n", MAX_ROWS); return 2; }
   const char *path = getenv("ROWQ_PATH");
+  const int check_same = argc > 3 && !strcmp(argv[3], "same");
+  use_avx2 = !check_same && path && !strcmp(path, "avx2");
 #ifdef __AMX_INT8__
-  use_amx = __builtin_cpu_supports("amx-int8") && !(path && !strcmp(path, "vnni"));
+  use_amx = !use_avx2 && __builtin_cpu_supports("amx-int8") && !(path && !strcmp(path, "vnni"));
   if (use_amx && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)) {
     perror("arch_prctl(ARCH_REQ_XCOMP_PERM)");
     return 2;
   }
 #endif
-  if (!use_amx && !__builtin_cpu_supports("avx512vnni")) { fprintf(stderr, "this CPU has neither AMX-INT8 nor AVX-512 VNNI\n"); return 2; }
+  if (!use_amx && !use_avx2 && !__builtin_cpu_supports("avx512vnni")) { fprintf(stderr, "this CPU has neither AMX-INT8 nor AVX-512 VNNI\n"); return 2; }
   srand(1);
   int8_t *w = malloc((size_t)K * N);
   int8_t **bp = malloc(L * sizeof(*bp));
@@ -103,6 +145,13 @@ int main(int argc, char **argv) {
         }
       }
       printf("check vs reference: max abs diff %.3g\n", worst);
+      if (check_same) {
+        float *wide = malloc((size_t)MAX_ROWS * K * sizeof(float));  // rows with outliers, as real activations have
+        for (int i = 0; i < MAX_ROWS * K; i++) wide[i] = x[i] * (i % 97 == 0 ? 40.f : 1.f);
+        int bad = same_bits(M, x, bp[0], wscale, colsum[0], bias) + same_bits(M, wide, bp[0], wscale, colsum[0], bias);
+        printf(bad ? "AVX2 path DIFFERS\n" : "AVX2 path: same bits\n");
+        return bad ? 1 : 0;
+      }
     }
   }
   double best[9]; int nrep = 9;
@@ -113,7 +162,7 @@ int main(int argc, char **argv) {
   }
   for (int i = 0; i < nrep; i++) for (int j = i + 1; j < nrep; j++) if (best[j] < best[i]) { double t = best[i]; best[i] = best[j]; best[j] = t; }
   printf("rows %3d: %.2f ms median for %d fused quantize + %s GEMM + scale%s of 768x1152 (%.0f MB int8)\n", M,
-         best[nrep / 2], L, use_amx ? "AMX" : "AVX-512 VNNI", act ? " + bias + GELU" : "", L * (double)K * N / 1e6);
+         best[nrep / 2], L, use_amx ? "AMX" : use_avx2 ? "AVX2" : "AVX-512 VNNI", act ? " + bias + GELU" : "", L * (double)K * N / 1e6);
 #ifdef __AMX_INT8__
   if (use_amx) _tile_release();
 #endif

@@ -6,6 +6,7 @@ Usage (build the op first, see README.md beside this file):
     python scripts/experiments/fused_gemm/fused_op.py compare SHIPPED_ARTIFACT OUT --lib LIB [compare_artifacts options]
     python scripts/experiments/fused_gemm/fused_op.py profile OUT --lib LIB [profile_artifact options]
     python scripts/experiments/fused_gemm/fused_op.py bench --lib LIB [deposium-bench options, --int8-artifact OUT]
+    python scripts/experiments/fused_gemm/fused_op.py dump OUT FILE.npy --lib LIB   (the gate paragraphs' vectors)
 
 Why: the shipped graph quantizes each activation row with five ONNX Runtime nodes (Abs, ReduceMax,
 Max, Div, QuantizeLinear), runs ``MatMulIntegerToFloat`` and multiplies by the row scale with a sixth.
@@ -211,9 +212,21 @@ def check(shipped: Path, fused: Path, source: Path | None) -> None:
             print(f"{name} vs torch fp32: mean {c.mean():.5f} min {c.min():.5f}")
 
 
+def dump(artifact: Path, file: Path) -> None:
+    """The gate paragraphs' vectors, to compare the op's kernel paths bit for bit (ROWQ_PATH=avx2 / vnni)."""
+    from convert.validate import load_paragraphs
+    from worker.embedder import Embedder
+
+    embedder = Embedder(artifact)
+    task = "document" if "document" in embedder.manifest.prompts else None
+    vectors = embedder.embed(load_paragraphs(limit=160), task=task).vectors
+    np.save(file, vectors)
+    print(f"{len(vectors)} vectors -> {file}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("rewrite", "check", "compare", "profile", "bench"))
+    parser.add_argument("command", choices=("rewrite", "check", "compare", "profile", "bench", "dump"))
     parser.add_argument("--lib", type=Path, default=Path("/tmp/libfused_rowq_gemm.so"))
     parser.add_argument("--rotation", action="store_true",
                         help="rewrite: fold each block-32 Hadamard rotation into the op (FusedRotRowQGemm)")
@@ -227,6 +240,9 @@ def main() -> None:
     register(args.lib)
     if args.command == "check":
         check(Path(rest[0]), Path(rest[1]), args.source)
+        return
+    if args.command == "dump":
+        dump(Path(rest[0]), Path(rest[1]))
         return
     if args.command == "bench":
         from worker.bench.cli import main as bench
