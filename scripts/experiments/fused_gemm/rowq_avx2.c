@@ -14,6 +14,7 @@
 //   - epilogue: the same expression, 8 lanes at a time, and 2^n built in the exponent field where
 //     AVX-512 uses vscalefps (both exact for the normal range the clamp keeps).
 #include "rowq_avx2.h"
+#include "rowq_poly.h"
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -76,37 +77,23 @@ float rowq_avx2_quantize_row(const float *x, int64_t K, int rotate, float *scrat
 
 static inline __m256 exp_neg(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(ROWQ_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ROWQ_LN2_HI), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ROWQ_LN2_LO), r);
+  __m256 p = _mm256_set1_ps(rowq_exp_taylor[0]);
+  for (int i = 1; i < 8; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(rowq_exp_taylor[i]));
   const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-  return _mm256_mul_ps(p, two_n);
+  return _mm256_mul_ps(p, two_n);  // = vscalefps(p, n) for the normal range the clamp keeps
 }
 
 static inline __m256 erf8(__m256 a) {
   const __m256 t = _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))), s = _mm256_mul_ps(a, a);
-  __m256 small = _mm256_set1_ps(-5.96761703e-4f);
-  small = _mm256_fmadd_ps(small, s, _mm256_set1_ps(4.99119423e-3f));
-  small = _mm256_fmadd_ps(small, s, _mm256_set1_ps(-2.67681349e-2f));
-  small = _mm256_fmadd_ps(small, s, _mm256_set1_ps(1.12819925e-1f));
-  small = _mm256_fmadd_ps(small, s, _mm256_set1_ps(-3.76125336e-1f));
-  small = _mm256_fmadd_ps(small, s, _mm256_set1_ps(1.28379166e-1f));
+  __m256 small = _mm256_set1_ps(rowq_erf_small[0]);
+  for (int i = 1; i < 6; i++) small = _mm256_fmadd_ps(small, s, _mm256_set1_ps(rowq_erf_small[i]));
   small = _mm256_fmadd_ps(small, a, a);
-  __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(-1.72853470e-5f), t, _mm256_set1_ps(3.83197126e-4f));
-  const __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(-3.88396438e-3f), t, _mm256_set1_ps(2.42546219e-2f));
-  r = _mm256_fmadd_ps(r, s, u);
-  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.06777877e-1f));
-  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-6.34846687e-1f));
-  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.28717512e-1f));
+  __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(rowq_erf_big[0]), t, _mm256_set1_ps(rowq_erf_big[1]));
+  r = _mm256_fmadd_ps(r, s, _mm256_fmadd_ps(_mm256_set1_ps(rowq_erf_big[2]), t, _mm256_set1_ps(rowq_erf_big[3])));
+  for (int i = 4; i < 7; i++) r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(rowq_erf_big[i]));
   r = _mm256_fmadd_ps(r, t, _mm256_sub_ps(_mm256_setzero_ps(), t));
   r = _mm256_sub_ps(_mm256_set1_ps(1.f), exp_neg(r));
   const __m256 big = _mm256_or_ps(r, _mm256_and_ps(a, _mm256_set1_ps(-0.f)));

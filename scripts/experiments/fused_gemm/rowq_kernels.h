@@ -21,6 +21,7 @@
 // them, so two paths (or two builds) could round differently.
 #ifndef ROWQ_KERNELS_H
 #define ROWQ_KERNELS_H
+#include "rowq_poly.h"
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -81,37 +82,23 @@ static inline float rowq_quantize_row(const float *x, int64_t K, int rotate, flo
 // ~5e-9 relative), then 2^n by vscalefps.
 static inline __m512 rowq_exp_neg(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split hi + lo
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(ROWQ_LOG2E)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ROWQ_LN2_HI), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ROWQ_LN2_LO), r);
+  __m512 p = _mm512_set1_ps(rowq_exp_taylor[0]);
+  for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(rowq_exp_taylor[i]));
   return _mm512_scalef_ps(p, n);
 }
 
-// erf(a) within ~1 ulp: the faithfully rounded erff that ONNX Runtime's MLAS also uses (njuffa's two
-// minimax polynomials, split at |a| = 0.927734375), both branches computed and blended per lane.
+// erf(a) within ~1 ulp (rowq_poly.h), both branches computed and blended per lane.
 static inline __m512 rowq_erf(__m512 a) {
   const __m512 t = _mm512_abs_ps(a), s = _mm512_mul_ps(a, a);
-  __m512 small = _mm512_set1_ps(-5.96761703e-4f);
-  small = _mm512_fmadd_ps(small, s, _mm512_set1_ps(4.99119423e-3f));
-  small = _mm512_fmadd_ps(small, s, _mm512_set1_ps(-2.67681349e-2f));
-  small = _mm512_fmadd_ps(small, s, _mm512_set1_ps(1.12819925e-1f));
-  small = _mm512_fmadd_ps(small, s, _mm512_set1_ps(-3.76125336e-1f));
-  small = _mm512_fmadd_ps(small, s, _mm512_set1_ps(1.28379166e-1f));
+  __m512 small = _mm512_set1_ps(rowq_erf_small[0]);
+  for (int i = 1; i < 6; i++) small = _mm512_fmadd_ps(small, s, _mm512_set1_ps(rowq_erf_small[i]));
   small = _mm512_fmadd_ps(small, a, a);
-  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(-1.72853470e-5f), t, _mm512_set1_ps(3.83197126e-4f));
-  const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(-3.88396438e-3f), t, _mm512_set1_ps(2.42546219e-2f));
-  r = _mm512_fmadd_ps(r, s, u);
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-1.06777877e-1f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-6.34846687e-1f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-1.28717512e-1f));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(rowq_erf_big[0]), t, _mm512_set1_ps(rowq_erf_big[1]));
+  r = _mm512_fmadd_ps(r, s, _mm512_fmadd_ps(_mm512_set1_ps(rowq_erf_big[2]), t, _mm512_set1_ps(rowq_erf_big[3])));
+  for (int i = 4; i < 7; i++) r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(rowq_erf_big[i]));
   r = _mm512_fmadd_ps(r, t, _mm512_sub_ps(_mm512_setzero_ps(), t));
   r = _mm512_sub_ps(_mm512_set1_ps(1.f), rowq_exp_neg(r));
   const __m512 big = _mm512_or_ps(r, _mm512_and_ps(a, _mm512_set1_ps(-0.f)));  // copysign(r, a)
