@@ -5,12 +5,13 @@
 // int8-rot recipe), the u8 x s8 GEMM, the zero-point correction (precomputed column sums) and the
 // row x column scales, without the fp32 / u8 round trips between ONNX Runtime nodes.
 //
-// Two GEMM paths over ONE weight layout (packed once, at session start): for each 16-column block and
-// 64-deep k step, 16 rows of (16 columns x 4 k values) = AMX's B tile. Read per column block, the same
-// bytes are a contiguous run of 64-byte vectors (16 columns x 4 k), exactly what AVX-512 VNNI's
-// vpdpbusd wants, so one artifact serves both. Integer accumulation is exact and the float epilogue
-// is the same expression on both paths: AMX and VNNI give bit-identical outputs. ONNX Runtime does not
-// align initializers to 64 bytes, so every weight load is unaligned.
+// Two GEMM paths here and a third (AVX2) in rowq_avx2.c, over ONE weight layout packed once at
+// session start: for each 16-column block and 64-deep k step, 16 rows of (16 columns x 4 k values) =
+// AMX's B tile. Read per column block, the same bytes are a contiguous run of 64-byte vectors (16
+// columns x 4 k), exactly what AVX-512 VNNI's vpdpbusd wants, so one artifact serves every path.
+// Integer accumulation is exact and the float epilogue is the same expression on every path: they
+// give bit-identical outputs. ONNX Runtime does not align initializers to 64 bytes, so every weight
+// load is unaligned.
 //   - AMX-INT8 (Sapphire Rapids and later): 16 rows x 64 columns per tile pass.
 //   - AVX-512 VNNI (Zen 4/5, Ice Lake, Cascade Lake): a 6-row x 64-column register block; every row of
 //     the call reuses a 64-column panel of the weights while it sits in L2, so the weights stream from
@@ -36,18 +37,15 @@
 // five butterfly stages of a fast Walsh-Hadamard transform, four inside a 16-lane register
 // (partner lane j ^ 2^s: y = x[j ^ 2^s] + sign * x[j]), the last across the block's two halves.
 static inline void rowq_rotate32(float *v, int64_t K) {
-  static int32_t partner[4][16] __attribute__((aligned(64)));
-  static float sign[4][16] __attribute__((aligned(64)));
-  static int built = 0;
-  if (!built) {  // once; every caller computes the same tables, so a race only repeats the work
-    for (int s = 0; s < 4; s++)
-      for (int j = 0; j < 16; j++) { partner[s][j] = j ^ (1 << s); sign[s][j] = (j & (1 << s)) ? -1.f : 1.f; }
-    built = 1;
-  }
   const __m512 scale = _mm512_set1_ps(0.17677669529663687f);  // 1 / sqrt(32)
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i idx[4];
   __m512 sg[4];
-  for (int s = 0; s < 4; s++) { idx[s] = _mm512_load_si512(partner[s]); sg[s] = _mm512_load_ps(sign[s]); }
+  for (int s = 0; s < 4; s++) {  // in registers, per call: no shared tables, nothing to race on
+    const __m512i bit = _mm512_set1_epi32(1 << s);
+    idx[s] = _mm512_xor_si512(lane, bit);
+    sg[s] = _mm512_mask_blend_ps(_mm512_test_epi32_mask(lane, bit), _mm512_set1_ps(1.f), _mm512_set1_ps(-1.f));
+  }
   for (int64_t k = 0; k < K; k += 32) {
     __m512 lo = _mm512_loadu_ps(v + k), hi = _mm512_loadu_ps(v + k + 16);
     for (int s = 0; s < 4; s++) {
