@@ -15,7 +15,7 @@
 //   - AMX-INT8 (Sapphire Rapids and later): 16 rows x 64 columns per tile pass.
 //   - AVX-512 VNNI (Zen 4/5, Ice Lake, Cascade Lake): a 6-row x 64-column register block; every row of
 //     the call reuses a 64-column panel of the weights while it sits in L2, so the weights stream from
-//     memory once per call (the small-row case, a short query, is bound by that stream).
+//     memory once per call (one row is bound by that stream; 16 rows, a short query, by vpdpbusd).
 // Compile with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni (+ -mamx-tile -mamx-int8 for
 // the AMX path); not with -march=sapphirerapids, whose other extensions Zen 4 lacks. And with
 // -ffp-contract=off: GCC otherwise fuses the epilogue's multiply and add into an FMA where it inlines
