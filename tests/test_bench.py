@@ -686,11 +686,11 @@ def test_llama_configs_reuse_a_cached_gguf_and_size_the_context(tmp_path, monkey
 
 def test_llama_peer_needs_sentencepiece_before_it_starts(monkeypatch):
     """The GGUF conversion of a Gemma3 vocabulary imports sentencepiece: say so up front."""
-    monkeypatch.setattr(bl, "_importable", lambda module: module != "sentencepiece")
+    monkeypatch.setattr(bl, "importable", lambda module: module != "sentencepiece")
     assert "sentencepiece" in (bl.llama_missing() or "")
-    monkeypatch.setattr(bl, "_importable", lambda module: module != "llama_cpp")
+    monkeypatch.setattr(bl, "importable", lambda module: module != "llama_cpp")
     assert "llama_cpp" in (bl.llama_missing() or "")
-    monkeypatch.setattr(bl, "_importable", lambda module: True)
+    monkeypatch.setattr(bl, "importable", lambda module: True)
     assert bl.llama_missing() is None
 
 

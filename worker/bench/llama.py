@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from worker.bench.peers import importable
 from worker.bench.timing import Config, batch_one
 
 log = logging.getLogger(__name__)
@@ -39,25 +40,16 @@ CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 GEMMA_MODEL_TYPES = {"gemma3_text", "gemma3"}
 
 
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def llama_missing() -> str | None:
     """Why the llama.cpp peer cannot run here, or None when it can.
 
     Why sentencepiece too: the GGUF conversion reads Gemma3's vocabulary with it, and without it
     the peer failed only after minutes of the bench, as a converter traceback in the report.
     """
-    if not _importable("llama_cpp"):
+    if not importable("llama_cpp"):
         return ("`llama_cpp` is not importable (install llama-cpp-python, e.g. the wheel "
                 "in ~/.cache/deposium/wheels)")
-    if not _importable("sentencepiece"):
+    if not importable("sentencepiece"):
         return "`sentencepiece` is not importable (the GGUF conversion needs it; the `bench` extra installs it)"
     return None
 

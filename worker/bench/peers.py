@@ -160,17 +160,21 @@ def _max_positions(source_dir: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def openvino_missing() -> str | None:
-    """Why the OpenVINO peer cannot run here (a missing package), or None when it can."""
+def importable(module: str) -> bool:
+    """Whether an optional peer's package is installed, without importing it (some take seconds)."""
     import importlib.util
 
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a half-installed module
+        return False
+
+
+def openvino_missing() -> str | None:
+    """Why the OpenVINO peer cannot run here (a missing package), or None when it can."""
     for module, package in (("openvino", "openvino"), ("optimum.intel", "optimum-intel"), ("nncf", "nncf"),
                             ("datasets", "datasets")):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
+        if not importable(module):
             return f"`{package}` is not importable (`pip install -e '.[openvino]'`)"
     return None
 

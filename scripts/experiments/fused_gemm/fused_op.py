@@ -29,10 +29,14 @@ import runpy
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+if TYPE_CHECKING:
+    from worker.embedder import Embedder
 
 DOMAIN = "deposium.experiment"
 HERE = Path(__file__).resolve().parent
@@ -71,6 +75,11 @@ def constant(name: str, inits: dict[str, onnx.TensorProto], producer: dict[str, 
     return None
 
 
+def other_input(node: onnx.NodeProto, name: str) -> str:
+    """The operand of a binary node that is not ``name``."""
+    return node.input[1] if node.input[0] == name else node.input[0]
+
+
 def sole(name: str, consumers: dict[str, list[onnx.NodeProto]], op_type: str) -> onnx.NodeProto | None:
     found = consumers.get(name, [])
     return found[0] if len(found) == 1 and found[0].op_type == op_type else None
@@ -83,7 +92,7 @@ def epilogue_after(out: str, n: int, inits: dict[str, onnx.TensorProto], produce
     add = sole(out, consumers, "Add")
     if add is None:
         return None
-    bias = add.input[1] if add.input[0] == out else add.input[0]
+    bias = other_input(add, out)
     value = constant(bias, inits, producer)
     if value is None or value.shape != (n,):
         return None
@@ -98,17 +107,18 @@ def epilogue_after(out: str, n: int, inits: dict[str, onnx.TensorProto], produce
     plus = erf and sole(erf.output[0], consumers, "Add")
     if root2 is None or root2.size != 1 or abs(float(root2) - 2 ** 0.5) > 1e-6 or plus is None:
         return "Bias", bias, [add], y
-    one = constant(plus.input[1] if plus.input[0] == erf.output[0] else plus.input[0], inits, producer)
+    one = constant(other_input(plus, erf.output[0]), inits, producer)
     half_mul = sole(times_x.output[0], consumers, "Mul")
     if one is None or float(one) != 1.0 or half_mul is None or plus.output[0] not in times_x.input:
         return "Bias", bias, [add], y
-    half = constant(half_mul.input[1] if half_mul.input[0] == times_x.output[0] else half_mul.input[0], inits, producer)
+    half = constant(other_input(half_mul, times_x.output[0]), inits, producer)
     if half is None or float(half) != 0.5:
         return "Bias", bias, [add], y
     return "BiasGelu", bias, [add, div, erf, plus, times_x, half_mul], half_mul.output[0]
 
 
 def rewrite(src: Path, dst: Path, rotation: bool = False, epilogue: bool = False) -> None:
+    from convert.quantize import drop_unused_initializers
     from worker.artifact import sha256_file
 
     model = onnx.load(str(src / "model.onnx"))
@@ -157,10 +167,7 @@ def rewrite(src: Path, dst: Path, rotation: bool = False, epilogue: bool = False
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(added)
-    used = {name for node in graph.node for name in node.input}
-    live = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    drop_unused_initializers(graph)  # the unpacked weights the fused chains no longer read
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     dst.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
@@ -189,13 +196,18 @@ def register(lib: Path) -> None:
     embedder.session_options = with_library
 
 
+def document_task(embedder: Embedder) -> str | None:
+    """The document prompt where the model has task prompts (EmbeddingGemma), else none (MiniLM)."""
+    return "document" if "document" in embedder.manifest.prompts else None
+
+
 def check(shipped: Path, fused: Path, source: Path | None) -> None:
     from convert.validate import load_paragraphs
     from worker.embedder import Embedder
 
     texts = load_paragraphs(limit=160)
     shipped_embedder, fused_embedder = Embedder(shipped), Embedder(fused)
-    task = "document" if "document" in shipped_embedder.manifest.prompts else None  # MiniLM has no prompts
+    task = document_task(shipped_embedder)
     a = shipped_embedder.embed(texts, task=task).vectors
     b = fused_embedder.embed(texts, task=task).vectors
     cosine = (a * b).sum(axis=1)
@@ -218,7 +230,7 @@ def dump(artifact: Path, file: Path) -> None:
     from worker.embedder import Embedder
 
     embedder = Embedder(artifact)
-    task = "document" if "document" in embedder.manifest.prompts else None
+    task = document_task(embedder)
     vectors = embedder.embed(load_paragraphs(limit=160), task=task).vectors
     np.save(file, vectors)
     print(f"{len(vectors)} vectors -> {file}")
