@@ -189,6 +189,28 @@ def _check_output(out: Path, force: bool) -> None:
         raise ConvertError(f"cannot write the artifact: {out.parent} is not writable")
 
 
+def _skip_fused(candidates: list[str], opts: ConvertOptions) -> list[dict[str, str]]:
+    """Take ``int8-fused`` out of ``auto``'s candidates where it cannot run here (kernel library not built,
+    7-bit activations asked for), saying why; an explicit ``--recipe int8-fused`` fails instead."""
+    from worker.kernels import library_path
+
+    if "int8-fused" not in candidates:
+        return []
+    reason = None
+    if library_path() is None:
+        reason = ("the deposium_rowq kernel library is not built in this installation (x86-64 and a C compiler "
+                  "at install time; reinstall with DEPOSIUM_REQUIRE_KERNELS=1 to see why)")
+    elif opts.activation_bits not in (None, 8):
+        reason = "its kernels take 8-bit activations only"
+    if reason is None:
+        return []
+    if opts.recipe != "auto":
+        raise ConvertError(f"recipe int8-fused cannot be built here: {reason}")
+    log.warning("skipping recipe int8-fused: %s", reason)
+    candidates.remove("int8-fused")
+    return [{"recipe": "int8-fused", "reason": reason}]
+
+
 def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions | None = None,
                    **overrides: Any) -> Path:
     """Convert ``source`` (directory or hub id) into a validated artifact at ``out``."""
@@ -230,6 +252,7 @@ def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions 
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
         candidates = list(AUTO_RECIPES) if opts.recipe == "auto" else [opts.recipe]
+        skipped = _skip_fused(candidates, opts)
         rejected: list[dict[str, Any]] = []
         for attempt, recipe in enumerate(candidates):
             final = staging / f"artifact-{attempt}"
@@ -255,6 +278,7 @@ def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions 
                                            paragraph_limit=opts.paragraph_limit)
             validation["recipe"] = quant
             validation["rejected_recipes"] = list(rejected)
+            validation["skipped_recipes"] = skipped
             if validation["passed"]:
                 break
             rejected.append({"recipe": recipe, "failures": validation["failures"],

@@ -62,7 +62,7 @@ from worker.variant import EXACT_U8S8
 
 log = logging.getLogger(__name__)
 
-RECIPES = ("int8-token", "int8-rot", "int8-attn", "int8-wide", "int8-block", "int8-dynamic", "fp32")
+RECIPES = ("int8-fused", "int8-token", "int8-rot", "int8-attn", "int8-wide", "int8-block", "int8-dynamic", "fp32")
 DEFAULT_RECIPE = "int8-token"
 #: What ``--recipe auto`` (convert's default) tries, fastest first; the first one to pass the gate
 #: ships. Measured (cosine vs torch on the gate's 160 held-out paragraphs, mean / min):
@@ -71,8 +71,11 @@ DEFAULT_RECIPE = "int8-token"
 #: longer tried); EmbeddingGemma-300m int8-token 0.99874 / 0.99816 fails its llama.cpp-level gate
 #: (0.9995 / 0.999), int8-rot 0.99975 / 0.99952 ships (int8-wide 0.99977 / 0.99961 at 0.6x its
 #: speed is the next step where a model needs more). The block-wise recipe is the last resort (as
-#: faithful, slower without fast 8-bit kernels).
-AUTO_RECIPES = ("int8-token", "int8-rot", "int8-wide", "int8-block")
+#: faithful, slower without fast 8-bit kernels). ``int8-fused`` (``int8-rot``'s numbers, each integer GEMM
+#: chain one op of worker/kernels: :mod:`convert.fuse`) comes first where the kernel library is built
+#: (convert.api skips it otherwise): all-MiniLM-L6-v2 0.99971 / 0.99937 at 1.29x int8-rot's speed,
+#: EmbeddingGemma-300m 0.99975 / 0.99964 at 1.18x (Zen 4; BENCHMARKS.md).
+AUTO_RECIPES = ("int8-fused", "int8-token", "int8-rot", "int8-wide", "int8-block")
 #: Inputs of the attention q/k/v projections (Gemma/Llama-style and BERT-style export names):
 #: where all-MiniLM-L6-v2's int8 error concentrates (its LayerNorm outputs carry outlier
 #: channels). A residual pass there alone took its paragraphs from 0.99808 to 0.99910 mean
@@ -91,7 +94,8 @@ VALUE_PROJECTIONS = ("*v_proj*", "*/value/*")
 #: kernel on every CPU, 1.2x faster than u8 x u8 on CPUs without VNNI (BENCHMARKS.md). The
 #: single-pass recipes keep 8: their first pass is all the precision they have.
 #: ``int8-rot`` keeps 8: with 7 bits EmbeddingGemma fell to 0.99951 / 0.99927, at the gate's edge.
-DEFAULT_ACTIVATION_BITS = {"int8-token": 8, "int8-rot": 8, "int8-attn": 8, "int8-wide": 7}
+#: ``int8-fused`` only takes 8: its kernels quantize with zero point 128 themselves.
+DEFAULT_ACTIVATION_BITS = {"int8-fused": 8, "int8-token": 8, "int8-rot": 8, "int8-attn": 8, "int8-wide": 7}
 #: MatMuls of the sentence-transformers head (see convert.head): never quantized by default.
 HEAD_PATTERN = "head/*"
 #: Gather tables at least this large (elements) are quantized; position tables are small.
@@ -528,8 +532,10 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
     if opts.recipe in ("int8-attn", "int8-wide"):
         wide = ["*"] if opts.recipe == "int8-wide" else [*opts.wide_activations, *ATTENTION_INPUTS]
         opts = replace(opts, wide_activations=wide, wide_weights=[*opts.wide_weights, *VALUE_PROJECTIONS])
-    if opts.recipe == "int8-rot":
+    if opts.recipe in ("int8-rot", "int8-fused"):
         opts = replace(opts, rotate_activations=["*"], wide_weights=[*opts.wide_weights, *VALUE_PROJECTIONS])
+    if opts.recipe == "int8-fused" and opts.activation_bits not in (None, 8):
+        raise QuantizeError("int8-fused takes 8-bit activations only (its kernels quantize with zero point 128)")
     if opts.recipe == "fp32":
         model = onnx.load(str(fp32_path))
     elif opts.recipe in DEFAULT_ACTIVATION_BITS:
@@ -551,6 +557,13 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
                             rotation=f"block Hadamard, block {opts.rotation_block} (smaller where a width needs it)")
         model, counts = _int8_token(onnx.load(str(fp32_path)), opts, int(bits), int(a_bits))
         settings.update(counts)
+        if opts.recipe == "int8-fused":
+            from convert.fuse import fuse_gemms
+            from worker.kernels import DOMAIN, LIBRARY
+
+            settings.update(fuse_gemms(model), kernel_library=LIBRARY,
+                            kernels=f"{DOMAIN} ops: per-row quantization, int8 GEMM, scales, bias and GELU in one "
+                                    "pass (AMX, AVX-512 VNNI or AVX2; the same bits on each)")
     elif opts.recipe == "int8-block":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -11,7 +11,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[producer,convert,monitor,bench,sinks,dev,openvino]'
+# DEPOSIUM_REQUIRE_KERNELS=1: if the fused kernels (worker/kernels, built by setup.py) fail to build,
+# the setup fails, loudly, instead of leaving a worker without the int8-fused recipe.
+DEPOSIUM_REQUIRE_KERNELS=1 .venv/bin/python -m pip install -q -e '.[producer,convert,monitor,bench,sinks,dev,openvino]'
 # pgvector for the machine's PostgreSQL (tests start their own cluster with it). A no-op when
 # installed; builds Debian's source package through a temporary apt source list otherwise.
 if ! scripts/install-pgvector.sh --check 2>/dev/null; then

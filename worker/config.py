@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from worker.kernels import ISAS as KERNEL_ISAS
+
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "deposium"
 
 
@@ -108,6 +110,10 @@ class Settings:
     #: Which int8 GEMM kernel to run: ``auto`` asks for ONNX Runtime's u8 x u8 one where the CPU's u8 x s8
     #: GEMM saturates (AVX2 without VNNI/AMX; worker/variant.py), ``signed`` / ``unsigned`` force one.
     int8_weights: str = "auto"
+    #: Which path the fused kernels of ``int8-fused`` artifacts run (worker/kernels): ``auto`` takes the
+    #: fastest the CPU offers (AMX, then AVX-512 VNNI, then AVX2); ``amx`` / ``vnni`` / ``avx2`` force one
+    #: (refused where the CPU lacks it). Every path gives the same vectors, bit for bit.
+    kernel_isa: str = "auto"
     #: Load the model once in the prefork parent so every child shares its weights copy-on-write
     #: (PSS per child measured in BENCHMARKS.md); 0 loads a private copy in each child instead.
     share_model: bool = True
@@ -173,6 +179,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_MALLOC_MMAP_THRESHOLD": "malloc_mmap_threshold",
     "DEPOSIUM_MALLOC_TRIM_THRESHOLD": "malloc_trim_threshold",
     "DEPOSIUM_INT8_WEIGHTS": "int8_weights",
+    "DEPOSIUM_KERNEL_ISA": "kernel_isa",
     "DEPOSIUM_SHARE_MODEL": "share_model",
     "DEPOSIUM_MAX_BATCH_PARAGRAPHS": "max_batch_paragraphs",
     "DEPOSIUM_MAX_BATCH_BYTES": "max_batch_bytes",
@@ -233,6 +240,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("DEPOSIUM_TEST_FAULT must be crash:MARKER, hang:MARKER or sleep=SECONDS:MARKER")
     if settings.int8_weights not in ("auto", "signed", "unsigned"):
         raise ConfigError("DEPOSIUM_INT8_WEIGHTS must be auto, signed or unsigned")
+    if settings.kernel_isa not in ("auto", *KERNEL_ISAS):
+        raise ConfigError(f"DEPOSIUM_KERNEL_ISA must be auto, {', '.join(KERNEL_ISAS)}")
     if settings.token_budget < 16:
         raise ConfigError("DEPOSIUM_TOKEN_BUDGET must be at least 16")
     return settings

@@ -16,6 +16,7 @@ from worker.threads import pin_single_thread
 
 pin_single_thread()  # must precede the onnxruntime import below
 
+import os  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,6 +35,7 @@ from worker.artifact import (  # noqa: E402
 from worker.config import Settings, load_settings  # noqa: E402
 from worker.cpu import cpu_features  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
+from worker.kernels import KernelLibraryError, active_isa, require_library  # noqa: E402
 from worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
 from worker.variant import UNSIGNED_KERNEL_KEY, wants_unsigned_kernel  # noqa: E402
@@ -74,14 +76,17 @@ class EmbedResult:
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
-def session_options(settings: Settings, unsigned_kernel: bool = False) -> ort.SessionOptions:
+def session_options(settings: Settings, unsigned_kernel: bool = False,
+                    kernel_library: Path | None = None) -> ort.SessionOptions:
     """Options for the one session a process owns: one intra-op and one inter-op thread,
     sequential execution, every graph optimisation but :data:`DISABLED_OPTIMIZERS`. Arena and
     memory pattern come from settings: both cache buffers per shape, so with length-packed
     batches (a new shape nearly every call) they make RSS ratchet upwards; measurements in
     BENCHMARKS.md. Without the arena every buffer a call needs is allocated afresh, which is
     why ``token_budget`` must stay small (see :func:`pack_batches`). ``unsigned_kernel``: run int8
-    GEMMs through the u8 x u8 kernel where u8 x s8 would saturate (worker/variant.py)."""
+    GEMMs through the u8 x u8 kernel where u8 x s8 would saturate (worker/variant.py).
+    ``kernel_library``: the custom-op library an ``int8-fused`` graph calls (worker/kernels), on the
+    path ``settings.kernel_isa`` names (the library reads DEPOSIUM_KERNEL_ISA when it registers)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
@@ -96,6 +101,12 @@ def session_options(settings: Settings, unsigned_kernel: bool = False) -> ort.Se
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if unsigned_kernel:
         opts.add_session_config_entry(UNSIGNED_KERNEL_KEY, "1")
+    if kernel_library is not None:
+        os.environ["DEPOSIUM_KERNEL_ISA"] = settings.kernel_isa
+        try:
+            opts.register_custom_ops_library(str(kernel_library))
+        except Exception as exc:  # onnxruntime raises its own Fail type with the library's message
+            raise KernelLibraryError(f"{kernel_library.name}: {exc}") from None
     return opts
 
 
@@ -212,10 +223,14 @@ class Embedder:
         self.unsigned_kernel = wants_unsigned_kernel(self.manifest.quantization, self.settings.int8_weights,
                                                      cpu_features())
         model_path = self.artifact_dir / self.model_file
+        library = self.manifest.quantization.get("kernel_library")
+        options = session_options(self.settings, self.unsigned_kernel, require_library(library) if library else None)
+        #: The fused kernels' path in this process ("amx", "vnni", "avx2"), or "" for graphs without them.
+        self.kernel_isa = active_isa() if library else ""
         try:
             self.session = ort.InferenceSession(
                 str(model_path),
-                sess_options=session_options(self.settings, self.unsigned_kernel),
+                sess_options=options,
                 providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types

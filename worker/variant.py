@@ -32,7 +32,8 @@ UNSIGNED_KERNEL_KEY = "session.x64quantprecision"
 EXACT_U8S8 = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 #: Recipes whose graph multiplies int8 weights with integer GEMMs that can saturate.
-INTEGER_GEMM_RECIPES = frozenset({"int8-token", "int8-rot", "int8-attn", "int8-wide", "int8-dynamic"})
+#: (``int8-fused`` keeps a ``MatMulIntegerToFloat`` wherever a GEMM's shape does not suit its kernels.)
+INTEGER_GEMM_RECIPES = frozenset({"int8-fused", "int8-token", "int8-rot", "int8-attn", "int8-wide", "int8-dynamic"})
 
 
 def u8s8_saturates(features: Set[str], machine: str | None = None) -> bool:

@@ -1,19 +1,19 @@
-// What a fused kernel would save a short query: per-row int8 quantization, the int8 GEMM and the
-// output scales in ONE pass (rowq_kernels.h, the same code as the custom op), timed on the shapes of
+// The fused kernels alone: per-row int8 quantization, the int8 GEMM and the output scales in ONE pass
+// (worker/kernels/rowq_kernels.h, the same code as the shipped deposium.rowq ops), timed on the shapes of
 // scripts/int8_gemm_floor.py (72 GEMMs of [rows, 768] x [768, 1152], 64 MB of int8 weights), so the
 // two print comparable figures.
 //
-// An experiment for BENCHMARKS.md, not part of the worker: the shipped graph runs these steps as
+// A measurement for BENCHMARKS.md, not part of the worker: the int8-rot graph runs these steps as
 // separate ONNX Runtime nodes (Abs, ReduceMax, Max, Div, QuantizeLinear, MatMulIntegerToFloat, Mul),
-// and this measures how much a custom op with its own kernel could take off them. The GEMM runs on
+// and this times the kernel that replaces them, beside scripts/int8_gemm_floor.py's ORT GEMM alone. The GEMM runs on
 // AMX tiles where the CPU has AMX-INT8 (Linux >= 5.16 grants the tile state on request), else on
 // AVX-512 VNNI; ROWQ_PATH=vnni or ROWQ_PATH=avx2 (rowq_avx2.c, for CPUs without VNNI) forces a path.
 // "same" as the third argument instead checks that the AVX2 path gives the same bits as the VNNI
 // (or AMX) path: codes, row scales and outputs, with and without the rotation, bias and GELU.
 //
-//   gcc -O3 -ffp-contract=off -mavx2 -mfma -c -o /tmp/rowq_avx2.o scripts/experiments/fused_gemm/rowq_avx2.c
+//   gcc -O3 -ffp-contract=off -c -o /tmp/rowq_avx2.o worker/kernels/rowq_avx2.c
 //   gcc -O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni -mamx-tile -mamx-int8
-//       -o /tmp/fused_probe scripts/experiments/fused_gemm/fused_gemm_probe.c /tmp/rowq_avx2.o -lm    (one line)
+//       -Iworker/kernels -o /tmp/fused_probe scripts/experiments/fused_gemm/fused_gemm_probe.c /tmp/rowq_avx2.o -lm
 //   /tmp/fused_probe 16 [72 [gelu]]   # rows [GEMMs [epilogue]]; prints a check against a scalar
 //                                       # reference, then the median CPU time
 //   (120 GEMMs = 106 MB, EmbeddingGemma-300m's int8 weights: too many to stay in cache between runs)
@@ -22,7 +22,7 @@
 // precomputed column sums.
 #define _GNU_SOURCE
 #include "rowq_kernels.h"
-#include "rowq_avx2.h"
+#include "rowq.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -49,6 +49,10 @@ static void pack_b(const int8_t *w, int8_t *bp) {
 }
 
 static uint8_t a[MAX_ROWS * K] __attribute__((aligned(64)));
+
+// rowq_avx2.c's rowq_avx2_run takes its scratch from the op library (rowq_op.c); the probe calls the
+// two halves itself and never runs it, but the object still links to this.
+void *rowq_scratch(int slot, uint64_t bytes) { (void)slot; return malloc(bytes); }
 
 // x: [M][K] fp32 -> y: [M][N] fp32, the op's whole body.
 static void fused(int M, const float *x, const int8_t *bp, const float *wscale, const int32_t *cs,

@@ -1,7 +1,6 @@
-// Experiment (not shipped): the fused op's AVX2 path, for x86 CPUs without AVX-512 VNNI or AMX (the
-// Zen 3 class). Its own translation unit, compiled with -mavx2 -mfma only, so nothing in it can use an
-// AVX-512 instruction such a CPU lacks:
-//   gcc -O3 -ffp-contract=off -mavx2 -mfma -fPIC -c scripts/experiments/fused_gemm/rowq_avx2.c -o /tmp/rowq_avx2.o
+// The fused op's AVX2 path, for x86 CPUs without AVX-512 VNNI or AMX (the Zen 3 class). Its own
+// translation unit whose target pragma names AVX2 and FMA only, so nothing in it can use an AVX-512
+// instruction such a CPU lacks (setup.py compiles every file with the same baseline flags).
 //
 // Same inputs, same packed weights and, by construction, the same output bits as rowq_kernels.h:
 //   - quantization: the same codes (max of |x| is exact in any order; the same scalar 127 / amax; the
@@ -13,7 +12,8 @@
 //     sum((q + 128) w) - 128 colsum exactly;
 //   - epilogue: the same expression, 8 lanes at a time, and 2^n built in the exponent field where
 //     AVX-512 uses vscalefps (both exact for the normal range the clamp keeps).
-#include "rowq_avx2.h"
+#pragma GCC target("avx2,fma")
+#include "rowq.h"
 #include "rowq_poly.h"
 #include <immintrin.h>
 #include <math.h>
@@ -146,4 +146,15 @@ void rowq_avx2_gemm(int64_t M, const uint8_t *a, int64_t K, int64_t N, const int
       const int R = M - m0 < AVX2_ROWS ? (int)(M - m0) : AVX2_ROWS;
       block(R, a + m0 * K, K, N, b + j * jstride, j * 16, wscale, rs + m0, act, bias, out + m0 * N);
     }
+}
+
+int rowq_avx2_run(int64_t M, const float *x, int64_t K, int64_t N, const int8_t *b, const float *wscale,
+                  const float *bias, int act, int rotate, float *out) {
+  uint8_t *a = rowq_scratch(0, (uint64_t)M * K);
+  float *rs = rowq_scratch(1, (uint64_t)M * sizeof(float));
+  float *rotated = rowq_scratch(2, (uint64_t)K * sizeof(float));
+  if (!a || !rs || !rotated) return -1;
+  for (int64_t m = 0; m < M; m++) rs[m] = rowq_avx2_quantize_row(x + m * K, K, rotate, rotated, a + m * K);
+  rowq_avx2_gemm(M, a, K, N, b, wscale, rs, act, bias, out);
+  return 0;
 }

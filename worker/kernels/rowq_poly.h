@@ -1,4 +1,4 @@
-// Experiment (not shipped): the polynomial coefficients of the epilogue's erf and exp, in one place
+// The polynomial coefficients of the epilogue's erf and exp, in one place
 // for both the AVX-512 code (rowq_kernels.h) and the AVX2 code (rowq_avx2.c), which must round alike.
 #ifndef ROWQ_POLY_H
 #define ROWQ_POLY_H

@@ -1,5 +1,5 @@
-// Experiment (not shipped): the kernels behind FusedRowQGemm, shared by the probe (C) and the ONNX
-// Runtime custom op (C++), so the figures of both come from the same code.
+// The AVX-512 kernels behind the deposium.rowq ops (rowq_avx512.c), shared with the experiment's probe
+// (scripts/experiments/fused_gemm), so the figures of both come from the same code.
 //
 // One call = per-row absmax quantization of fp32 activations to u8 (zero point 128, as the shipped
 // int8-rot recipe), the u8 x s8 GEMM, the zero-point correction (precomputed column sums) and the
@@ -16,8 +16,9 @@
 //   - AVX-512 VNNI (Zen 4/5, Ice Lake, Cascade Lake): a 6-row x 64-column register block; every row of
 //     the call reuses a 64-column panel of the weights while it sits in L2, so the weights stream from
 //     memory once per call (one row is bound by that stream; 16 rows, a short query, by vpdpbusd).
-// Compile with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni (+ -mamx-tile -mamx-int8 for
-// the AMX path); not with -march=sapphirerapids, whose other extensions Zen 4 lacks. And with
+// Include it after a target pragma naming avx512f, avx512bw, avx512dq, avx512vl, avx512vnni (+ amx-tile,
+// amx-int8 for the AMX path), as rowq_avx512.c does, or compile with those -m flags (the probe); not
+// with -march=sapphirerapids, whose other extensions Zen 4 lacks. And with
 // -ffp-contract=off: GCC otherwise fuses the epilogue's multiply and add into an FMA where it inlines
 // them, so two paths (or two builds) could round differently.
 #ifndef ROWQ_KERNELS_H
