@@ -1,7 +1,7 @@
 # deposium embeddings worker image.
 #
 # Stages (docker build --target NAME):
-#   builder    BASE_IMAGE + build helpers + optional offline wheelhouse (docker/wheelhouse)
+#   builder    BASE_IMAGE + build helpers + gcc (fused kernels) + optional offline wheelhouse (docker/wheelhouse)
 #   venv       /opt/venv with the worker's runtime dependencies only (no torch/transformers/optimum)
 #   convert    torch CPU + the `convert` extra; runs deposium-convert for MODEL -> /artifact
 #   artifact-download  alternative to `convert`: fetch a published artifact (URL + sha256)
@@ -36,9 +36,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV TORCH_INDEX_URL=${TORCH_INDEX_URL}
+# A C compiler for the fused int8 kernels (setup.py builds worker/kernels into the package); build stages
+# only: the runtime stage starts again from BASE_IMAGE. DEPOSIUM_REQUIRE_KERNELS=1: a kernel build that
+# fails fails the image build, instead of shipping a worker that cannot load int8-fused artifacts.
+RUN command -v gcc >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*; }
+ENV DEPOSIUM_REQUIRE_KERNELS=1
 COPY docker/pip-install.sh docker/requirements.py docker/fetch_artifact.py /usr/local/lib/deposium-build/
 COPY docker/wheelhouse/ /wheelhouse/
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml setup.py MANIFEST.in README.md /src/
 
 # ------------------------------------------------------------------------------------------------
 FROM builder AS venv
@@ -48,7 +54,8 @@ RUN python3 -m venv /opt/venv \
 COPY worker/ /src/worker/
 COPY producer/ /src/producer/
 COPY convert/ /src/convert/
-# --no-deps: the dependencies above are the complete runtime set; the project itself is pure Python.
+# --no-deps: the dependencies above are the complete runtime set; the project itself is Python plus the
+# fused kernels' C library, compiled here.
 RUN sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv --no-deps /src \
  && rm -rf /opt/venv/lib/python3.11/site-packages/convert /opt/venv/bin/deposium-convert
 

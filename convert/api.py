@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx
 
-from convert.quantize import AUTO_RECIPES, QuantizeOptions, quantize, save_model
+from convert.quantize import AUTO_RECIPES, AUTO_RECIPES_PORTABLE, QuantizeOptions, quantize, save_model
 from convert.source import SentenceTransformerSource, read_source, resolve_source
 from convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
 from worker.artifact import (
@@ -44,8 +44,8 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
-    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-token, int8-rot, int8-wide,
-    #: int8-block).
+    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-fused, int8-wide, int8-block; or
+    #: int8-token, int8-rot, int8-wide, int8-block without the fused kernels: see _auto_candidates).
     recipe: str = "auto"
     weight_bits: int = 8
     quantize_embeddings: bool = True
@@ -189,26 +189,27 @@ def _check_output(out: Path, force: bool) -> None:
         raise ConvertError(f"cannot write the artifact: {out.parent} is not writable")
 
 
-def _skip_fused(candidates: list[str], opts: ConvertOptions) -> list[dict[str, str]]:
-    """Take ``int8-fused`` out of ``auto``'s candidates where it cannot run here (kernel library not built,
-    7-bit activations asked for), saying why; an explicit ``--recipe int8-fused`` fails instead."""
+def _auto_candidates(opts: ConvertOptions) -> tuple[list[str], list[dict[str, str]]]:
+    """The recipes to try, in order, and the ones left out with why: ``auto`` takes :data:`AUTO_RECIPES` where
+    ``int8-fused`` can be built here, else :data:`AUTO_RECIPES_PORTABLE` (saying why); an explicit
+    ``--recipe int8-fused`` that cannot be built fails instead."""
     from worker.kernels import library_path
 
-    if "int8-fused" not in candidates:
-        return []
+    wants_fused = opts.recipe in ("auto", "int8-fused")
     reason = None
-    if library_path() is None:
+    if wants_fused and library_path() is None:
         reason = ("the deposium_rowq kernel library is not built in this installation (x86-64 and a C compiler "
                   "at install time; reinstall with DEPOSIUM_REQUIRE_KERNELS=1 to see why)")
-    elif opts.activation_bits not in (None, 8):
+    elif wants_fused and opts.activation_bits not in (None, 8):
         reason = "its kernels take 8-bit activations only"
-    if reason is None:
-        return []
     if opts.recipe != "auto":
-        raise ConvertError(f"recipe int8-fused cannot be built here: {reason}")
-    log.warning("skipping recipe int8-fused: %s", reason)
-    candidates.remove("int8-fused")
-    return [{"recipe": "int8-fused", "reason": reason}]
+        if opts.recipe == "int8-fused" and reason is not None:
+            raise ConvertError(f"recipe int8-fused cannot be built here: {reason}")
+        return [opts.recipe], []
+    if reason is None:
+        return list(AUTO_RECIPES), []
+    log.warning("auto: not trying int8-fused: %s", reason)
+    return list(AUTO_RECIPES_PORTABLE), [{"recipe": "int8-fused", "reason": reason}]
 
 
 def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions | None = None,
@@ -251,8 +252,7 @@ def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions 
         save_model(fp32_graph(transformer, src), fp32_dir / MODEL_FILE)
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
-        candidates = list(AUTO_RECIPES) if opts.recipe == "auto" else [opts.recipe]
-        skipped = _skip_fused(candidates, opts)
+        candidates, skipped = _auto_candidates(opts)
         rejected: list[dict[str, Any]] = []
         for attempt, recipe in enumerate(candidates):
             final = staging / f"artifact-{attempt}"

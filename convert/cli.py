@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="sentence-transformers model directory, or a hub id such as org/name")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create")
     p.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
-                   help="quantization recipe (default auto: int8-token, int8-rot, int8-wide, int8-block in "
-                   "that order; the first that passes the gate ships)")
+                   help="quantization recipe (default auto: int8-fused, int8-wide, int8-block in that order, or "
+                   "int8-token, int8-rot, int8-wide, int8-block where the fused kernels are not built; the first "
+                   "that passes the gate ships)")
     p.add_argument("--weight-bits", default="8", choices=["7", "8"],
                    help="integer-GEMM weight bits (8 is exact on every CPU: workers on CPUs without VNNI "
                         "run ONNX Runtime's u8 x u8 kernel)")

@@ -71,11 +71,14 @@ DEFAULT_RECIPE = "int8-token"
 #: longer tried); EmbeddingGemma-300m int8-token 0.99874 / 0.99816 fails its llama.cpp-level gate
 #: (0.9995 / 0.999), int8-rot 0.99975 / 0.99952 ships (int8-wide 0.99977 / 0.99961 at 0.6x its
 #: speed is the next step where a model needs more). The block-wise recipe is the last resort (as
-#: faithful, slower without fast 8-bit kernels). ``int8-fused`` (``int8-rot``'s numbers, each integer GEMM
-#: chain one op of worker/kernels: :mod:`convert.fuse`) comes first where the kernel library is built
-#: (convert.api skips it otherwise): all-MiniLM-L6-v2 0.99971 / 0.99937 at 1.29x int8-rot's speed,
-#: EmbeddingGemma-300m 0.99975 / 0.99964 at 1.18x (Zen 4; BENCHMARKS.md).
-AUTO_RECIPES = ("int8-fused", "int8-token", "int8-rot", "int8-wide", "int8-block")
+#: faithful, slower without fast 8-bit kernels). That is the order where the fused kernels are not built
+#: (:data:`AUTO_RECIPES_PORTABLE`); where they are, ``int8-fused`` replaces both single-pass recipes: it
+#: computes ``int8-rot``'s numbers with each integer-GEMM chain as one op of worker/kernels
+#: (:mod:`convert.fuse`), faster than either (all-MiniLM-L6-v2 0.99971 / 0.99937 at 1.29x int8-rot's
+#: tokens/s, EmbeddingGemma-300m 0.99975 / 0.99964 at 1.18x; Zen 4, BENCHMARKS.md), so where it fails
+#: the gate int8-rot would too and int8-token, less faithful, is no use either.
+AUTO_RECIPES = ("int8-fused", "int8-wide", "int8-block")
+AUTO_RECIPES_PORTABLE = ("int8-token", "int8-rot", "int8-wide", "int8-block")
 #: Inputs of the attention q/k/v projections (Gemma/Llama-style and BERT-style export names):
 #: where all-MiniLM-L6-v2's int8 error concentrates (its LayerNorm outputs carry outlier
 #: channels). A residual pass there alone took its paragraphs from 0.99808 to 0.99910 mean

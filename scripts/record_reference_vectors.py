@@ -54,7 +54,8 @@ def record(artifact: Path) -> dict[str, object]:
     return {
         "why": "the suite's MiniLM int8 vectors; scripts/record_reference_vectors.py says when to re-record",
         "recorded_on": {"cpu": cpu_model(), "int8_features": sorted(cpu_features()),
-                        "kernel": kernel_label(embedder.unsigned_kernel), "onnxruntime": onnxruntime.__version__},
+                        "kernel": kernel_label(embedder.unsigned_kernel),
+                        "fused_kernels": embedder.kernel_isa or "none", "onnxruntime": onnxruntime.__version__},
         "recipe": embedder.manifest.quantization.get("recipe"),
         "weights_sha256": hashlib.sha256((artifact / "model.onnx.data").read_bytes()).hexdigest(),
         "texts": list(TEXTS),

@@ -758,7 +758,7 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
         assert row.endswith("| 60 / 60 (1.000000) |"), row
     assert "OpenVINO static int8: skipped (`--skip-peers openvino`)" in text
     assert "llama.cpp: skipped, only for Gemma3" in text
-    assert "recipe `int8-token` (manifest), not validated" in text  # auto, no gate: its first recipe
+    assert "recipe `int8-fused` (manifest), not validated" in text  # auto, no gate: its first recipe
     torch_row = next(line for line in text.splitlines() if line.startswith("| ST torch fp32 | 32"))
     assert "| reference | reference |" in torch_row
     fp32_row = next(line for line in text.splitlines() if line.startswith("| ours fp32 | 1 |"))

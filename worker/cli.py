@@ -19,7 +19,7 @@ from pathlib import Path
 from worker.artifact import ArtifactError, Manifest, load_manifest
 from worker.config import ConfigError, Settings, load_settings, mask_url
 from worker.cpu import available_cpus, cpu_features, quantization_warning
-from worker.kernels import require_library
+from worker.kernels import probe_isa, require_library
 from worker.variant import kernel_label, wants_unsigned_kernel
 
 log = logging.getLogger("deposium.worker")
@@ -132,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = load_manifest(settings.artifact_dir)
         unsigned = wants_unsigned_kernel(manifest.quantization, settings.int8_weights, features)
+        fused_isa = ""
         if manifest.quantization.get("kernel_library"):  # refuse now, not in every forked child
             require_library(manifest.quantization["kernel_library"])
+            fused_isa = probe_isa(settings.kernel_isa)  # a forced path this CPU lacks is refused here too
     except ArtifactError as exc:
         print(f"deposium-worker: refusing to start: {exc}", file=sys.stderr)
         return EXIT_ARTIFACT
@@ -147,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("int8 GEMM kernel %s (DEPOSIUM_INT8_WEIGHTS=%s)", kernel_label(unsigned, manifest.quantization),
              settings.int8_weights)
     if manifest.quantization.get("kernel_library"):
-        log.info("fused kernels %s (DEPOSIUM_KERNEL_ISA=%s; auto takes amx, then vnni, then avx2)",
-                 manifest.quantization["kernel_library"], settings.kernel_isa)
+        log.info("fused kernels %s on %s (DEPOSIUM_KERNEL_ISA=%s; auto takes amx, then vnni, then avx2)",
+                 manifest.quantization["kernel_library"], fused_isa, settings.kernel_isa)
     warning = quantization_warning(manifest.quantization, features)
     if warning:
         log.warning(warning)

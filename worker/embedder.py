@@ -16,7 +16,6 @@ from worker.threads import pin_single_thread
 
 pin_single_thread()  # must precede the onnxruntime import below
 
-import os  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,7 +34,7 @@ from worker.artifact import (  # noqa: E402
 from worker.config import Settings, load_settings  # noqa: E402
 from worker.cpu import cpu_features  # noqa: E402
 from worker.errors import EmbedRequestError  # noqa: E402
-from worker.kernels import KernelLibraryError, active_isa, require_library  # noqa: E402
+from worker.kernels import active_isa, register_kernels, require_library  # noqa: E402
 from worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
 from worker.tokenize import ParagraphTokenizer  # noqa: E402
 from worker.variant import UNSIGNED_KERNEL_KEY, wants_unsigned_kernel  # noqa: E402
@@ -102,12 +101,9 @@ def session_options(settings: Settings, unsigned_kernel: bool = False,
     if unsigned_kernel:
         opts.add_session_config_entry(UNSIGNED_KERNEL_KEY, "1")
     if kernel_library is not None:
-        os.environ["DEPOSIUM_KERNEL_ISA"] = settings.kernel_isa
-        try:
-            opts.register_custom_ops_library(str(kernel_library))
-        except Exception as exc:  # onnxruntime raises its own Fail type with the library's message
-            raise KernelLibraryError(f"{kernel_library.name}: {exc}") from None
+        register_kernels(opts, kernel_library, settings.kernel_isa)
     return opts
+
 
 
 #: A batch's longest row may exceed its shortest by this factor (or by PAD_SLACK tokens).

@@ -117,6 +117,10 @@ def artifact_note(label: str, path: Path) -> str:
     manifest = read_manifest(path)
     quant = manifest.quantization
     graph = f"int8 GEMM kernel {kernel_label(wants_unsigned_kernel(quant, 'auto', cpu_features()), quant)} on this CPU"
+    if quant.get("kernel_library"):
+        from worker.kernels import probe_isa
+
+        graph += f", fused kernels on {probe_isa() or 'no path: library missing'}"
     line = f"ours {label}: `{path}` ({graph}), recipe `{quant.get('recipe', '?')}` (manifest)"
     try:
         validation = json.loads((path / VALIDATION_FILE).read_text())

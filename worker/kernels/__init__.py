@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.artifact import ArtifactError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 #: How a manifest names this library (``quantization.kernel_library``).
 LIBRARY = "deposium_rowq"
@@ -62,3 +67,33 @@ def active_isa() -> str:
     function = ctypes.CDLL(str(path)).deposium_rowq_isa
     function.restype = ctypes.c_char_p
     return function().decode()
+
+
+def register_kernels(opts: ort.SessionOptions, library: Path, isa: str = "auto") -> None:
+    """Load the fused kernels into ``opts`` on path ``isa``. The library reads its path from the
+    environment when it registers (a C library has no other channel from here), so the variable is set
+    for that call only: the process's environment is left as it was."""
+    previous = os.environ.get("DEPOSIUM_KERNEL_ISA")
+    os.environ["DEPOSIUM_KERNEL_ISA"] = isa
+    try:
+        opts.register_custom_ops_library(str(library))
+    except Exception as exc:  # onnxruntime raises its own Fail type with the library's message
+        raise KernelLibraryError(f"{library.name}: {exc}") from None
+    finally:
+        if previous is None:
+            del os.environ["DEPOSIUM_KERNEL_ISA"]
+        else:
+            os.environ["DEPOSIUM_KERNEL_ISA"] = previous
+
+
+def probe_isa(isa: str = "auto") -> str:
+    """The path a session on this machine would run (for logs and reports); "" without the library. ONNX
+    Runtime unloads the library with the last options that hold it, hence the question inside."""
+    import onnxruntime as ort
+
+    path = library_path()
+    if path is None:
+        return ""
+    opts = ort.SessionOptions()
+    register_kernels(opts, path, isa)
+    return active_isa()
