@@ -1,6 +1,9 @@
 """Side-by-side speed of several artifacts in ONE process: short-query latency and paragraph tokens/s.
 
-Usage: python scripts/compare_artifacts.py ARTIFACT [ARTIFACT ...] [--paragraphs N] [--rounds R]
+Usage: python scripts/compare_artifacts.py ARTIFACT[@ISA] [ARTIFACT[@ISA] ...] [--paragraphs N] [--rounds R]
+
+``@ISA`` (amx, vnni, avx2) runs an ``int8-fused`` artifact's kernels on that path (DEPOSIUM_KERNEL_ISA),
+so the paths of one artifact can be timed side by side too.
 
 Why a separate script from ``deposium-bench``: recipe decisions need ratios between artifacts, and
 on a shared, noisy host only ratios measured round-robin in the same process hold (the same
@@ -14,23 +17,32 @@ and the median of each query's time ratio to the first artifact's).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
 
 from convert.validate import load_paragraphs
 from worker.bench.timing import short_queries
+from worker.config import load_settings
 from worker.embedder import Embedder
+
+
+def open_artifact(spec: str) -> Embedder:
+    """``PATH`` or ``PATH@ISA``: the artifact, its fused kernels on that path if one is named."""
+    path, _, isa = spec.partition("@")
+    settings = load_settings()
+    return Embedder(Path(path), settings=dataclasses.replace(settings, kernel_isa=isa) if isa else settings)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifacts", nargs="+", type=Path)
+    parser.add_argument("artifacts", nargs="+", help="artifact directories, each optionally @amx, @vnni or @avx2")
     parser.add_argument("--paragraphs", type=int, default=160, help="held-out paragraphs per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    embedders = {str(path): Embedder(path) for path in args.artifacts}
+    embedders = {spec: open_artifact(spec) for spec in args.artifacts}
     paragraphs = load_paragraphs(limit=args.paragraphs)
     prompts = next(iter(embedders.values())).manifest.prompts  # models without task prompts: none
     document, query = ("document" if "document" in prompts else None), ("query" if "query" in prompts else None)

@@ -212,7 +212,10 @@ const char *deposium_rowq_isa(void) { return last_isa < 0 ? "" : isa_names[last_
 
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
   ort = api_base->GetApi(ORT_API_VERSION);
-  if (ort == NULL) return NULL;  // cannot happen with onnxruntime >= 1.21; nothing to report an error with
+  if (ort == NULL) {  // an onnxruntime older than 1.21: report it through the API every version has
+    const OrtApi *oldest = api_base->GetApi(1);
+    return oldest->CreateStatus(ORT_FAIL, "the deposium.rowq kernels need onnxruntime 1.21 or later (C API 21)");
+  }
   int isa;
   TRY(pick_isa(&isa));
   // One domain per path, made once and kept for the process's life: sessions hold on to it.
