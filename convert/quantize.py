@@ -40,6 +40,10 @@ into one GEMM so the prepacked weights exist once. On real
 EmbeddingGemma-300m it reached cosine 0.99966 mean / 0.99950 min (llama.cpp Q8_0 level) at
 about 1.5x the integer cost of ``int8-token``, still well above the speed of the block-wise
 ``MatMulNBits`` recipe on this CPU family (BENCHMARKS.md).
+
+``int8-fused`` is ``int8-rot`` whose integer-GEMM chains :mod:`convert.fuse` then rewrites into the
+custom ops of ``worker/kernels`` (one pass per GEMM instead of seven nodes): same quantization, other
+float rounding, 1.2-1.4x the speed (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -219,6 +219,11 @@ def test_tiny_gemma_manifest_prompts_dense_and_int8(tiny_gemma, tiny_gemma_fp32,
     assert manifest.prompts == EMBEDDINGGEMMA_PROMPTS
     assert manifest.architecture == "Gemma3TextModel" and manifest.dim == 64
     out = build_artifact(str(tiny_gemma), tmp_path / "int8", stsb=None, paragraph_limit=24)
+    quant = load_manifest(out).quantization
+    # auto ships int8-fused here too; the q/k/v GEMM (64 + 32 + 2 x 32 columns: the value weights' residual
+    # pass) is not a multiple of the kernels' 64, so it stays ONNX Runtime's: both kinds run in one graph
+    assert quant["recipe"] == "int8-fused"
+    assert (quant["fused_gemms"], quant["unfused_gemms"]) == (6, 2), quant
     st = SentenceTransformer(str(tiny_gemma), device="cpu")
     queries = ["what is a sliding window?", "how are vectors normalized"]
     emb = Embedder(out, settings=BIG)

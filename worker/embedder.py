@@ -220,7 +220,9 @@ class Embedder:
                                                      cpu_features())
         model_path = self.artifact_dir / self.model_file
         library = self.manifest.quantization.get("kernel_library")
-        options = session_options(self.settings, self.unsigned_kernel, require_library(library) if library else None)
+        #: The fused kernels' library an int8-fused graph calls (worker/kernels), else None.
+        self.kernel_library = require_library(library) if library else None
+        options = session_options(self.settings, self.unsigned_kernel, self.kernel_library)
         #: The fused kernels' path in this process ("amx", "vnni", "avx2"), or "" for graphs without them.
         self.kernel_isa = active_isa() if library else ""
         try:

@@ -292,7 +292,8 @@ def profile_kernel_events(embedder: object, work: Callable[[], object]) -> list[
     from worker.embedder import session_options
 
     with tempfile.TemporaryDirectory(prefix="deposium-profile-") as tmp:
-        opts = session_options(embedder.settings, embedder.unsigned_kernel)  # type: ignore[attr-defined]
+        opts = session_options(embedder.settings, embedder.unsigned_kernel,  # type: ignore[attr-defined]
+                               embedder.kernel_library)  # type: ignore[attr-defined]
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "ort")
         original = embedder.session  # type: ignore[attr-defined]
