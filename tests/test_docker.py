@@ -116,7 +116,9 @@ def test_runtime_image_contents(docker: dict, image: str):
         "print(json.dumps({'modules': [m for m in ('torch', 'transformers', 'optimum', 'onnx',"
         " 'sentence_transformers', 'pip', 'convert') if u.find_spec(m)],"
         " 'tools': [t for t in ('gcc', 'cc', 'g++', 'make', 'deposium-convert') if shutil.which(t)],"
-        " 'uid': os.getuid(), 'artifact': sorted(os.listdir(os.environ['DEPOSIUM_ARTIFACT']))}))"
+        " 'uid': os.getuid(), 'artifact': sorted(os.listdir(os.environ['DEPOSIUM_ARTIFACT'])),"
+        " 'kernels': bool(u.find_spec('worker.kernels._rowq')),"
+        " 'recipe': json.load(open(os.environ['DEPOSIUM_ARTIFACT'] + '/manifest.json'))['quantization']['recipe']}))"
     )
     out = json.loads(_run(docker, "run", "--rm", "--network", "none", "--entrypoint", "python3", image,
                           "-c", probe).stdout)
@@ -124,6 +126,8 @@ def test_runtime_image_contents(docker: dict, image: str):
     assert out["tools"] == [], out
     assert out["uid"] != 0
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= set(out["artifact"])
+    # the build stages compiled the fused kernels (gcc there, none here) and convert shipped int8-fused
+    assert out["kernels"] and out["recipe"] == "int8-fused", out
 
 
 def test_image_embeds_against_test_redis(docker: dict, image: str, redis_server: RedisServer):
