@@ -11,7 +11,9 @@ The rewrite also folds, where the graph allows it:
 - the block-32 Hadamard rotation before a chain (``convert.rotate``'s Reshape / MatMul / Reshape), into
   the op's quantization step (``FusedRot...``: a fast Walsh-Hadamard transform in registers);
 - the bias ``Add`` after a chain, and the exact erf GELU after that as the BERT export writes it, into
-  the op's epilogue (``...Bias``, ``...BiasGelu``).
+  the op's epilogue (``...Bias``, ``...BiasGelu``);
+- the ``Split`` after a merged GEMM (q/k/v, gate/up: ``convert.quantize._merged_gemm``), into the op's
+  outputs (``...Split``): each part gets its own tensor, written in place, instead of a copy.
 
 Chains the kernels cannot take (K or N not a multiple of 64) stay as they are, counted in the manifest.
 The weights are packed here, once, into the kernels' layout (:func:`pack_weights`), with their column
@@ -107,7 +109,25 @@ def _epilogue_after(out: str, n: int, index: GraphIndex) -> tuple[str, str, list
     return "BiasGelu", bias, [add, div, erf, plus, times_x, half_mul], half_mul.output[0]
 
 
-def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool = True) -> dict[str, int]:
+def _split_after(out: str, n: int, index: GraphIndex) -> tuple[onnx.NodeProto, np.ndarray] | None:
+    """The ``Split`` along the last axis that alone reads ``out``, with its widths, when every width is a
+    multiple of the kernels' tile (so each 64-column panel of the GEMM belongs to one part)."""
+    split = _sole(out, index, "Split")
+    if split is None or len(split.input) < 2:
+        return None
+    axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+    widths = _constant(split.input[1], index)
+    rank = len(index.shapes.get(out) or [])
+    if widths is None or (axis != -1 and (rank == 0 or axis != rank - 1)):
+        return None
+    widths = widths.astype(np.int64).reshape(-1)
+    if int(widths.sum()) != n or any(int(w) % TILE for w in widths):
+        return None
+    return split, widths
+
+
+def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool = True,
+               split: bool = True) -> dict[str, int]:
     """Rewrite ``model`` (an ``int8-rot`` or ``int8-token`` graph) in place; returns counts for the manifest."""
     from convert.quantize import drop_unused_initializers
 
@@ -115,7 +135,8 @@ def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool 
     index = GraphIndex.of(graph)
     dropped: set[int] = set()
     added: list[onnx.TensorProto] = []
-    counts = {"fused_gemms": 0, "fused_rotations": 0, "fused_bias": 0, "fused_bias_gelu": 0, "unfused_gemms": 0}
+    counts = {"fused_gemms": 0, "fused_rotations": 0, "fused_bias": 0, "fused_bias_gelu": 0, "fused_splits": 0,
+              "unfused_gemms": 0}
     for gemm in [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]:
         quantize = index.producer.get(gemm.input[0])
         divide = quantize and index.producer.get(quantize.input[0])
@@ -140,14 +161,25 @@ def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool 
         added += [numpy_helper.from_array(pack_weights(w8), f"{base}/b"),
                   numpy_helper.from_array(w8.astype(np.int32).sum(axis=0).astype(np.int32), f"{base}/colsum")]
         inputs, output = [x, f"{base}/b", gemm.input[3], f"{base}/colsum"], scale_mul.output[0]
+        outputs = [output]
         after = _epilogue_after(output, w.shape[1], index) if epilogue else None
+        parts = _split_after(output, w.shape[1], index) if split and after is None else None
         if after is not None:
             suffix, bias, folded, output = after
             op_type += suffix
             inputs.append(bias)
             chain = [*chain, *folded]
+            outputs = [output]
             counts["fused_bias_gelu" if suffix == "BiasGelu" else "fused_bias"] += 1
-        graph.node.insert(list(graph.node).index(gemm), helper.make_node(op_type, inputs, [output], name=base,
+        elif parts is not None:
+            split_node, widths = parts
+            op_type += "Split"
+            added.append(numpy_helper.from_array(widths, f"{base}/widths"))
+            inputs.append(f"{base}/widths")
+            chain = [*chain, split_node]
+            outputs = list(split_node.output)
+            counts["fused_splits"] += 1
+        graph.node.insert(list(graph.node).index(gemm), helper.make_node(op_type, inputs, outputs, name=base,
                                                                          domain=DOMAIN))
         dropped |= {id(n) for n in (gemm, scale_mul, quantize, divide, floor, absmax, absolute, *chain)}
         counts["fused_gemms"] += 1

@@ -55,9 +55,11 @@ def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
     quant = manifest.quantization
     assert quant["recipe"] == "int8-fused" and quant["kernel_library"] == "deposium_rowq"
     # every integer GEMM of BERT's graph is fused: rotations, biases and GELUs folded in
-    assert {k: manifest.quantization[k] for k in ("fused_gemms", "fused_rotations", "fused_bias", "fused_bias_gelu",
-                                                  "unfused_gemms")} == {
-        "fused_gemms": 24, "fused_rotations": 18, "fused_bias": 12, "fused_bias_gelu": 6, "unfused_gemms": 0}
+    # (and the q/k/v GEMM's Split: each part written to its own output)
+    assert {k: quant[k] for k in ("fused_gemms", "fused_rotations", "fused_bias", "fused_bias_gelu", "fused_splits",
+                                  "unfused_gemms")} == {
+        "fused_gemms": 24, "fused_rotations": 18, "fused_bias": 12, "fused_bias_gelu": 6, "fused_splits": 6,
+        "unfused_gemms": 0}
     assert manifest.quantization["weight_bits"] == 8  # on every build machine (worker.variant)
     assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"}
     validation = json.loads((minilm_artifact / "validation.json").read_text())
@@ -90,7 +92,7 @@ def test_minilm_int8_is_smaller_and_quantized(minilm_artifact: Path, minilm_fp32
     assert int8 < fp32 / 3, (int8, fp32)
     ops = {n.op_type for n in onnx.load(str(minilm_artifact / "model.onnx")).graph.node}
     # int8-fused: every integer GEMM is one of worker/kernels' ops, none is left to ONNX Runtime's
-    assert {"FusedRotRowQGemm", "FusedRotRowQGemmBiasGelu"} <= ops and "MatMulIntegerToFloat" not in ops
+    assert {"FusedRotRowQGemmSplit", "FusedRotRowQGemmBiasGelu"} <= ops and "MatMulIntegerToFloat" not in ops
 
 
 def test_every_tensor_has_a_named_shape(minilm_artifact: Path):
@@ -223,7 +225,7 @@ def test_tiny_gemma_manifest_prompts_dense_and_int8(tiny_gemma, tiny_gemma_fp32,
     # auto ships int8-fused here too; the q/k/v GEMM (64 + 32 + 2 x 32 columns: the value weights' residual
     # pass) is not a multiple of the kernels' 64, so it stays ONNX Runtime's: both kinds run in one graph
     assert quant["recipe"] == "int8-fused"
-    assert (quant["fused_gemms"], quant["unfused_gemms"]) == (6, 2), quant
+    assert (quant["fused_gemms"], quant["unfused_gemms"], quant["fused_splits"]) == (6, 2, 2), quant  # gate/up split
     st = SentenceTransformer(str(tiny_gemma), device="cpu")
     queries = ["what is a sliding window?", "how are vectors normalized"]
     emb = Embedder(out, settings=BIG)

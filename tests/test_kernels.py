@@ -143,6 +143,40 @@ def test_every_kernel_path_gives_the_same_bits():
             assert np.array_equal(out, first), (rotate, act, isa, np.abs(out - first).max())
 
 
+def _split_model(op_model: onnx.ModelProto, widths: list[int], rotate: bool) -> onnx.ModelProto:
+    """The same op as a ``...Split`` op: one output per part of the merged GEMM (q / k / v, gate / up)."""
+    graph = onnx.GraphProto()
+    graph.CopyFrom(op_model.graph)
+    node = graph.node[0]
+    node.op_type = ("FusedRotRowQGemm" if rotate else "FusedRowQGemm") + "Split"
+    node.input.append("widths")
+    graph.initializer.append(numpy_helper.from_array(np.asarray(widths, np.int64), "widths"))
+    del node.output[:]
+    del graph.output[:]
+    for i, width in enumerate(widths):
+        node.output.append(f"y{i}")
+        graph.output.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["batch", "seq", width]))
+    return helper.make_model(graph, opset_imports=list(op_model.opset_import))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("isa", AVAILABLE)
+def test_split_ops_write_each_part_of_the_same_bits(isa, rotate):
+    """A merged GEMM's parts as separate outputs are, bit for bit, the columns of the one-output op."""
+    rng = np.random.default_rng(5)
+    model, _ = _op_model(rotate, "", 128, 320, rng)
+    x = _activations(rng, 128)
+    whole = _session(model, isa).run(None, {"x": x})[0]
+    widths = [128, 64, 128]
+    parts = _session(_split_model(model, widths, rotate), isa).run(None, {"x": x})
+    assert [p.shape for p in parts] == [(2, 11, w) for w in widths]
+    assert np.array_equal(np.concatenate(parts, axis=-1), whole)
+    with pytest.raises(Exception, match="not a multiple of 64"):
+        _session(_split_model(model, [96, 96, 128], rotate), isa).run(None, {"x": x})
+    with pytest.raises(Exception, match="summing to 256, for N = 320"):
+        _session(_split_model(model, [128, 128], rotate), isa).run(None, {"x": x})
+
+
 @pytest.mark.skipif(len(AVAILABLE) < 2, reason="this CPU offers one kernel path only")
 def test_an_int8_fused_artifact_embeds_the_same_bits_on_every_path(minilm_artifact):
     """The suite's MiniLM artifact (int8-fused: rotations, biases and GELUs folded) end to end."""

@@ -112,7 +112,7 @@ static inline __m256 epilogue(__m256i acc, __m256 ws, float rs, int act, const f
 #define AVX2_ROWS 4  // 4 rows x 16 columns: 8 accumulators of the 16 ymm registers
 
 // One column block (16 columns: two 8-column halves of each 64-byte weight vector), R <= 4 rows.
-static void block(int R, const uint8_t *a, int64_t K, int64_t N, const int8_t *bj, int64_t col, const float *wscale,
+static void block(int R, const uint8_t *a, int64_t K, int64_t ld, const int8_t *bj, int64_t col, const float *wscale,
                   const float *rs, int act, const float *bias, float *out) {
   __m256i acc[AVX2_ROWS][2];
   for (int r = 0; r < AVX2_ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
@@ -134,22 +134,23 @@ static void block(int R, const uint8_t *a, int64_t K, int64_t N, const int8_t *b
   for (int h = 0; h < 2; h++) {
     const __m256 ws = _mm256_loadu_ps(wscale + col + 8 * h);
     for (int r = 0; r < R; r++)
-      _mm256_storeu_ps(out + r * N + col + 8 * h, epilogue(acc[r][h], ws, rs[r], act, bias ? bias + col + 8 * h : NULL));
+      _mm256_storeu_ps(out + r * ld + 8 * h, epilogue(acc[r][h], ws, rs[r], act, bias ? bias + col + 8 * h : NULL));
   }
 }
 
 void rowq_avx2_gemm(int64_t M, const uint8_t *a, int64_t K, int64_t N, const int8_t *b, const float *wscale,
-                    const float *rs, int act, const float *bias, float *out) {
+                    const float *rs, int act, const float *bias, const rowq_out *out) {
   const size_t jstride = (size_t)K * 16;
   for (int64_t j = 0; j < N / 16; j++)
     for (int64_t m0 = 0; m0 < M; m0 += AVX2_ROWS) {
       const int R = M - m0 < AVX2_ROWS ? (int)(M - m0) : AVX2_ROWS;
-      block(R, a + m0 * K, K, N, b + j * jstride, j * 16, wscale, rs + m0, act, bias, out + m0 * N);
+      block(R, a + m0 * K, K, out->ld[j / 4], b + j * jstride, j * 16, wscale, rs + m0, act, bias,
+            rowq_out_at(out, j / 4, m0) + (j % 4) * 16);
     }
 }
 
 int rowq_avx2_run(int64_t M, const float *x, int64_t K, int64_t N, const int8_t *b, const float *wscale,
-                  const float *bias, int act, int rotate, float *out) {
+                  const float *bias, int act, int rotate, const rowq_out *out) {
   uint8_t *a = rowq_scratch(0, (uint64_t)M * K);
   float *rs = rowq_scratch(1, (uint64_t)M * sizeof(float));
   float *rotated = rowq_scratch(2, (uint64_t)K * sizeof(float));

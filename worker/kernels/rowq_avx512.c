@@ -6,7 +6,8 @@
 #include "rowq_kernels.h"
 
 int rowq_avx512_run(int amx, int64_t M, const float *x, int64_t K, int64_t N, const int8_t *b,
-                    const float *wscale, const int32_t *colsum, const float *bias, int act, int rotate, float *out) {
+                    const float *wscale, const int32_t *colsum, const float *bias, int act, int rotate,
+                    const rowq_out *out) {
   const int64_t padded = (M + 15) / 16 * 16;  // the AMX path reads whole 16-row tiles
   uint8_t *a = rowq_scratch(0, (uint64_t)padded * K);
   float *rs = rowq_scratch(1, (uint64_t)M * sizeof(float));

@@ -23,6 +23,7 @@
 // them, so two paths (or two builds) could round differently.
 #ifndef ROWQ_KERNELS_H
 #define ROWQ_KERNELS_H
+#include "rowq.h"
 #include "rowq_poly.h"
 #include <immintrin.h>
 #include <math.h>
@@ -141,18 +142,18 @@ static inline __m512 rowq_epilogue(__m512i acc, __m512i zs, __m512 ws, float rs,
 // The epilogue of one block, out of line: inlined into the block, GCC 12 keeps the GELU's constants
 // live across the k loop and spills accumulators inside it (measured 1.5x slower at 128 rows).
 static __attribute__((noinline)) void rowq_vnni_finish(
-    int R, __m512i acc[ROWQ_VNNI_ROWS][4], int64_t N, int64_t j0, const float *wscale, const int32_t *colsum,
+    int R, __m512i acc[ROWQ_VNNI_ROWS][4], int64_t ld, int64_t j0, const float *wscale, const int32_t *colsum,
     const float *rs, int act, const float *bias, float *out) {
   for (int j = 0; j < 4; j++) {
     const int64_t col = (j0 + j) * 16;
     const __m512 ws = _mm512_loadu_ps(wscale + col);
     const __m512i zs = _mm512_slli_epi32(_mm512_loadu_si512(colsum + col), 7);
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + r * N + col, rowq_epilogue(acc[r][j], zs, ws, rs[r], act, bias + col));
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + r * ld + j * 16, rowq_epilogue(acc[r][j], zs, ws, rs[r], act, bias + col));
   }
 }
 
 static inline __attribute__((always_inline)) void rowq_vnni_block(
-    const int R, const uint8_t *a, int64_t K, int64_t N, const int8_t *b, int64_t j0, const float *wscale,
+    const int R, const uint8_t *a, int64_t K, int64_t ld, const int8_t *b, int64_t j0, const float *wscale,
     const int32_t *colsum, const float *rs, int act, const float *bias, const int8_t *next, float *out) {
   const size_t jstride = (size_t)K * 16;
   const int8_t *b0 = b + (size_t)j0 * jstride;
@@ -170,22 +171,23 @@ static inline __attribute__((always_inline)) void rowq_vnni_block(
   }
   __m512i acc[ROWQ_VNNI_ROWS][4];
   ROWQ_ACC_SAVE(0) ROWQ_ACC_SAVE(1) ROWQ_ACC_SAVE(2) ROWQ_ACC_SAVE(3) ROWQ_ACC_SAVE(4) ROWQ_ACC_SAVE(5)
-  rowq_vnni_finish(R, acc, N, j0, wscale, colsum, rs, act, bias, out);
+  rowq_vnni_finish(R, acc, ld, j0, wscale, colsum, rs, act, bias, out);
 }
 
 #define ROWQ_WIDE_CASE(r) \
-  case r: rowq_vnni_block(r, am, K, N, b, j0, wscale, colsum, rs + m0, act, bias, next, om); break
+  case r: rowq_vnni_block(r, am, K, ld, b, j0, wscale, colsum, rs + m0, act, bias, next, om); break
 
 // M quantized rows a[M][K] (row scales rs[M]) -> out[M][N]. Column panels outside, rows inside.
 // bias: [N], read only when act != ROWQ_NONE. (A narrower 12 x 32 block for short queries, whose
 // weight panel stays in L1, measured no faster at 16 rows on Zen 4: 7.8-8.8 vs 7.3-7.4 ms.)
 static inline void rowq_gemm_vnni(int64_t M, const uint8_t *a, int64_t K, int64_t N, const int8_t *b,
                                   const float *wscale, const int32_t *colsum, const float *rs, int act,
-                                  const float *bias, float *out) {
+                                  const float *bias, const rowq_out *out) {
   for (int64_t j0 = 0; j0 < N / 16; j0 += 4)
     for (int64_t m0 = 0; m0 < M; m0 += ROWQ_VNNI_ROWS) {
       const uint8_t *am = a + m0 * K;
-      float *om = out + m0 * N;
+      const int64_t ld = out->ld[j0 / 4];
+      float *om = rowq_out_at(out, j0 / 4, m0);
       // The last row group of a panel prefetches the next panel into L2 (ROWQ_PREFETCH=0 to compare).
       const int8_t *next = ROWQ_PREFETCH && m0 + ROWQ_VNNI_ROWS >= M && j0 + 4 < N / 16 ? b + (size_t)(j0 + 4) * K * 16 : NULL;
       switch (M - m0 >= ROWQ_VNNI_ROWS ? ROWQ_VNNI_ROWS : (int)(M - m0)) {
@@ -211,7 +213,7 @@ static inline void rowq_amx_config(void) {
 // with the zero code 128 by the caller, so a tile never reads past it).
 static inline void rowq_gemm_amx(int64_t M, const uint8_t *a, int64_t K, int64_t N, const int8_t *b,
                                  const float *wscale, const int32_t *colsum, const float *rs, int act,
-                                 const float *bias, float *out) {
+                                 const float *bias, const rowq_out *out) {
   rowq_amx_config();
   int32_t c[4][256] __attribute__((aligned(64)));
   const size_t jstride = (size_t)(K / 64) * 1024;
@@ -234,7 +236,7 @@ static inline void rowq_gemm_amx(int64_t M, const uint8_t *a, int64_t K, int64_t
         const __m512 ws = _mm512_loadu_ps(wscale + col);
         const __m512i zs = _mm512_slli_epi32(_mm512_loadu_si512(colsum + col), 7);
         for (int m = 0; m < rows; m++)
-          _mm512_storeu_ps(out + (m0 + m) * N + col, rowq_epilogue(_mm512_load_si512(c[t] + m * 16), zs, ws, rs[m0 + m], act, bias + col));
+          _mm512_storeu_ps(rowq_out_at(out, j0 / 4, m0 + m) + t * 16, rowq_epilogue(_mm512_load_si512(c[t] + m * 16), zs, ws, rs[m0 + m], act, bias + col));
       }
     }
   }

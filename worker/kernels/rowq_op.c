@@ -9,7 +9,9 @@
 // the epilogue ("Bias", "BiasGelu" ops). Every row is computed on its own: batch invariant.
 //
 // Inputs: x fp32 [..., K]; b int8 [K * N] packed (convert/fuse.py: pack_weights); w_scale fp32 [N];
-// colsum int32 [N]; bias fp32 [N] ("Bias" ops only). Output fp32 [..., N]. K and N: multiples of 64.
+// colsum int32 [N]; bias fp32 [N] ("Bias" ops only) or widths int64 [parts] ("Split" ops). Output fp32
+// [..., N], or one fp32 [..., width_i] per part ("Split": the merged q/k/v or gate/up GEMM hands each
+// part its own tensor, no Split node copies them). K, N and every width: multiples of 64.
 //
 // Plain C against ONNX Runtime's C API only (include/onnxruntime_c_api.h, API 21, vendored), compiled
 // for baseline x86-64: the kernels live in rowq_avx512.c and rowq_avx2.c, reached only after the CPU
@@ -28,12 +30,12 @@
 
 enum { ISA_AMX, ISA_VNNI, ISA_AVX2, ISA_COUNT };
 static const char *const isa_names[ISA_COUNT] = {"amx", "vnni", "avx2"};
-#define OP_COUNT 6
+#define OP_COUNT 8
 
 typedef struct {
   OrtCustomOp base;  // first: ONNX Runtime hands back this pointer
   const char *name;
-  int rotate, act, isa;
+  int rotate, act, split, isa;  // split: a fifth input, int64 [parts], the widths of the outputs
 } RowqOp;
 
 static const OrtApi *ort;
@@ -57,8 +59,8 @@ static OrtStatus *fail(const char *fmt, ...) {
 }
 
 void *rowq_scratch(int slot, uint64_t bytes) {
-  static __thread void *buffers[3];
-  static __thread uint64_t sizes[3];
+  static __thread void *buffers[5];
+  static __thread uint64_t sizes[5];
   if (bytes > sizes[slot]) {
     void *grown = realloc(buffers[slot], bytes);
     if (grown == NULL) return NULL;
@@ -83,7 +85,7 @@ static OrtStatus *shape_of(const OrtValue *value, int64_t *dims, size_t max_dims
 
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) {
   const RowqOp *op = kernel;
-  const size_t inputs = op->act ? 5 : 4;
+  const size_t inputs = op->act || op->split ? 5 : 4;
   const OrtValue *in[5];
   void *data[5];
   int64_t count[5], x_dims[16];
@@ -101,16 +103,40 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
   if (count[1] != K * N || count[3] != N || (op->act && count[4] != N))
     return fail("%s: weights hold %lld values, scales %lld, column sums %lld for K = %lld, N = %lld", op->name,
                 (long long)count[1], (long long)count[2], (long long)count[3], (long long)K, (long long)N);
-  x_dims[rank - 1] = N;
-  OrtValue *y;
-  TRY(ort->KernelContext_GetOutput(context, 0, x_dims, rank, &y));
-  void *out;
-  TRY(ort->GetTensorMutableData(y, &out));
+  // Outputs: one [..., N], or one [..., width_i] per part (the Split ops).
+  size_t parts = 1;
+  TRY(ort->KernelContext_GetOutputCount(context, &parts));
+  const int64_t one_width[1] = {N};
+  const int64_t *widths = op->split ? data[4] : one_width;
+  if (op->split) {
+    int64_t total = 0;
+    for (size_t i = 0; i < parts && i < (size_t)count[4]; i++) {
+      if (widths[i] <= 0 || widths[i] % 64) return fail("%s: part %zu is %lld wide, not a multiple of 64", op->name, i, (long long)widths[i]);
+      total += widths[i];
+    }
+    if ((size_t)count[4] != parts || total != N)
+      return fail("%s: %zu outputs, %lld widths summing to %lld, for N = %lld", op->name, parts, (long long)count[4],
+                  (long long)total, (long long)N);
+  } else if (parts != 1) {
+    return fail("%s: one output expected, the graph has %zu", op->name, parts);
+  }
+  float **panel = rowq_scratch(3, (uint64_t)(N / 64) * sizeof(float *));
+  int64_t *ld = rowq_scratch(4, (uint64_t)(N / 64) * sizeof(int64_t));
+  if (panel == NULL || ld == NULL) return fail("%s: out of memory", op->name);
+  for (size_t i = 0, p = 0; i < parts; i++) {
+    x_dims[rank - 1] = widths[i];
+    OrtValue *y;
+    void *out;
+    TRY(ort->KernelContext_GetOutput(context, i, x_dims, rank, &y));
+    TRY(ort->GetTensorMutableData(y, &out));
+    for (int64_t c = 0; c < widths[i]; c += 64, p++) panel[p] = (float *)out + c, ld[p] = widths[i];
+  }
   if (M == 0) return NULL;
+  const rowq_out out = {panel, ld};
   const float *bias = op->act ? data[4] : NULL;
   const int failed = op->isa == ISA_AVX2
-      ? rowq_avx2_run(M, data[0], K, N, data[1], data[2], bias, op->act, op->rotate, out)
-      : rowq_avx512_run(op->isa == ISA_AMX, M, data[0], K, N, data[1], data[2], data[3], bias, op->act, op->rotate, out);
+      ? rowq_avx2_run(M, data[0], K, N, data[1], data[2], bias, op->act, op->rotate, &out)
+      : rowq_avx512_run(op->isa == ISA_AMX, M, data[0], K, N, data[1], data[2], data[3], bias, op->act, op->rotate, &out);
   return failed ? fail("%s: out of memory for %lld rows x %lld", op->name, (long long)M, (long long)K) : NULL;
 }
 
@@ -124,11 +150,14 @@ static void ORT_API_CALL destroy_kernel(void *kernel) { (void)kernel; }
 static const char *ORT_API_CALL get_name(const OrtCustomOp *op) { return ((const RowqOp *)op)->name; }
 static const char *ORT_API_CALL get_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t i) {
-  (void)op;
+  if (i == 4 && ((const RowqOp *)op)->split) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
                                                              : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { return ((const RowqOp *)op)->act ? 5 : 4; }
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) {
+  const RowqOp *rowq = (const RowqOp *)op;
+  return rowq->act || rowq->split ? 5 : 4;
+}
 static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t i) {
   (void)op, (void)i;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -137,6 +166,11 @@ static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; retur
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t i) {
   (void)op, (void)i;
   return INPUT_OUTPUT_REQUIRED;
+}
+// A Split op's outputs: one or more float tensors (variadic, homogeneous).
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t i) {
+  (void)i;
+  return ((const RowqOp *)op)->split ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
 }
 static OrtMemType ORT_API_CALL memory_type(const OrtCustomOp *op, size_t i) { (void)op, (void)i; return OrtMemTypeDefault; }
 static int ORT_API_CALL one(const OrtCustomOp *op) { (void)op; return 1; }
@@ -147,9 +181,9 @@ static size_t ORT_API_CALL no_pairs(int **input_index, int **output_index) {
 }
 static void ORT_API_CALL release_pairs(int *input_index, int *output_index) { (void)input_index, (void)output_index; }
 
-static void init_op(RowqOp *op, const char *name, int rotate, int act, int isa) {
+static void init_op(RowqOp *op, const char *name, int rotate, int act, int split, int isa) {
   memset(op, 0, sizeof *op);
-  op->name = name, op->rotate = rotate, op->act = act, op->isa = isa;
+  op->name = name, op->rotate = rotate, op->act = act, op->split = split, op->isa = isa;
   OrtCustomOp *b = &op->base;
   b->version = ORT_API_VERSION;
   b->GetName = get_name;
@@ -160,7 +194,7 @@ static void init_op(RowqOp *op, const char *name, int rotate, int act, int isa) 
   b->GetOutputTypeCount = output_count;
   b->KernelDestroy = destroy_kernel;
   b->GetInputCharacteristic = required;
-  b->GetOutputCharacteristic = required;
+  b->GetOutputCharacteristic = output_kind;
   b->GetInputMemoryType = memory_type;
   b->GetVariadicInputMinArity = one;
   b->GetVariadicInputHomogeneity = one;
@@ -224,15 +258,16 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
   pthread_mutex_lock(&lock);
   OrtStatus *status = NULL;
   if (domains[isa] == NULL) {
-    static const struct { const char *name; int rotate, act; } kinds[OP_COUNT] = {
-        {"FusedRowQGemm", 0, 0},          {"FusedRotRowQGemm", 1, 0},
-        {"FusedRowQGemmBias", 0, 1},      {"FusedRotRowQGemmBias", 1, 1},
-        {"FusedRowQGemmBiasGelu", 0, 2},  {"FusedRotRowQGemmBiasGelu", 1, 2},
+    static const struct { const char *name; int rotate, act, split; } kinds[OP_COUNT] = {
+        {"FusedRowQGemm", 0, 0, 0},          {"FusedRotRowQGemm", 1, 0, 0},
+        {"FusedRowQGemmBias", 0, 1, 0},      {"FusedRotRowQGemmBias", 1, 1, 0},
+        {"FusedRowQGemmBiasGelu", 0, 2, 0},  {"FusedRotRowQGemmBiasGelu", 1, 2, 0},
+        {"FusedRowQGemmSplit", 0, 0, 1},     {"FusedRotRowQGemmSplit", 1, 0, 1},
     };
     OrtCustomOpDomain *domain = NULL;
     status = ort->CreateCustomOpDomain("deposium.rowq", &domain);
     for (int i = 0; status == NULL && i < OP_COUNT; i++) {
-      init_op(&ops[isa][i], kinds[i].name, kinds[i].rotate, kinds[i].act, isa);
+      init_op(&ops[isa][i], kinds[i].name, kinds[i].rotate, kinds[i].act, kinds[i].split, isa);
       status = ort->CustomOpDomain_Add(domain, &ops[isa][i].base);
     }
     if (status == NULL) domains[isa] = domain;

@@ -50,6 +50,15 @@ static void pack_b(const int8_t *w, int8_t *bp) {
 
 static uint8_t a[MAX_ROWS * K] __attribute__((aligned(64)));
 
+// One output tensor [M][N] as the kernels' panel list (rowq.h: rowq_out).
+static const rowq_out *as_out(float *y) {
+  static float *panels[N / 64];
+  static int64_t lds[N / 64];
+  static rowq_out out = {panels, lds};
+  for (int p = 0; p < N / 64; p++) panels[p] = y + 64 * p, lds[p] = N;
+  return &out;
+}
+
 // rowq_avx2.c's rowq_avx2_run takes its scratch from the op library (rowq_op.c); the probe calls the
 // two halves itself and never runs it, but the object still links to this.
 void *rowq_scratch(int slot, uint64_t bytes) { (void)slot; return malloc(bytes); }
@@ -60,7 +69,7 @@ static void fused(int M, const float *x, const int8_t *bp, const float *wscale, 
   float rs[MAX_ROWS];
   if (use_avx2) {
     for (int m = 0; m < M; m++) rs[m] = rowq_avx2_quantize_row(x + (size_t)m * K, K, 0, NULL, a + (size_t)m * K);
-    rowq_avx2_gemm(M, a, K, N, bp, wscale, rs, act, bias, y);
+    rowq_avx2_gemm(M, a, K, N, bp, wscale, rs, act, bias, as_out(y));
     return;
   }
   for (int m = 0; m < M; m++) rs[m] = rowq_quantize_row(x + (size_t)m * K, K, 0, NULL, a + (size_t)m * K);
@@ -68,11 +77,11 @@ static void fused(int M, const float *x, const int8_t *bp, const float *wscale, 
   if (use_amx) {
     int padded = (M + 15) / 16 * 16;
     memset(a + (size_t)M * K, 128, (size_t)(padded - M) * K);
-    rowq_gemm_amx(M, a, K, N, bp, wscale, cs, rs, act, bias, y);
+    rowq_gemm_amx(M, a, K, N, bp, wscale, cs, rs, act, bias, as_out(y));
     return;
   }
 #endif
-  rowq_gemm_vnni(M, a, K, N, bp, wscale, cs, rs, act, bias, y);
+  rowq_gemm_vnni(M, a, K, N, bp, wscale, cs, rs, act, bias, as_out(y));
 }
 
 // The AVX2 path against the AVX-512 one (VNNI, or AMX when granted) on the same rows: every code,
@@ -92,11 +101,11 @@ static int same_bits(int M, const float *x, const int8_t *bp, const float *wscal
 #ifdef __AMX_INT8__
       if (use_amx) {
         memset(a + (size_t)M * K, 128, (size_t)((M + 15) / 16 * 16 - M) * K);
-        rowq_gemm_amx(M, a, K, N, bp, wscale, cs, rs1, mode, bias, y1);
+        rowq_gemm_amx(M, a, K, N, bp, wscale, cs, rs1, mode, bias, as_out(y1));
       } else
 #endif
-        rowq_gemm_vnni(M, a, K, N, bp, wscale, cs, rs1, mode, bias, y1);
-      rowq_avx2_gemm(M, a2, K, N, bp, wscale, rs2, mode, bias, y2);
+        rowq_gemm_vnni(M, a, K, N, bp, wscale, cs, rs1, mode, bias, as_out(y1));
+      rowq_avx2_gemm(M, a2, K, N, bp, wscale, rs2, mode, bias, as_out(y2));
       const int outputs = !memcmp(y1, y2, (size_t)M * N * sizeof(float));
       printf("rows %3d, rotation %d, epilogue %-9s: codes and row scales %s, outputs %s\n", M, rotate,
              mode == ROWQ_NONE ? "scales" : mode == ROWQ_BIAS ? "+ bias" : "+ GELU", codes ? "identical" : "DIFFER",
