@@ -245,3 +245,18 @@ def test_foreign_or_missing_artifacts_stop_the_cli(minilm_artifact, tmp_path, mo
     monkeypatch.delenv("REDIS_URL")
     assert main(["--artifact", str(minilm_artifact)]) != 0
     assert "REDIS_URL is not set" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_an_int8_fused_artifact_it_cannot_run(minilm_artifact, monkeypatch, capsys):
+    """Without the kernel library, or on a kernel path the CPU lacks, the worker stops before it forks
+    children or touches Redis, and says how to fix it."""
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")  # never reached
+    monkeypatch.setattr("worker.kernels.library_path", lambda: None)  # an install without a C compiler
+    assert main(["--artifact", str(minilm_artifact)]) == EXIT_ARTIFACT
+    err = capsys.readouterr().err
+    assert "refusing to start" in err and "deposium_rowq kernel library" in err and "--recipe int8-rot" in err
+    monkeypatch.undo()
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")
+    monkeypatch.setenv("DEPOSIUM_KERNEL_ISA", "sse2")
+    assert main(["--artifact", str(minilm_artifact)]) != 0
+    assert "DEPOSIUM_KERNEL_ISA" in capsys.readouterr().err
