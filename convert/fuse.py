@@ -126,10 +126,9 @@ def _split_after(out: str, n: int, index: GraphIndex) -> tuple[onnx.NodeProto, n
     return split, widths
 
 
-def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool = True,
-               split: bool = True) -> dict[str, int]:
+def fuse_gemms(model: onnx.ModelProto) -> dict[str, int]:
     """Rewrite ``model`` (an ``int8-rot`` or ``int8-token`` graph) in place; returns counts for the manifest."""
-    from convert.quantize import drop_unused_initializers
+    from convert.quantize import drop_unused_initializers, use_domain
 
     graph = model.graph
     index = GraphIndex.of(graph)
@@ -153,7 +152,7 @@ def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool 
             counts["unfused_gemms"] += 1
             continue
         base, op_type, chain = f"{gemm.name}/fused", "FusedRowQGemm", []
-        found = _rotation_before(x, index) if rotation else None
+        found = _rotation_before(x, index)
         if found is not None and {r.op_type for r in index.consumers[x]} == {"Abs", "Div"}:
             (x, chain), op_type = found, "FusedRotRowQGemm"
             counts["fused_rotations"] += 1
@@ -162,8 +161,8 @@ def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool 
                   numpy_helper.from_array(w8.astype(np.int32).sum(axis=0).astype(np.int32), f"{base}/colsum")]
         inputs, output = [x, f"{base}/b", gemm.input[3], f"{base}/colsum"], scale_mul.output[0]
         outputs = [output]
-        after = _epilogue_after(output, w.shape[1], index) if epilogue else None
-        parts = _split_after(output, w.shape[1], index) if split and after is None else None
+        after = _epilogue_after(output, w.shape[1], index)
+        parts = _split_after(output, w.shape[1], index) if after is None else None
         if after is not None:
             suffix, bias, folded, output = after
             op_type += suffix
@@ -190,6 +189,6 @@ def fuse_gemms(model: onnx.ModelProto, *, rotation: bool = True, epilogue: bool 
     graph.node.extend(kept)
     graph.initializer.extend(added)
     drop_unused_initializers(graph)  # the unpacked weights no chain reads any more
-    if counts["fused_gemms"] and not any(entry.domain == DOMAIN for entry in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if counts["fused_gemms"]:
+        use_domain(model, DOMAIN)
     return counts

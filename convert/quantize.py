@@ -455,9 +455,10 @@ def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scal
     return nodes
 
 
-def use_contrib_domain(model: onnx.ModelProto) -> None:
-    if not any(entry.domain == MS_DOMAIN for entry in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+def use_domain(model: onnx.ModelProto, domain: str) -> None:
+    """Import opset 1 of ``domain`` (ONNX Runtime's contrib ops, our fused kernels) unless the model does."""
+    if not any(entry.domain == domain for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
@@ -483,7 +484,7 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
     del graph.node[:]
     graph.node.extend(nodes)
     drop_unused_initializers(graph)
-    use_contrib_domain(model)
+    use_domain(model, MS_DOMAIN)
     log.info("%s: quantized %d MatMuls (%d distinct activations, %d rotated) with %d-bit weights, %d-bit "
              "activations", opts.recipe, len(grouped), len(groups), len(rotations), weight_bits, activation_bits)
     return model, {"quantized_matmuls": len(grouped), "quantized_activations": len(groups),

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from convert.fold import Dim, GraphIndex, perm_of, value_shapes
-from convert.quantize import MS_DOMAIN, drop_unused_initializers, use_contrib_domain
+from convert.quantize import MS_DOMAIN, drop_unused_initializers, use_domain
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def fuse_tanh_gelu(model: onnx.ModelProto) -> int:
         kept = [fused.get(id(n), n) for n in graph.node if id(n) not in remove]
         del graph.node[:]
         graph.node.extend(kept)
-        use_contrib_domain(model)
+        use_domain(model, MS_DOMAIN)
     return len(fused)
 
 

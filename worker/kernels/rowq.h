@@ -21,9 +21,9 @@ static inline float *rowq_out_at(const rowq_out *out, int64_t panel, int64_t row
   return out->panel[panel] + row * out->ld[panel];
 }
 
-// What follows the GEMM in the graph, folded into the epilogue: nothing, + bias, or the exact erf
-// GELU of (y + bias). Same values as rowq_kernels.h's enum rowq_activation.
-enum { ROWQ_AVX2_NONE = 0, ROWQ_AVX2_BIAS = 1, ROWQ_AVX2_BIAS_GELU = 2 };
+// What follows the GEMM in the graph, folded into the epilogue of every path: nothing, + bias, or the
+// exact-erf GELU of (y + bias) = 0.5 y (1 + erf(y / sqrt 2)), ONNX's Gelu and ONNX Runtime's BiasGelu.
+enum rowq_activation { ROWQ_NONE = 0, ROWQ_BIAS = 1, ROWQ_BIAS_GELU = 2 };
 
 // One call of the op: rows x[M][K] (fp32) -> out[M][N] (fp32), the weights b packed by
 // convert/fuse.py (pack_weights), wscale[N] the column steps (1/127 included), colsum[N] the weight

@@ -102,9 +102,9 @@ static inline __m256 erf8(__m256 a) {
 
 static inline __m256 epilogue(__m256i acc, __m256 ws, float rs, int act, const float *bias) {
   __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(ws, _mm256_set1_ps(rs)));
-  if (act == ROWQ_AVX2_NONE) return y;
+  if (act == ROWQ_NONE) return y;
   y = _mm256_add_ps(y, _mm256_loadu_ps(bias));
-  if (act == ROWQ_AVX2_BIAS) return y;
+  if (act == ROWQ_BIAS) return y;
   const __m256 e = erf8(_mm256_mul_ps(y, _mm256_set1_ps(0.70710678118654752f)));
   return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), y), _mm256_add_ps(_mm256_set1_ps(1.f), e));
 }

@@ -105,10 +105,6 @@ static inline __m512 rowq_erf(__m512 a) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(0.927734375f), _CMP_GT_OQ), small, big);
 }
 
-// What follows the GEMM in the graph, folded in: nothing, + bias, or the exact-erf GELU of (y + bias)
-// = 0.5 y (1 + erf(y / sqrt 2)), ONNX's Gelu and ONNX Runtime's BiasGelu.
-enum rowq_activation { ROWQ_NONE = 0, ROWQ_BIAS = 1, ROWQ_BIAS_GELU = 2 };
-
 // acc - 128 * colsum, times column scale times row scale, then the activation: the same expression on
 // every path.
 static inline __m512 rowq_epilogue(__m512i acc, __m512i zs, __m512 ws, float rs, int act, const float *bias) {
