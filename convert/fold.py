@@ -81,11 +81,17 @@ class RotationDonor:
     biases: list[str]
 
 
+def _one_reader_node(index: GraphIndex, name: str) -> bool:
+    """One node reads ``name`` (a Concat of several copies of it counts once)."""
+    return len({id(r) for r in index.consumers.get(name, [])}) == 1
+
+
 def rotation_donor(index: GraphIndex, x: str, block: int, donors: set[str]) -> RotationDonor | None:
     """The MatMul among ``donors`` (output names) that ``x`` is a block-rotatable linear image of:
     x H equals the graph with that MatMul's weights W replaced by W H, through Add of a constant
     bias (rotated too), Reshape splitting or merging the last axis in multiples of ``block``,
-    Transpose keeping the last axis, Cast, and MatMul where the path is the right operand. Every
+    Transpose keeping the last axis, Cast, MatMul where the path is the right operand, Concat of
+    copies of the path, and MultiHeadAttention through its value input (convert.attention). Every
     tensor on the way must have that single reader, so nothing else sees the rotation."""
     biases: list[str] = []
     name = x
@@ -94,8 +100,8 @@ def rotation_donor(index: GraphIndex, x: str, block: int, donors: set[str]) -> R
         if node is None:
             return None
         if node.output[0] in donors and node.op_type == "MatMul":
-            return RotationDonor(node, biases) if index.only_reader(name) is not None else None
-        if name != x and index.only_reader(name) is None:
+            return RotationDonor(node, biases) if _one_reader_node(index, name) else None
+        if name != x and not _one_reader_node(index, name):
             return None
         source = _rotatable_input(index, node, name, block, biases)
         if source is None:
@@ -119,6 +125,20 @@ def _rotatable_input(index: GraphIndex, node: onnx.NodeProto, out: str, block: i
     if node.op_type == "MatMul":
         left, right = node.input
         return right if right not in index.constants and left != right else None
+    if node.op_type == "Concat":  # copies of one tensor side by side (one kv head handed to every query head)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        rank = len(shape_out) if shape_out else 0
+        width = shape_in[-1] if shape_in else None
+        same = len(set(node.input)) == 1 and axis in (-1, rank - 1)
+        return node.input[0] if same and isinstance(width, int) and width % block == 0 else None
+    if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft":
+        # softmax(..) V per head is linear in V along each head's channels: through the value input, when
+        # every block lies inside one head and nothing else (a packed bias) is added to V
+        heads = next((a.i for a in node.attribute if a.name == "num_heads"), 0)
+        width = shape_out[-1] if shape_out else None
+        plain = len(node.input) < 4 or not node.input[3]
+        ok = plain and heads > 0 and isinstance(width, int) and width % heads == 0 and (width // heads) % block == 0
+        return node.input[2] if ok and node.input[2] not in node.input[:2] else None
     if node.op_type == "Add":
         for i, other in enumerate(node.input):
             bias = index.constants.get(other)

@@ -602,6 +602,9 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         settings.update(per_channel=True, reduce_range=reduce_range, batch_invariant=False,
                         activations="one dynamic scale per tensor (per batch)")
         model = onnx.load(str(out_path))
+    from convert.attention import fuse_attention  # imports this module
+
+    settings.update(fuse_attention(model))
     onnx.checker.check_model(model)
     save_model(model, out_path)
     return settings

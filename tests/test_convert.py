@@ -60,6 +60,8 @@ def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
                                   "unfused_gemms")} == {
         "fused_gemms": 24, "fused_rotations": 18, "fused_bias": 12, "fused_bias_gelu": 6, "fused_splits": 6,
         "unfused_gemms": 0}
+    # BERT's attention (no rotary embedding, no q/k norm) is not the Gemma3 form convert.attention rewrites
+    assert (quant["fused_attention"], quant["unfused_attention"]) == (0, 6)
     assert manifest.quantization["weight_bits"] == 8  # on every build machine (worker.variant)
     assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"}
     validation = json.loads((minilm_artifact / "validation.json").read_text())
@@ -204,6 +206,11 @@ def test_tiny_gemma_fp32_matches_torch_beyond_the_sliding_window(tiny_gemma, tin
     assert np.abs(ours.vectors - ref).max() < 1e-4
     ops = {n.op_type for n in onnx.load(str(tiny_gemma_fp32 / "model.onnx"), load_external_data=False).graph.node}
     assert "FastGelu" in ops and "Tanh" not in ops  # convert.simplify ran on this very artifact
+    # and convert.attention: every layer's attention is one MultiHeadAttention, with the q/k norms and the
+    # rotary embedding in ONNX Runtime's own nodes, and nothing of the exported attention left
+    assert {"MultiHeadAttention", "RotaryEmbedding"} <= ops and not {"Softmax", "Neg"} & ops
+    quant = load_manifest(tiny_gemma_fp32).quantization
+    assert (quant["fused_attention"], quant["unfused_attention"]) == (2, 0)
 
     # The comparison is sharp enough to catch a lost window or a causal mask.
     no_window = _torch_variant(tiny_gemma, sliding_window=4096).encode(
