@@ -221,6 +221,17 @@ def test_tiny_gemma_fp32_matches_torch_beyond_the_sliding_window(tiny_gemma, tin
     assert _cos(ours.vectors, causal).min() < 0.999
 
 
+def test_tiny_gemma_multihead_attention_keeps_rows_batch_invariant(tiny_gemma_fp32):
+    """MultiHeadAttention sees the padding only through the export's additive mask: a short paragraph
+    alone and padded inside a batch of paragraphs up to ~8x longer (beyond the 8-token window) agree."""
+    texts = load_paragraphs()[:10]
+    emb = Embedder(tiny_gemma_fp32, settings=BIG, token_budget=100_000)
+    together = emb.embed(["A short line.", *texts], task="document")
+    assert max(together.token_counts) > 4 * together.token_counts[0]
+    alone = np.stack([emb.embed([t], task="document").vectors[0] for t in ["A short line.", texts[3]]])
+    assert _cos(alone, together.vectors[[0, 4]]).min() >= 0.99999
+
+
 def test_tiny_gemma_manifest_prompts_dense_and_int8(tiny_gemma, tiny_gemma_fp32, tmp_path):
     from sentence_transformers import SentenceTransformer
 
