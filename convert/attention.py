@@ -54,21 +54,12 @@ class _Attention:
     v: str
     mask: str
     scale: float
-    output: str  # [B, S, heads * head_dim], the Reshape that ends the attention
-    anchor: onnx.NodeProto  # that Reshape: the new nodes take its place
-
-
-def _const(name: str, index: GraphIndex) -> np.ndarray | None:
-    """A small constant's value (scalars, axes); None for computed tensors and weights stored outside."""
-    tensor = index.constants.get(name)
-    node = index.producer.get(name)
-    if tensor is None and node is not None and node.op_type == "Constant" and node.attribute:
-        tensor = node.attribute[0].t if node.attribute[0].type == onnx.AttributeProto.TENSOR else None
-    return numpy_helper.to_array(tensor) if tensor is not None and not tensor.external_data else None
+    anchor: onnx.NodeProto  # the Reshape that ends the attention ([B, S, heads * head_dim]): the new nodes
+    # take its place and write its output
 
 
 def _scalar(name: str, index: GraphIndex) -> float | None:
-    value = _const(name, index)
+    value = index.value(name)
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
@@ -115,7 +106,7 @@ def _rms_norm(name: str, index: GraphIndex) -> tuple[str, str, float] | None:
         return None
     mean, eps_name = found_mean
     pow_ = _made(mean.input[0], index, "Pow")
-    axes = _const(mean.input[1], index) if len(mean.input) > 1 else None
+    axes = index.value(mean.input[1]) if len(mean.input) > 1 else None
     eps = _scalar(eps_name, index)
     if pow_ is None or pow_.input[0] != x or _scalar(pow_.input[1], index) != 2.0 or eps is None:
         return None
@@ -141,7 +132,7 @@ def _table(name: str, index: GraphIndex) -> str | None:
     """The [B, S, D] cos or sin table behind ``Unsqueeze(table, 1)``, when its two halves are the same
     (cos(Concat(f, f)) as Gemma3's rotary embedding builds it), so its first half is the cache."""
     unsqueeze = _made(name, index, "Unsqueeze")
-    axes = unsqueeze and _const(unsqueeze.input[1], index)
+    axes = unsqueeze and index.value(unsqueeze.input[1])
     if axes is None or axes.reshape(-1).tolist() != [1]:
         return None
     table = unsqueeze.input[0]
@@ -240,7 +231,7 @@ def _match(softmax: onnx.NodeProto, index: GraphIndex) -> _Attention | None:
         return None
     if mask_shape is None or len(mask_shape) != 4 or mask_shape[1] not in (1, q.heads):
         return None
-    return _Attention(q, k, v[0], mask, scale, merged.output[0], merged)
+    return _Attention(q, k, v[0], mask, scale, merged)
 
 
 class _Builder:
@@ -303,10 +294,10 @@ def fuse_attention(model: onnx.ModelProto) -> dict[str, int]:
     graph = model.graph
     index = GraphIndex.of(graph)
     softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
-    found = [(s, _match(s, index)) for s in softmaxes]
+    matched = [a for a in (_match(s, index) for s in softmaxes) if a is not None]
     caches: dict[str, str] = {}
     replaced: dict[int, list[onnx.NodeProto]] = {}
-    for attention in (a for _s, a in found if a is not None):
+    for attention in matched:
         b = _Builder(graph, f"{attention.anchor.name}/mha")
         for table in (t for branch in (attention.q, attention.k) if branch.rotary for t in branch.rotary):
             if table not in caches:
@@ -317,7 +308,8 @@ def fuse_attention(model: onnx.ModelProto) -> dict[str, int]:
         if attention.k.heads != attention.q.heads:  # one kv head: every query head reads it
             k = b.op("Concat", [k] * attention.q.heads, "k_heads", axis=-1)
             v = b.op("Concat", [v] * attention.q.heads, "v_heads", axis=-1)
-        b.nodes.append(helper.make_node("MultiHeadAttention", [q, k, v, "", "", attention.mask], [attention.output],
+        b.nodes.append(helper.make_node("MultiHeadAttention", [q, k, v, "", "", attention.mask],
+                                        [attention.anchor.output[0]],
                                         name=f"{b.prefix}/attention", domain=MS_DOMAIN,
                                         num_heads=attention.q.heads, scale=attention.scale))
         replaced[id(attention.anchor)] = b.nodes

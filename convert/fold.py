@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 Dim = int | str | None
 
@@ -59,6 +61,15 @@ class GraphIndex:
                 consumers.setdefault(name, []).append(node)
         return cls({o: n for n in graph.node for o in n.output}, consumers, value_shapes(graph),
                    {init.name: init for init in graph.initializer})
+
+    def value(self, name: str) -> np.ndarray | None:
+        """An initializer's or a ``Constant`` node's value; None for computed tensors (and for weights
+        left in an external file by a model loaded without them)."""
+        tensor = self.constants.get(name)
+        node = self.producer.get(name)
+        if tensor is None and node is not None and node.op_type == "Constant" and node.attribute:
+            tensor = node.attribute[0].t if node.attribute[0].type == onnx.AttributeProto.TENSOR else None
+        return numpy_helper.to_array(tensor) if tensor is not None and not tensor.external_data else None
 
     def only_reader(self, name: str) -> onnx.NodeProto | None:
         readers = self.consumers.get(name, [])

@@ -41,16 +41,6 @@ def pack_weights(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k // 64, 16, 4, n // 16, 16).transpose(3, 0, 1, 4, 2)).reshape(-1)
 
 
-def _constant(name: str, index: GraphIndex) -> np.ndarray | None:
-    """An initializer's or a ``Constant`` node's value; None for computed tensors."""
-    if name in index.constants:
-        return numpy_helper.to_array(index.constants[name])
-    node = index.producer.get(name)
-    if node is not None and node.op_type == "Constant":
-        return numpy_helper.to_array(node.attribute[0].t)
-    return None
-
-
 def _other_input(node: onnx.NodeProto, name: str) -> str:
     """The operand of a binary node that is not ``name``."""
     return node.input[1] if node.input[0] == name else node.input[0]
@@ -77,7 +67,7 @@ def _rotation_before(x: str, index: GraphIndex) -> tuple[str, list[onnx.NodeProt
 
 
 def _is_scalar(name: str, index: GraphIndex, value: float, tolerance: float = 0.0) -> bool:
-    found = _constant(name, index)
+    found = index.value(name)
     return found is not None and found.size == 1 and abs(float(found.reshape(-1)[0]) - value) <= tolerance
 
 
@@ -88,7 +78,7 @@ def _epilogue_after(out: str, n: int, index: GraphIndex) -> tuple[str, str, list
     if add is None:
         return None
     bias = _other_input(add, out)
-    value = _constant(bias, index)
+    value = index.value(bias)
     if value is None or value.shape != (n,):
         return None
     y = add.output[0]
@@ -116,7 +106,7 @@ def _split_after(out: str, n: int, index: GraphIndex) -> tuple[onnx.NodeProto, n
     if split is None or len(split.input) < 2:
         return None
     axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
-    widths = _constant(split.input[1], index)
+    widths = index.value(split.input[1])
     rank = len(index.shapes.get(out) or [])
     if widths is None or (axis != -1 and (rank == 0 or axis != rank - 1)):
         return None
@@ -140,7 +130,7 @@ def fuse_gemms(model: onnx.ModelProto) -> dict[str, int]:
         quantize = index.producer.get(gemm.input[0])
         divide = quantize and index.producer.get(quantize.input[0])
         scale_mul = _sole(gemm.output[0], index, "Mul")
-        w = _constant(gemm.input[1], index)
+        w = index.value(gemm.input[1])
         if divide is None or divide.op_type != "Div" or scale_mul is None or w is None:
             counts["unfused_gemms"] += 1  # not the per-row chain this op computes
             continue
