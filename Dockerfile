@@ -51,22 +51,27 @@ FROM builder AS venv
 RUN python3 -m venv /opt/venv \
  && python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml > /tmp/requirements.txt \
  && sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv -r /tmp/requirements.txt
+COPY deposium/ /src/deposium/
 COPY worker/ /src/worker/
 COPY producer/ /src/producer/
 COPY convert/ /src/convert/
+COPY bench/ /src/bench/
 # --no-deps: the dependencies above are the complete runtime set; the project itself is Python plus the
 # fused kernels' C library, compiled here.
 RUN sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv --no-deps /src \
- && rm -rf /opt/venv/lib/python3.11/site-packages/convert /opt/venv/bin/deposium-convert
+ && rm -rf /opt/venv/lib/python3.11/site-packages/deposium/convert /opt/venv/lib/python3.11/site-packages/deposium/bench \
+    /opt/venv/bin/deposium-convert /opt/venv/bin/deposium-bench
 
 # ------------------------------------------------------------------------------------------------
 FROM builder AS convert
 RUN python3 -m venv /opt/convert \
  && python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml convert > /tmp/requirements.txt \
  && sh /usr/local/lib/deposium-build/pip-install.sh /opt/convert -r /tmp/requirements.txt
+COPY deposium/ /src/deposium/
 COPY worker/ /src/worker/
 COPY producer/ /src/producer/
 COPY convert/ /src/convert/
+COPY bench/ /src/bench/
 RUN sh /usr/local/lib/deposium-build/pip-install.sh /opt/convert --no-deps /src
 ARG MODEL=
 ARG CONVERT_ARGS=
@@ -135,5 +140,5 @@ WORKDIR /home/deposium
 # Ping this worker through the broker: proves the process is alive, connected to Redis and
 # answering remote control, not merely that a PID exists. Node name = celery@<container hostname>.
 HEALTHCHECK --interval=30s --timeout=30s --start-period=60s --retries=3 \
-  CMD celery -A worker.celery_app inspect ping --timeout 10 -d "celery@${HOSTNAME}" >/dev/null || exit 1
+  CMD celery -A deposium.worker.celery_app inspect ping --timeout 10 -d "celery@${HOSTNAME}" >/dev/null || exit 1
 ENTRYPOINT ["deposium-worker"]

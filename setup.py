@@ -19,7 +19,7 @@ KERNELS = "worker/kernels"
 REQUIRED = os.environ.get("DEPOSIUM_REQUIRE_KERNELS", "") == "1"
 
 rowq = Extension(
-    "worker.kernels._rowq",
+    "deposium.worker.kernels._rowq",
     sources=[f"{KERNELS}/rowq_op.c", f"{KERNELS}/rowq_avx512.c", f"{KERNELS}/rowq_avx2.c"],
     include_dirs=[KERNELS, f"{KERNELS}/include"],
     # -ffp-contract=off: no path may fuse the epilogue's multiply and add into an FMA another path

@@ -19,10 +19,10 @@ from typing import Any
 
 import onnx
 
-from convert.quantize import AUTO_RECIPES, AUTO_RECIPES_PORTABLE, QuantizeOptions, quantize, save_model
-from convert.source import SentenceTransformerSource, read_source, resolve_source
-from convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
-from worker.artifact import (
+from deposium.convert.quantize import AUTO_RECIPES, AUTO_RECIPES_PORTABLE, QuantizeOptions, quantize, save_model
+from deposium.convert.source import SentenceTransformerSource, read_source, resolve_source
+from deposium.convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
+from deposium.worker.artifact import (
     FORMAT_VERSION,
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -50,13 +50,13 @@ class ConvertOptions:
     weight_bits: int = 8
     quantize_embeddings: bool = True
     keep_fp32: list[str] = field(default_factory=list)
-    #: int8-token: MatMul name patterns given ~15-bit activations (see convert.quantize).
+    #: int8-token: MatMul name patterns given ~15-bit activations (see deposium.convert.quantize).
     wide_activations: list[str] = field(default_factory=list)
     quantize_head: bool = False
     #: Token-embedding table: 8 (default) or 4 bits (smaller artifact; the gate reports fidelity).
     embedding_bits: int = 8
     #: Integer-GEMM activations: 8 or 7 (faster on CPUs without VNNI; see cli); None = each recipe's
-    #: default (convert.quantize.DEFAULT_ACTIVATION_BITS: 7 for int8-wide, 8 otherwise).
+    #: default (deposium.convert.quantize.DEFAULT_ACTIVATION_BITS: 7 for int8-wide, 8 otherwise).
     activation_bits: int | None = None
     #: None = model defaults (stricter for EmbeddingGemma).
     thresholds: Thresholds | None = None
@@ -122,9 +122,9 @@ def with_named_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def fp32_graph(transformer: Path, source: SentenceTransformerSource) -> onnx.ModelProto:
     """The fp32 pipeline every recipe starts from: the export with named shapes, simplified
-    (convert.simplify), with the sentence-transformers head appended."""
-    from convert.head import append_head
-    from convert.simplify import simplify
+    (deposium.convert.simplify), with the sentence-transformers head appended."""
+    from deposium.convert.head import append_head
+    from deposium.convert.simplify import simplify
 
     return append_head(simplify(with_named_shapes(onnx.load(str(transformer)))), source)
 
@@ -193,7 +193,7 @@ def _auto_candidates(opts: ConvertOptions) -> tuple[list[str], list[dict[str, st
     """The recipes to try, in order, and the ones left out with why: ``auto`` takes :data:`AUTO_RECIPES` where
     ``int8-fused`` can be built here, else :data:`AUTO_RECIPES_PORTABLE` (saying why); an explicit
     ``--recipe int8-fused`` that cannot be built fails instead."""
-    from worker.kernels import library_path
+    from deposium.worker.kernels import library_path
 
     wants_fused = opts.recipe in ("auto", "int8-fused")
     reason = None
@@ -216,9 +216,9 @@ def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions 
                    **overrides: Any) -> Path:
     """Convert ``source`` (directory or hub id) into a validated artifact at ``out``."""
     source = str(source)  # a Path is a directory; the manifest records the string the caller gave
-    from convert.export import ExportError, export_transformer
-    from convert.quantize import QuantizeError
-    from convert.source import SourceError
+    from deposium.convert.export import ExportError, export_transformer
+    from deposium.convert.quantize import QuantizeError
+    from deposium.convert.source import SourceError
 
     opts = options or ConvertOptions()
     for key, value in overrides.items():

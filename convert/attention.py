@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.fold import GraphIndex, perm_of
-from convert.quantize import MS_DOMAIN, use_domain
-from convert.simplify import drop_dead_nodes
+from deposium.convert.fold import GraphIndex, perm_of
+from deposium.convert.quantize import MS_DOMAIN, use_domain
+from deposium.convert.simplify import drop_dead_nodes
 
 
 @dataclass

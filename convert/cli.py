@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from convert.quantize import RECIPES
-from convert.validate import Thresholds
+from deposium.convert.quantize import RECIPES
+from deposium.convert.validate import Thresholds
 
 
 def _dims(text: str) -> list[int]:
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("convert").setLevel(logging.INFO)
-    from convert.api import ConvertError, ConvertOptions, build_artifact
+    logging.getLogger("deposium.convert").setLevel(logging.INFO)
+    from deposium.convert.api import ConvertError, ConvertOptions, build_artifact
 
     custom = {k: getattr(args, k) for k in ("min_mean_cosine", "min_min_cosine", "max_stsb_drop",
                                              "min_batch_invariance") if getattr(args, k) is not None}

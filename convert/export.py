@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from convert.source import SentenceTransformerSource
+from deposium.convert.source import SentenceTransformerSource
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Three nodes and a small GEMM fewer per layer, on EmbeddingGemma and MiniLM alike
 
 The rotation is found by walking the graph through operations proven to commute with it, never
 by node names, so a graph without the pattern simply keeps its rotation nodes. ``GraphIndex`` and
-``value_shapes`` are also how :mod:`convert.simplify` reads the graph.
+``value_shapes`` are also how :mod:`deposium.convert.simplify` reads the graph.
 
 Tried and dropped: letting an RMS norm absorb the row-scale ``Mul`` of the GEMM before it (the
 norm is scale-invariant but for its epsilon). On real EmbeddingGemma it broke fidelity (cosine vs
@@ -102,7 +102,7 @@ def rotation_donor(index: GraphIndex, x: str, block: int, donors: set[str]) -> R
     x H equals the graph with that MatMul's weights W replaced by W H, through Add of a constant
     bias (rotated too), Reshape splitting or merging the last axis in multiples of ``block``,
     Transpose keeping the last axis, Cast, MatMul where the path is the right operand, Concat of
-    copies of the path, and MultiHeadAttention through its value input (convert.attention). Every
+    copies of the path, and MultiHeadAttention through its value input (deposium.convert.attention). Every
     tensor on the way must have that single reader, so nothing else sees the rotation."""
     biases: list[str] = []
     name = x

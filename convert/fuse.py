@@ -8,11 +8,11 @@ EmbeddingGemma-300m (AMD Zen 4, one core): 1.18x the tokens/s of ``int8-rot`` an
 16-token query; on all-MiniLM-L6-v2 1.29x, which put it ahead of OpenVINO's static int8 (BENCHMARKS.md).
 
 The rewrite also folds, where the graph allows it:
-- the block-32 Hadamard rotation before a chain (``convert.rotate``'s Reshape / MatMul / Reshape), into
+- the block-32 Hadamard rotation before a chain (``deposium.convert.rotate``'s Reshape / MatMul / Reshape), into
   the op's quantization step (``FusedRot...``: a fast Walsh-Hadamard transform in registers);
 - the bias ``Add`` after a chain, and the exact erf GELU after that as the BERT export writes it, into
   the op's epilogue (``...Bias``, ``...BiasGelu``);
-- the ``Split`` after a merged GEMM (q/k/v, gate/up: ``convert.quantize._merged_gemm``), into the op's
+- the ``Split`` after a merged GEMM (q/k/v, gate/up: ``deposium.convert.quantize._merged_gemm``), into the op's
   outputs (``...Split``): each part gets its own tensor, written in place, instead of a copy.
 
 Chains the kernels cannot take (K or N not a multiple of 64) stay as they are, counted in the manifest.
@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.fold import GraphIndex
-from worker.kernels import DOMAIN
+from deposium.convert.fold import GraphIndex
+from deposium.worker.kernels import DOMAIN
 
 #: The kernels' tile: K and N of a fused GEMM must be multiples of it.
 TILE = 64
@@ -118,7 +118,7 @@ def _split_after(out: str, n: int, index: GraphIndex) -> tuple[onnx.NodeProto, n
 
 def fuse_gemms(model: onnx.ModelProto) -> dict[str, int]:
     """Rewrite ``model`` (an ``int8-rot`` or ``int8-token`` graph) in place; returns counts for the manifest."""
-    from convert.quantize import drop_unused_initializers, use_domain
+    from deposium.convert.quantize import drop_unused_initializers, use_domain
 
     graph = model.graph
     index = GraphIndex.of(graph)

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.source import SentenceTransformerSource
-from worker.artifact import OUTPUT_NAME
+from deposium.convert.source import SentenceTransformerSource
+from deposium.worker.artifact import OUTPUT_NAME
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:

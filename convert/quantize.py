@@ -14,7 +14,7 @@ BENCHMARKS.md): cosine vs fp32 0.997 mean / 0.994 min on paragraphs, batch invar
 Weight bits: 8 by default, on every build machine, so an artifact does not depend on where it
 was converted. Where ONNX Runtime's u8 x s8 kernel saturates (x86 without VNNI/AMX), the worker
 asks ONNX Runtime for its u8 x u8 kernel, which shifts the weights to u8 at load
-(``worker.variant``): same integers, same vectors. ``weight_bits=7`` remains as an option.
+(``deposium.worker.variant``): same integers, same vectors. ``weight_bits=7`` remains as an option.
 
 The token-embedding table is stored int8 with one scale per row (Gather the int8 rows and their
 scales, then multiply): EmbeddingGemma's 262144x768 table is two thirds of its weights.
@@ -24,14 +24,14 @@ so int8 there saves no time, only ~14 MB on EmbeddingGemma, yet it was most of t
 quantization error (cosine vs torch 0.99722 -> 0.99877 mean when kept fp32; 48 real paragraphs).
 
 ``int8-rot`` is ``int8-token`` with every quantized activation rotated by a block-Hadamard matrix
-first (and the weights by its transpose, so the product is unchanged; see :mod:`convert.rotate`):
+first (and the weights by its transpose, so the product is unchanged; see :mod:`deposium.convert.rotate`):
 the rotation spreads outlier channels over their block, so one step per token row fits every
 channel. On real EmbeddingGemma-300m it reached 0.99975 / 0.99952 (with the value projections'
 weight residual below) at 1.6x the speed of ``int8-wide`` on an AVX-512 VNNI core without AMX.
 
 Every per-token recipe runs one integer GEMM per quantized activation (q/k/v side by side, and
 gate/up), and ``int8-rot`` lets the value projection's weight columns carry the attention
-output's rotation instead of rotating it in the graph (:mod:`convert.fold`).
+output's rotation instead of rotating it in the graph (:mod:`deposium.convert.fold`).
 
 ``int8-wide`` is ``int8-token`` with a second int8 pass over every activation's rounding
 residual (see ``_per_token_matmul``): ~15-bit activations (~13 with its default 7-bit passes,
@@ -41,7 +41,7 @@ EmbeddingGemma-300m it reached cosine 0.99966 mean / 0.99950 min (llama.cpp Q8_0
 about 1.5x the integer cost of ``int8-token``, still well above the speed of the block-wise
 ``MatMulNBits`` recipe on this CPU family (BENCHMARKS.md).
 
-``int8-fused`` is ``int8-rot`` whose integer-GEMM chains :mod:`convert.fuse` then rewrites into the
+``int8-fused`` is ``int8-rot`` whose integer-GEMM chains :mod:`deposium.convert.fuse` then rewrites into the
 custom ops of ``worker/kernels`` (one pass per GEMM instead of seven nodes): same quantization, other
 float rounding, 1.2-1.4x the speed (BENCHMARKS.md).
 """
@@ -59,10 +59,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.fold import GraphIndex, rotation_donor
-from convert.rotate import DEFAULT_BLOCK, block_for, rotate_activation, rotate_columns, rotate_weights
-from worker.cpu import cpu_features
-from worker.variant import EXACT_U8S8
+from deposium.convert.fold import GraphIndex, rotation_donor
+from deposium.convert.rotate import DEFAULT_BLOCK, block_for, rotate_activation, rotate_columns, rotate_weights
+from deposium.worker.cpu import cpu_features
+from deposium.worker.variant import EXACT_U8S8
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ DEFAULT_RECIPE = "int8-token"
 #: faithful, slower without fast 8-bit kernels). That is the order where the fused kernels are not built
 #: (:data:`AUTO_RECIPES_PORTABLE`); where they are, ``int8-fused`` replaces both single-pass recipes: it
 #: computes ``int8-rot``'s numbers with each integer-GEMM chain as one op of worker/kernels
-#: (:mod:`convert.fuse`), faster than either (all-MiniLM-L6-v2 0.99971 / 0.99937 at 1.29x int8-rot's
+#: (:mod:`deposium.convert.fuse`), faster than either (all-MiniLM-L6-v2 0.99971 / 0.99937 at 1.29x int8-rot's
 #: tokens/s, EmbeddingGemma-300m 0.99975 / 0.99964 at 1.18x; Zen 4, BENCHMARKS.md), so where it fails
 #: the gate int8-rot would too and int8-token, less faithful, is no use either.
 AUTO_RECIPES = ("int8-fused", "int8-wide", "int8-block")
@@ -103,7 +103,7 @@ VALUE_PROJECTIONS = ("*v_proj*", "*/value/*")
 #: ``int8-rot`` keeps 8: with 7 bits EmbeddingGemma fell to 0.99951 / 0.99927, at the gate's edge.
 #: ``int8-fused`` only takes 8: its kernels quantize with zero point 128 themselves.
 DEFAULT_ACTIVATION_BITS = {"int8-fused": 8, "int8-token": 8, "int8-rot": 8, "int8-attn": 8, "int8-wide": 7}
-#: MatMuls of the sentence-transformers head (see convert.head): never quantized by default.
+#: MatMuls of the sentence-transformers head (see deposium.convert.head): never quantized by default.
 HEAD_PATTERN = "head/*"
 #: Gather tables at least this large (elements) are quantized; position tables are small.
 MIN_GATHER_TABLE = 1 << 20
@@ -135,14 +135,14 @@ class QuantizeOptions:
     #: ``int8-attn``, ``int8-rot`` and ``int8-wide`` add :data:`VALUE_PROJECTIONS`.
     wide_weights: list[str] = field(default_factory=list)
     #: int8-token: fnmatch patterns of MatMul node names whose activation is rotated by a block-Hadamard
-    #: matrix before quantization (:mod:`convert.rotate`); ``int8-rot`` means every MatMul.
+    #: matrix before quantization (:mod:`deposium.convert.rotate`); ``int8-rot`` means every MatMul.
     rotate_activations: list[str] = field(default_factory=list)
     #: Rotation block (a power of two; a smaller one where an activation's width needs it).
     rotation_block: int = DEFAULT_BLOCK
     #: Quantize the head's Dense MatMuls too (they run once per paragraph: size only, no speed).
     quantize_head: bool = False
     #: int8-rot: skip an activation's rotation where an upstream GEMM's weight columns can carry it
-    #: (convert.fold); False keeps every rotation node.
+    #: (deposium.convert.fold); False keeps every rotation node.
     fold: bool = True
     #: One integer GEMM per quantized activation (q/k/v, gate/up side by side) instead of one per MatMul.
     merge_gemms: bool = True
@@ -276,7 +276,7 @@ class _MatMulGroup:
     nodes: list[onnx.NodeProto]
     weights: list[onnx.TensorProto]  # decoded one at a time, where each GEMM is built
     wide: bool
-    #: Rotate the activation (and so every weight of the group) before quantizing; see convert.rotate.
+    #: Rotate the activation (and so every weight of the group) before quantizing; see deposium.convert.rotate.
     rotate: bool = False
 
 
@@ -312,7 +312,7 @@ def _int8_columns(weights: np.ndarray, qmax: float, wide: bool) -> tuple[np.ndar
 
 @dataclass
 class _Folds:
-    """Rotations the graph lets ``int8-rot`` skip (:mod:`convert.fold`): MatMuls whose weight columns
+    """Rotations the graph lets ``int8-rot`` skip (:mod:`deposium.convert.fold`): MatMuls whose weight columns
     carry the next activation's rotation (output name -> block), and the rotated activations that
     therefore arrive already rotated (group keys)."""
 
@@ -343,7 +343,7 @@ def _per_token_matmul(graph: onnx.GraphProto, group: _MatMulGroup, weight_bits: 
     the same GEMM, so the prepacked weights exist once.
 
     ``rotation`` = (rank, block) of the activation when ``group.rotate``: X is multiplied by a
-    block-Hadamard matrix first and every W_i by its transpose (:mod:`convert.rotate`), unless an
+    block-Hadamard matrix first and every W_i by its transpose (:mod:`deposium.convert.rotate`), unless an
     upstream GEMM's weight columns already rotated it (``folds.prerotated``).
     """
     folds = folds or _Folds()
@@ -493,7 +493,7 @@ def _int8_token(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,
 
 def _find_folds(graph: onnx.GraphProto, groups: dict[str, _MatMulGroup],
                 rotations: dict[str, tuple[int, int]]) -> _Folds:
-    """Rotations an upstream GEMM's columns can carry (:mod:`convert.fold`); the donors' bias
+    """Rotations an upstream GEMM's columns can carry (:mod:`deposium.convert.fold`); the donors' bias
     vectors are rotated here, in the graph."""
     folds = _Folds()
     outputs = {node.output[0] for group in groups.values() for node in group.nodes}
@@ -566,8 +566,8 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         model, counts = _int8_token(onnx.load(str(fp32_path)), opts, int(bits), int(a_bits))
         settings.update(counts)
         if opts.recipe == "int8-fused":
-            from convert.fuse import fuse_gemms
-            from worker.kernels import DOMAIN, LIBRARY
+            from deposium.convert.fuse import fuse_gemms
+            from deposium.worker.kernels import DOMAIN, LIBRARY
 
             settings.update(fuse_gemms(model), kernel_library=LIBRARY,
                             kernels=f"{DOMAIN} ops: per-row quantization, int8 GEMM, scales, bias and GELU in one "
@@ -594,7 +594,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-        reduce_range = False  # 8-bit weights; saturating CPUs run u8 x u8 (worker.variant)
+        reduce_range = False  # 8-bit weights; saturating CPUs run u8 x u8 (deposium.worker.variant)
         op_types = ["MatMul", "Gather"] if opts.quantize_embeddings else ["MatMul"]
         quantize_dynamic(str(fp32_path), str(out_path), per_channel=True, reduce_range=reduce_range,
                          weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
@@ -602,7 +602,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
         settings.update(per_channel=True, reduce_range=reduce_range, batch_invariant=False,
                         activations="one dynamic scale per tensor (per batch)")
         model = onnx.load(str(out_path))
-    from convert.attention import fuse_attention  # imports this module
+    from deposium.convert.attention import fuse_attention  # imports this module
 
     settings.update(fuse_attention(model))
     onnx.checker.check_model(model)
@@ -611,7 +611,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save with every weight in ``<name>.data`` beside it (the artifact layout; see worker.artifact)."""
+    """Save with every weight in ``<name>.data`` beside it (the artifact layout; see deposium.worker.artifact)."""
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()  # onnx appends to an existing external-data file

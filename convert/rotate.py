@@ -60,7 +60,7 @@ def rotate_weights(weights: np.ndarray, block: int) -> np.ndarray:
 
 def rotate_columns(weights: np.ndarray, block: int) -> np.ndarray:
     """W H for a [K, N] weight (or an [N] bias): the GEMM's output comes out already rotated, so
-    the next GEMM reading it needs no rotation of its own (see :mod:`convert.fold`)."""
+    the next GEMM reading it needs no rotation of its own (see :mod:`deposium.convert.fold`)."""
     flat = weights.reshape(1, -1) if weights.ndim == 1 else weights
     return rotate_weights(flat.T, block).T.reshape(weights.shape)
 

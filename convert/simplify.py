@@ -12,7 +12,7 @@ formula). With a single key/value head, grouped-query attention's copies of K an
 head are bypassed: MatMul broadcasts the one head itself (exact, see
 :func:`share_single_kv_head`). Dead shape arithmetic is then dropped.
 
-Input: a model with symbolic shapes on every tensor (``convert.api.with_named_shapes``).
+Input: a model with symbolic shapes on every tensor (``deposium.convert.api.with_named_shapes``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from convert.fold import Dim, GraphIndex, perm_of, value_shapes
-from convert.quantize import MS_DOMAIN, drop_unused_initializers, use_domain
+from deposium.convert.fold import Dim, GraphIndex, perm_of, value_shapes
+from deposium.convert.quantize import MS_DOMAIN, drop_unused_initializers, use_domain
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Why measure on paragraphs and not only STS-B: STS-B sentences are short, and quantization error
 grows with length and with outlier activations; a recipe can keep STS-B within a tenth of a
-point while paragraphs drift to cosine 0.97. Why through :class:`worker.embedder.Embedder`:
+point while paragraphs drift to cosine 0.97. Why through :class:`deposium.worker.embedder.Embedder`:
 the gate must judge the vectors workers will actually produce (same tokenizer settings, prompt,
 padding and batching), not a separate evaluation path.
 """
@@ -102,8 +102,8 @@ def validate_artifact(
     """Measure the artifact against torch and return the validation report (raises GateError)."""
     from sentence_transformers import SentenceTransformer
 
-    from worker.config import Settings
-    from worker.embedder import Embedder
+    from deposium.worker.config import Settings
+    from deposium.worker.embedder import Embedder
 
     settings = Settings(max_batch_paragraphs=100_000, max_batch_bytes=1 << 30)
     # Batches far larger than a worker's default budget: batch dependence must show if it exists.

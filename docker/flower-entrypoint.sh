@@ -14,4 +14,4 @@ if [ -z "${FLOWER_BASIC_AUTH:-}" ] && [ -z "${FLOWER_AUTH:-}" ]; then
   exit 64
 fi
 # Railway injects PORT; compose and plain docker use 5555.
-exec celery -A worker.celery_app flower --address="${FLOWER_ADDRESS:-0.0.0.0}" --port="${PORT:-5555}" "$@"
+exec celery -A deposium.worker.celery_app flower --address="${FLOWER_ADDRESS:-0.0.0.0}" --port="${PORT:-5555}" "$@"

@@ -3,6 +3,6 @@
 ``submit`` is the library entry point; ``deposium-submit`` / ``deposium-jobs`` the CLIs.
 """
 
-from producer.api import JobHandle, submit
+from deposium.producer.api import JobHandle, submit
 
 __all__ = ["JobHandle", "submit"]

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from producer.job import build_runner, plan_job, with_in_flight
-from producer.model import Document, InputError
-from producer.progress import Progress
-from producer.readers import Source, blocks_of_text
-from producer.runner import JobOptions, Summary
-from producer.sinks import configure_sink
-from worker.config import Settings, load_settings
+from deposium.producer.job import build_runner, plan_job, with_in_flight
+from deposium.producer.model import Document, InputError
+from deposium.producer.progress import Progress
+from deposium.producer.readers import Source, blocks_of_text
+from deposium.producer.runner import JobOptions, Summary
+from deposium.producer.sinks import configure_sink
+from deposium.worker.config import Settings, load_settings
 
 Item = str | tuple[str, str] | Document
 
@@ -116,7 +116,7 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
     path, ``postgresql://user@host/db?table=NAME`` or ``lancedb://PATH?table=NAME``;
     ``index`` (``"hnsw"``) builds a vector index in those stores once the job is complete.
     ``task`` names the model's prompt; ``None`` takes its ``document`` prompt when it has one
-    (EmbeddingGemma), ``""`` (``worker.tokenize.NO_PROMPT``) none at all.
+    (EmbeddingGemma), ``""`` (``deposium.worker.tokenize.NO_PROMPT``) none at all.
     """
     settings = settings or load_settings()
     options = with_in_flight(JobOptions(task=task, dim=dim, dtype=dtype, batch_tokens=batch_tokens,

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from producer.model import Batch
-from worker.config import Settings, mask_url
+from deposium.producer.model import Batch
+from deposium.worker.config import Settings, mask_url
 
 
 class BackendError(RuntimeError):
@@ -65,10 +65,10 @@ class Request:
 
 
 class LocalBackend:
-    """The embedded default: one in-process :class:`worker.embedder.Embedder`, one batch at a time."""
+    """The embedded default: one in-process :class:`deposium.worker.embedder.Embedder`, one batch at a time."""
 
     def __init__(self, artifact_dir: Path, settings: Settings, request: Request) -> None:
-        from worker.embedder import Embedder  # imported here: queue mode never loads onnxruntime
+        from deposium.worker.embedder import Embedder  # imported here: queue mode never loads onnxruntime
 
         self.embedder = Embedder(artifact_dir, settings=settings)
         self.model_sha256 = self.embedder.manifest.model_sha256
@@ -78,7 +78,7 @@ class LocalBackend:
         self._done: deque[Outcome] = deque()
 
     def submit(self, batch: Batch) -> None:
-        from worker.errors import EmbedRequestError
+        from deposium.worker.errors import EmbedRequestError
 
         attempt = 0
         while True:
@@ -121,7 +121,7 @@ class _Pending:
 
 
 class QueueBackend:
-    """Celery by task name through ``worker.celery_app``; results polled from the Redis backend.
+    """Celery by task name through ``deposium.worker.celery_app``; results polled from the Redis backend.
 
     A batch is re-sent (same task id, so its result key is overwritten, never duplicated) when
     the task fails or its deadline passes, at most ``max_batch_retries`` times; then it is
@@ -129,7 +129,7 @@ class QueueBackend:
     ``reconnect_timeout_s`` passes without one success (a Redis restart mid-job).
 
     Nothing of a batch stays in Redis once its outcome is final: the batch id leaves the job's
-    set of awaited batches (``worker.celery_app.awaited_key``), then its result is deleted; a
+    set of awaited batches (``deposium.worker.celery_app.awaited_key``), then its result is deleted; a
     duplicate delivery still queued or running is then skipped by the worker, storing nothing.
     """
 
@@ -138,8 +138,8 @@ class QueueBackend:
                  poll_interval_s: float = 0.02) -> None:
         if not settings.redis_url:
             raise BackendError("queue mode needs REDIS_URL (or use --local)")
-        from worker.celery_app import awaited_key, create_app
-        from worker.wire import TASK_NAME
+        from deposium.worker.celery_app import awaited_key, create_app
+        from deposium.worker.wire import TASK_NAME
 
         check_redis(settings)
         self.settings = settings
@@ -158,8 +158,8 @@ class QueueBackend:
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, batch: Batch, attempts: int) -> None:
-        from worker.celery_app import AWAITED_HEADER
-        from worker.wire import EmbedRequest
+        from deposium.worker.celery_app import AWAITED_HEADER
+        from deposium.worker.wire import EmbedRequest
 
         req = EmbedRequest(job_id=self.request.job_id, batch_id=batch.id, paragraphs=batch.texts,
                            task=self.request.task, dim=self.request.dim, dtype=self.request.dtype)
@@ -205,7 +205,7 @@ class QueueBackend:
                 delay = min(delay * 2, 2.0)
 
     def _poll_one(self, p: _Pending) -> Outcome | None:
-        from worker.wire import EmbedResponse, WireError
+        from deposium.worker.wire import EmbedResponse, WireError
 
         state = self._retrying(lambda: p.result.state)
         failure: str | None = None
@@ -234,7 +234,7 @@ class QueueBackend:
         else:
             return None
         # WorkerLostError: the worker already retried the batch max_batch_retries times after its
-        # process died (worker.celery_app); sending it again would multiply the crashes.
+        # process died (deposium.worker.celery_app); sending it again would multiply the crashes.
         final = outcome is not None or p.attempts > self.retries or str(failure).startswith(
             ("rejected", "EmbedRequestError", "WireError", "WorkerLostError"))
         if final:  # first no longer awaited, then deleted: a late duplicate then stores nothing

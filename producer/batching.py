@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from producer.model import Batch, Paragraph
+from deposium.producer.model import Batch, Paragraph
 
 
 @dataclass(frozen=True)

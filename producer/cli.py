@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _input_bytes(paths: list[str], stdin_path: Path | None) -> int | None:
     """Total size of the inputs, for the progress bar's ETA (text bytes done / input bytes)."""
-    from producer.readers import expand
+    from deposium.producer.readers import expand
 
     total = 0
     for _, path in expand(paths):
@@ -111,16 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from producer.backends import BackendError
-    from producer.job import build_runner, job_store, plan_job, with_in_flight
-    from producer.progress import Progress
-    from producer.readers import Meter, read_inputs, spool
-    from producer.runner import JobError, JobOptions
-    from producer.sinks import SinkError, configure_sink
-    from worker.artifact import ArtifactError
-    from worker.config import ConfigError, load_settings
-    from worker.errors import EmbedRequestError
-    from worker.tokenize import NO_PROMPT
+    from deposium.producer.backends import BackendError
+    from deposium.producer.job import build_runner, job_store, plan_job, with_in_flight
+    from deposium.producer.progress import Progress
+    from deposium.producer.readers import Meter, read_inputs, spool
+    from deposium.producer.runner import JobError, JobOptions
+    from deposium.producer.sinks import SinkError, configure_sink
+    from deposium.worker.artifact import ArtifactError
+    from deposium.worker.config import ConfigError, load_settings
+    from deposium.worker.errors import EmbedRequestError
+    from deposium.worker.tokenize import NO_PROMPT
 
     try:
         settings = load_settings()

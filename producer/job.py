@@ -14,16 +14,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from producer.backends import Backend, BackendError, LocalBackend, QueueBackend, Request
-from producer.batching import Limits
-from producer.jobstore import FileJobStore, JobStore, RedisJobStore
-from producer.progress import Progress
-from producer.runner import JobOptions, JobRunner
-from producer.sinks import open_sink
-from producer.tokens import TokenCounter
-from worker.artifact import ArtifactError, read_manifest
-from worker.config import Settings, load_settings
-from worker.tokenize import ingestion_task
+from deposium.producer.backends import Backend, BackendError, LocalBackend, QueueBackend, Request
+from deposium.producer.batching import Limits
+from deposium.producer.jobstore import FileJobStore, JobStore, RedisJobStore
+from deposium.producer.progress import Progress
+from deposium.producer.runner import JobOptions, JobRunner
+from deposium.producer.sinks import open_sink
+from deposium.producer.tokens import TokenCounter
+from deposium.worker.artifact import ArtifactError, read_manifest
+from deposium.worker.config import Settings, load_settings
+from deposium.worker.tokenize import ingestion_task
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
              resolve_task: bool = True) -> Plan:
     """Validate options against the artifact and derive the job id (no work, no connections).
 
-    A job that names no task gets the model's document prompt (``worker.tokenize.ingestion_task``);
+    A job that names no task gets the model's document prompt (``deposium.worker.tokenize.ingestion_task``);
     the plan records the task it resolved to, so a resumed job (``resolve_task=False``: its
     recorded options are final) keeps embedding the way it started.
     """

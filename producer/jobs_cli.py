@@ -41,15 +41,15 @@ def state_of(record: dict[str, Any], now: float | None = None) -> str:
 
 
 def _stores() -> list[tuple[str, Any]]:
-    from producer.jobstore import FileJobStore, RedisJobStore
-    from worker.config import load_settings
+    from deposium.producer.jobstore import FileJobStore, RedisJobStore
+    from deposium.worker.config import load_settings
 
     settings = load_settings()
     stores: list[tuple[str, Any]] = [("local", FileJobStore(settings.cache_dir))]
     if settings.redis_url:
         import redis
 
-        from producer.backends import check_redis
+        from deposium.producer.backends import check_redis
 
         check_redis(settings)
         stores.insert(0, ("queue", RedisJobStore(redis.Redis.from_url(settings.redis_url))))
@@ -58,8 +58,8 @@ def _stores() -> list[tuple[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from producer.backends import BackendError
-    from worker.config import ConfigError
+    from deposium.producer.backends import BackendError
+    from deposium.worker.config import ConfigError
 
     try:
         stores = _stores()

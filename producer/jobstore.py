@@ -122,7 +122,7 @@ class RedisJobStore:
     def forget(self, job_id: str) -> None:
         """Delete the record and what an abandoned run of the job may have left (its set of
         awaited batches, results nobody collected; both would otherwise expire)."""
-        from worker.celery_app import awaited_key
+        from deposium.worker.celery_app import awaited_key
 
         self.client.delete(REDIS_PREFIX + job_id, awaited_key(job_id))
         self.client.srem(REDIS_INDEX, job_id)

@@ -3,9 +3,9 @@
 Why a module and not a test: throughput is a figure to report, never an assertion (the
 box is shared). Every mode embeds the same corpus from scratch into its own output, through
 the real CLI (``deposium-submit``), a test-owned ``redis-server`` on a free port and a real
-``celery -A worker.celery_app worker``; the producer's peak RSS is sampled with psutil.
+``celery -A deposium.worker.celery_app worker``; the producer's peak RSS is sampled with psutil.
 
-    python -m producer.measure CORPUS.jsonl --artifact DIR [--modes local,queue1,queue2]
+    python -m deposium.producer.measure CORPUS.jsonl --artifact DIR [--modes local,queue1,queue2]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _run_submit(args: list[str], env: dict[str, str], cwd: Path) -> tuple[dict, 
 
 
 def _worker(url: str, artifact: Path, concurrency: int, log: Path, env: dict[str, str]) -> subprocess.Popen:
-    args = [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--concurrency", str(concurrency),
+    args = [str(BIN / "celery"), "-A", "deposium.worker.celery_app", "worker", "--concurrency", str(concurrency),
             "--pool", "prefork", "-Q", "deposium", "--loglevel", "INFO", "--without-gossip",
             "--without-mingle", "--without-heartbeat", "--logfile", str(log), "-n", f"m{concurrency}@%h"]
     proc = subprocess.Popen(args, env=dict(env, REDIS_URL=url, DEPOSIUM_ARTIFACT=str(artifact)),
@@ -67,7 +67,7 @@ def _worker(url: str, artifact: Path, concurrency: int, log: Path, env: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m producer.measure", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deposium.producer.measure", description=__doc__.split("\n\n")[0])
     p.add_argument("corpus", type=Path, help=".jsonl (id, text) or any deposium-submit input")
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--modes", default="local,queue1,queue2")

@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from producer.backends import Backend, Outcome
-from producer.batching import Limits, make_batches
-from producer.jobstore import JobStore
-from producer.model import Batch, InputError, Paragraph
-from producer.progress import Progress
-from producer.readers import Source
-from producer.schema import rows_table
-from producer.sinks import Sink, SinkJob
-from producer.split import split_blocks
-from producer.tokens import TokenCounter
+from deposium.producer.backends import Backend, Outcome
+from deposium.producer.batching import Limits, make_batches
+from deposium.producer.jobstore import JobStore
+from deposium.producer.model import Batch, InputError, Paragraph
+from deposium.producer.progress import Progress
+from deposium.producer.readers import Source
+from deposium.producer.schema import rows_table
+from deposium.producer.sinks import Sink, SinkJob
+from deposium.producer.split import split_blocks
+from deposium.producer.tokens import TokenCounter
 
 
 class JobError(RuntimeError):

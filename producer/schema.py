@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from producer.model import Paragraph
+from deposium.producer.model import Paragraph
 
 COLUMNS = ("id", "document", "index", "content_hash", "text", "embedding", "token_count", "truncated")
 

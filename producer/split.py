@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
-from producer.model import Paragraph, content_hash
-from producer.tokens import TokenCounter
+from deposium.producer.model import Paragraph, content_hash
+from deposium.producer.tokens import TokenCounter
 
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|\n+")
 _WORD = re.compile(r"\s+")

@@ -3,7 +3,7 @@
 Why the producer counts tokens at all: over-long paragraphs must be split at sentence
 boundaries *before* the model silently truncates them, and batches are sized by tokens so
 one task costs about the same time whatever the paragraph lengths. The counting itself is
-the worker's own :class:`worker.tokenize.ParagraphTokenizer`, so prompts and special tokens
+the worker's own :class:`deposium.worker.tokenize.ParagraphTokenizer`, so prompts and special tokens
 are counted the way the model will see them.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from worker.artifact import read_manifest
-from worker.tokenize import ParagraphTokenizer
+from deposium.worker.artifact import read_manifest
+from deposium.worker.tokenize import ParagraphTokenizer
 
 
 class TokenCounter:

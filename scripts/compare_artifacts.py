@@ -22,10 +22,10 @@ import statistics
 import time
 from pathlib import Path
 
-from convert.validate import load_paragraphs
-from worker.bench.timing import short_queries
-from worker.config import load_settings
-from worker.embedder import Embedder
+from deposium.bench.timing import short_queries
+from deposium.convert.validate import load_paragraphs
+from deposium.worker.config import load_settings
+from deposium.worker.embedder import Embedder
 
 
 def open_artifact(spec: str) -> Embedder:

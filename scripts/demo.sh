@@ -63,8 +63,8 @@ DEPOSIUM_ARTIFACT="$ART" .venv/bin/python - "$OUT_DIR/embeddings.parquet" <<'PY'
 import sys
 import numpy as np
 import pyarrow.parquet as pq
-from worker.config import load_settings
-from worker.embedder import Embedder
+from deposium.worker.config import load_settings
+from deposium.worker.embedder import Embedder
 
 table = pq.read_table(sys.argv[1])
 dim = table.schema.field("embedding").type.list_size

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.api import _write_artifact_dir, _write_tokenizer, fp32_graph
-from convert.export import export_transformer
-from convert.quantize import QuantizeOptions, quantize, save_model
-from convert.source import read_source
-from convert.validate import load_paragraphs
-from worker.config import Settings
-from worker.embedder import Embedder
+from deposium.convert.api import _write_artifact_dir, _write_tokenizer, fp32_graph
+from deposium.convert.export import export_transformer
+from deposium.convert.quantize import QuantizeOptions, quantize, save_model
+from deposium.convert.source import read_source
+from deposium.convert.validate import load_paragraphs
+from deposium.worker.config import Settings
+from deposium.worker.embedder import Embedder
 
 G = Path(sys.argv[1])
 W = Path(sys.argv[2])

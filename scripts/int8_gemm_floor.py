@@ -29,8 +29,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.config import load_settings
-from worker.embedder import session_options
+from deposium.worker.config import load_settings
+from deposium.worker.embedder import session_options
 
 
 def gemm_graph(k: int, n: int, layers: int, weights: str = "s8", seed: int = 0) -> onnx.ModelProto:

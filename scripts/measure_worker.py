@@ -71,8 +71,8 @@ def rss_mb(pid: int | None = None) -> float:
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    from worker.config import Settings
-    from worker.embedder import Embedder
+    from deposium.worker.config import Settings
+    from deposium.worker.embedder import Embedder
 
     texts = stdlib_paragraphs()[: args.paragraphs]
     emb = Embedder(args.artifact, settings=Settings(), token_budget=args.token_budget)
@@ -117,8 +117,8 @@ def throughput(args: argparse.Namespace) -> dict:
 
 def rss_one(args: argparse.Namespace) -> dict:
     """One configuration in a fresh process: RSS after load, then while batch shapes vary."""
-    from worker.config import Settings
-    from worker.embedder import Embedder
+    from deposium.worker.config import Settings
+    from deposium.worker.embedder import Embedder
 
     texts = stdlib_paragraphs()
     rng = random.Random(0)
@@ -186,10 +186,10 @@ def worker_rss(args: argparse.Namespace) -> dict:
     import psutil
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from deposium.worker.celery_app import create_app
+    from deposium.worker.config import Settings
+    from deposium.worker.wire import TASK_NAME, EmbedRequest
     from tests.redis_proc import RedisServer
-    from worker.celery_app import create_app
-    from worker.config import Settings
-    from worker.wire import TASK_NAME, EmbedRequest
 
     texts = stdlib_paragraphs()
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,8 +199,8 @@ def worker_rss(args: argparse.Namespace) -> dict:
                    DEPOSIUM_SHARE_MODEL=str(args.share))
         log = open(Path(tmp) / "worker.log", "wb")
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "celery"), "-A", "worker.celery_app", "worker", "--pool=prefork",
-             f"--concurrency={args.concurrency}", "--loglevel=WARNING"],
+            [str(Path(sys.executable).parent / "celery"), "-A", "deposium.worker.celery_app", "worker",
+             "--pool=prefork", f"--concurrency={args.concurrency}", "--loglevel=WARNING"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from convert.validate import load_paragraphs
-from worker.bench.timing import profile_kernel_events, short_queries, summarize_profile
-from worker.embedder import Embedder
+from deposium.bench.timing import profile_kernel_events, short_queries, summarize_profile
+from deposium.convert.validate import load_paragraphs
+from deposium.worker.embedder import Embedder
 
 
 def recipe_part(node_name: str, op_type: str) -> str:

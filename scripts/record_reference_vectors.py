@@ -21,10 +21,10 @@ from pathlib import Path
 
 import onnxruntime
 
-from convert.api import build_artifact
-from worker.cpu import cpu_features
-from worker.embedder import Embedder
-from worker.variant import kernel_label
+from deposium.convert.api import build_artifact
+from deposium.worker.cpu import cpu_features
+from deposium.worker.embedder import Embedder
+from deposium.worker.variant import kernel_label
 
 #: Short, long (past MiniLM's 256-token window), non-Latin and code-like texts.
 TEXTS = (

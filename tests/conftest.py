@@ -29,7 +29,7 @@ def artifact_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_artifact(minilm_dir: Path, artifact_cache: Path) -> Path:
     """The MiniLM int8 artifact, built once per test session through the real `convert` path."""
-    from convert.api import build_artifact
+    from deposium.convert.api import build_artifact
 
     out = artifact_cache / "minilm-int8"
     build_artifact(str(minilm_dir), out, stsb=None, paragraph_limit=48)
@@ -38,7 +38,7 @@ def minilm_artifact(minilm_dir: Path, artifact_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_fp32_artifact(minilm_dir: Path, artifact_cache: Path) -> Path:
-    from convert.api import build_artifact
+    from deposium.convert.api import build_artifact
 
     out = artifact_cache / "minilm-fp32"
     build_artifact(str(minilm_dir), out, recipe="fp32", stsb=None, paragraph_limit=48)

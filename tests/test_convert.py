@@ -10,16 +10,16 @@ import numpy as np
 import onnx
 import pytest
 
-from convert.api import ConvertError, build_artifact
-from convert.cli import main as convert_main
-from convert.validate import Thresholds, load_paragraphs
+from deposium.convert.api import ConvertError, build_artifact
+from deposium.convert.cli import main as convert_main
+from deposium.convert.validate import Thresholds, load_paragraphs
+from deposium.worker.artifact import ArtifactError, load_manifest
+from deposium.worker.config import Settings
+from deposium.worker.cpu import cpu_features
+from deposium.worker.embedder import Embedder
+from deposium.worker.variant import can_saturate, u8s8_saturates
 from tests.gemma_tiny import EMBEDDINGGEMMA_PROMPTS, build_tiny_gemma
 from tests.sessions import worker_session
-from worker.artifact import ArtifactError, load_manifest
-from worker.config import Settings
-from worker.cpu import cpu_features
-from worker.embedder import Embedder
-from worker.variant import can_saturate, u8s8_saturates
 
 BIG = Settings(max_batch_paragraphs=10_000, max_batch_bytes=1 << 28)
 
@@ -60,9 +60,9 @@ def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
                                   "unfused_gemms")} == {
         "fused_gemms": 24, "fused_rotations": 18, "fused_bias": 12, "fused_bias_gelu": 6, "fused_splits": 6,
         "unfused_gemms": 0}
-    # BERT's attention (no rotary embedding, no q/k norm) is not the Gemma3 form convert.attention rewrites
+    # BERT's attention (no rotary embedding, no q/k norm) is not the Gemma3 form deposium.convert.attention rewrites
     assert (quant["fused_attention"], quant["unfused_attention"]) == (0, 6)
-    assert manifest.quantization["weight_bits"] == 8  # on every build machine (worker.variant)
+    assert manifest.quantization["weight_bits"] == 8  # on every build machine (deposium.worker.variant)
     assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"}
     validation = json.loads((minilm_artifact / "validation.json").read_text())
     assert validation["passed"] is True
@@ -76,7 +76,7 @@ def test_minilm_artifact_layout_and_manifest(minilm_artifact: Path):
 
 def test_gate_fails_on_a_long_input_below_the_floor():
     """Paragraphs alone must not decide: one long input under the per-text floor rejects the artifact."""
-    from convert.validate import gate_failures
+    from deposium.convert.validate import gate_failures
 
     report = {"paragraphs": {"int8_vs_torch_cosine": {"mean": 0.9999, "min": 0.9995}},
               "long_inputs": {"tokens": [623, 2048], "int8_vs_torch_cosine": [0.9995, 0.9987]},
@@ -205,8 +205,8 @@ def test_tiny_gemma_fp32_matches_torch_beyond_the_sliding_window(tiny_gemma, tin
     assert _cos(ours.vectors, ref).min() > 0.99999
     assert np.abs(ours.vectors - ref).max() < 1e-4
     ops = {n.op_type for n in onnx.load(str(tiny_gemma_fp32 / "model.onnx"), load_external_data=False).graph.node}
-    assert "FastGelu" in ops and "Tanh" not in ops  # convert.simplify ran on this very artifact
-    # and convert.attention: every layer's attention is one MultiHeadAttention, with the q/k norms and the
+    assert "FastGelu" in ops and "Tanh" not in ops  # deposium.convert.simplify ran on this very artifact
+    # and deposium.convert.attention: every layer's attention is one MultiHeadAttention, with the q/k norms and the
     # rotary embedding in ONNX Runtime's own nodes, and nothing of the exported attention left
     assert {"MultiHeadAttention", "RotaryEmbedding"} <= ops and not {"Softmax", "Neg"} & ops
     quant = load_manifest(tiny_gemma_fp32).quantization
@@ -335,7 +335,7 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
     pattern): one int8 step per token row swamps the ordinary channels; the residual pass must not."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from convert.quantize import QuantizeOptions, quantize
+    from deposium.convert.quantize import QuantizeOptions, quantize
 
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(64, 32)).astype(np.float32)
@@ -373,8 +373,8 @@ def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recip
     its batch. Defaults: int8-token and int8-rot 8-bit activations, int8-wide 7-bit."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from convert.quantize import QuantizeOptions, quantize
-    from convert.rotate import hadamard
+    from deposium.convert.quantize import QuantizeOptions, quantize
+    from deposium.convert.rotate import hadamard
 
     rng = np.random.default_rng(1)
     w1, w2 = rng.normal(size=(48, 16)).astype(np.float32), rng.normal(size=(48, 8)).astype(np.float32)
@@ -420,7 +420,7 @@ def test_embedding_table_quantization_dequantizes_every_row(tmp_path, bits):
     """The quantized Gather returns each row within its quantization step (4-bit: per 32 values)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from convert.quantize import QuantizeOptions, quantize
+    from deposium.convert.quantize import QuantizeOptions, quantize
 
     rng = np.random.default_rng(1)
     table = rng.normal(size=(16384, 64)).astype(np.float32)
@@ -512,10 +512,10 @@ def test_an_activation_read_by_several_matmuls_is_quantized_once(outlier_gemma_t
 
 @pytest.mark.parametrize("fp32_fixture", ["tiny_gemma_fp32", "minilm_fp32_artifact"])
 def test_folds_and_merged_gemms_keep_the_int8_rot_vectors(request, fp32_fixture, tmp_path):
-    """convert.fold and the merged GEMMs only remove nodes: merging is the same integer GEMM,
+    """deposium.convert.fold and the merged GEMMs only remove nodes: merging is the same integer GEMM,
     folding moves o_proj's rotation into the value projection's weight columns (and BERT's value
     bias): one per layer on both architectures, same vectors up to rounding."""
-    from convert.quantize import QuantizeOptions, quantize
+    from deposium.convert.quantize import QuantizeOptions, quantize
 
     fp32 = request.getfixturevalue(fp32_fixture)
     paragraphs = load_paragraphs(limit=12)
@@ -565,7 +565,7 @@ def test_auto_recipe_goes_on_to_rotation_then_the_residual_pass(outlier_gemma, o
 
     assert auto("fused", token_mean, rot_mean)[:2] == ("int8-fused", [])
     assert auto("fused-wide", rot_mean, wide_mean)[:2] == ("int8-wide", ["int8-fused"])
-    monkeypatch.setattr("worker.kernels.library_path", lambda: None)  # an install without a C compiler
+    monkeypatch.setattr("deposium.worker.kernels.library_path", lambda: None)  # an install without a C compiler
     recipe, rejected, report = auto("portable", token_mean, rot_mean)
     assert (recipe, rejected) == ("int8-rot", ["int8-token"])
     assert [s["recipe"] for s in report["skipped_recipes"]] == ["int8-fused"]

@@ -114,10 +114,10 @@ def test_runtime_image_contents(docker: dict, image: str):
     probe = (
         "import importlib.util as u, json, os, shutil;"
         "print(json.dumps({'modules': [m for m in ('torch', 'transformers', 'optimum', 'onnx',"
-        " 'sentence_transformers', 'pip', 'convert') if u.find_spec(m)],"
+        " 'sentence_transformers', 'pip', 'deposium.convert', 'deposium.bench') if u.find_spec(m)],"
         " 'tools': [t for t in ('gcc', 'cc', 'g++', 'make', 'deposium-convert') if shutil.which(t)],"
         " 'uid': os.getuid(), 'artifact': sorted(os.listdir(os.environ['DEPOSIUM_ARTIFACT'])),"
-        " 'kernels': bool(u.find_spec('worker.kernels._rowq')),"
+        " 'kernels': bool(u.find_spec('deposium.worker.kernels._rowq')),"
         " 'recipe': json.load(open(os.environ['DEPOSIUM_ARTIFACT'] + '/manifest.json'))['quantization']['recipe']}))"
     )
     out = json.loads(_run(docker, "run", "--rm", "--network", "none", "--entrypoint", "python3", image,

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.artifact import MANIFEST, MODEL_FILE, TOKENIZER_FILE, ArtifactError, read_manifest, write_manifest
-from worker.config import Settings
-from worker.embedder import (
+from deposium.worker.artifact import MANIFEST, MODEL_FILE, TOKENIZER_FILE, ArtifactError, read_manifest, write_manifest
+from deposium.worker.config import Settings
+from deposium.worker.embedder import (
     DISABLED_OPTIMIZERS,
     Embedder,
     EmbedRequestError,
@@ -310,11 +310,11 @@ def test_tampered_or_foreign_artifacts_are_refused(minilm_artifact, tmp_path):
 
 THREAD_PROBE = """
 import sys, psutil, dataclasses
-from worker.threads import pin_single_thread
+from deposium.worker.threads import pin_single_thread
 pin_single_thread()
 import onnxruntime
-from worker import embedder
-from worker.config import Settings
+from deposium.worker import embedder
+from deposium.worker.config import Settings
 if sys.argv[2] != "1":  # negative control: what a multi-threaded session would look like
     original = embedder.session_options
     def wide(settings, *args):

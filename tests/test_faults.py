@@ -168,8 +168,8 @@ def test_worker_with_redis_down_at_start_fails_within_its_configured_retry(tmp_p
     retries with back-off, which would leave a deployment hanging for minutes)."""
     url = f"redis://:hunter2-pw@127.0.0.1:{free_port()}/0"
     env = clean_env(REDIS_URL=url, DEPOSIUM_ARTIFACT=str(minilm_artifact), DEPOSIUM_REDIS_CONNECT_TIMEOUT="3")
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "--concurrency", "1"], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "deposium.worker.cli", "--concurrency", "1"], env=env,
+                       capture_output=True, text=True, timeout=120)
     output = r.stdout + r.stderr
     assert r.returncode == 4, output
     assert "cannot reach Redis at redis://:***@127.0.0.1" in r.stderr
@@ -213,7 +213,7 @@ def test_worker_exit_code_is_celerys_so_a_supervisor_sees_a_failure(tmp_path: Pa
     unrecoverable error; it used to return 0 for both, so "restart on failure" never restarted it.
     The error here is real: the queue's Redis key holds a string (another application's key)."""
     env = clean_env(REDIS_URL=redis_server.url, DEPOSIUM_ARTIFACT=str(minilm_artifact))
-    cmd = [sys.executable, "-m", "worker.cli", "--concurrency", "1"]
+    cmd = [sys.executable, "-m", "deposium.worker.cli", "--concurrency", "1"]
     log = tmp_path / "ok.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -350,7 +350,7 @@ def test_nothing_of_a_job_stays_in_redis_after_it_even_after_a_producer_kill_and
 
 def test_fault_hook_is_off_by_default_and_validated():
     """The hook is test-only: empty unless set, and a typo is a configuration error, not a no-op."""
-    from worker.config import ConfigError, load_settings
+    from deposium.worker.config import ConfigError, load_settings
 
     assert load_settings({}).test_fault == ""
     assert load_settings({"DEPOSIUM_TEST_FAULT": "sleep=1.5:x"}).test_fault == "sleep=1.5:x"

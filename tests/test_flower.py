@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deposium.worker.wire import TASK_NAME
 from tests.redis_proc import RedisServer, free_port
 from tests.test_metrics import (
     BATCHES,
@@ -33,7 +34,6 @@ from tests.test_metrics import (
     worker_env,
     worker_process,
 )
-from worker.wire import TASK_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_flower_shows_job_tasks_with_auth(redis_server: RedisServer, minilm_arti
     # (FLOWER_BASIC_AUTH), as in compose and on Railway, never from the command line.
     flower_env = worker_env(url, minilm_artifact, queue, FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
     flower_log = tmp_path / "flower.log"
-    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower",
+    cmd = [sys.executable, "-m", "celery", "-A", "deposium.worker.celery_app", "flower",
            "--address=127.0.0.1", f"--port={port}"]
     with flower_log.open("wb") as out:
         flower = subprocess.Popen(cmd, env=flower_env, stdout=out, stderr=subprocess.STDOUT,

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.validate import load_paragraphs, long_inputs
-from worker.artifact import load_manifest
-from worker.config import Settings
+from deposium.convert.validate import load_paragraphs, long_inputs
+from deposium.worker.artifact import load_manifest
+from deposium.worker.config import Settings
 
 GEMMA_DIR = os.environ.get("DEPOSIUM_GEMMA_DIR")
 
@@ -49,7 +49,7 @@ def gemma_artifact(tmp_path_factory) -> Path:
     reuse = os.environ.get("DEPOSIUM_GEMMA_ARTIFACT")
     if reuse and (Path(reuse) / "manifest.json").is_file():
         return Path(reuse)
-    from convert.api import build_artifact
+    from deposium.convert.api import build_artifact
 
     out = Path(reuse) if reuse else tmp_path_factory.mktemp("gemma") / "artifact"
     return build_artifact(GEMMA_DIR, out, force=True)
@@ -61,7 +61,7 @@ def test_gate_passed_with_the_models_strict_thresholds(gemma_artifact):
     assert report["thresholds"]["min_mean_cosine"] >= 0.9995 and report["thresholds"]["min_min_cosine"] >= 0.999
     # auto: int8-fused where the fused kernels are built (always, with scripts/setup.sh), int8-rot otherwise
     assert report["recipe"]["recipe"] == "int8-fused"
-    # 8-bit activations: CPUs whose u8 x s8 kernel saturates run it through u8 x u8 (worker.variant)
+    # 8-bit activations: CPUs whose u8 x s8 kernel saturates run it through u8 x u8 (deposium.worker.variant)
     assert report["recipe"]["activation_bits"] == 8
     assert report["rejected_recipes"] == []
     assert report["thresholds"]["max_stsb_drop"] <= 0.1
@@ -74,7 +74,7 @@ def test_gate_passed_with_the_models_strict_thresholds(gemma_artifact):
 
 
 def test_prompts_come_from_the_models_config(gemma_artifact, gemma_st):
-    from worker.embedder import Embedder
+    from deposium.worker.embedder import Embedder
 
     manifest = load_manifest(gemma_artifact)
     assert manifest.prompts == gemma_st.prompts
@@ -89,8 +89,8 @@ def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_s
     """Inputs of 623-2048 tokens (the window is 512): the fp32 export must match torch exactly
     (a lost window drifts to cosine 0.887-0.986, NOTES.md), the shipped int8 artifact to 0.999
     (the value projections' weight residual pass is what gets inputs beyond 1,000 tokens there)."""
-    from convert.api import build_artifact
-    from worker.embedder import Embedder
+    from deposium.convert.api import build_artifact
+    from deposium.worker.embedder import Embedder
 
     long_texts = long_inputs(load_paragraphs())
     ref = gemma_st.encode(long_texts, prompt_name="document", convert_to_numpy=True, show_progress_bar=False)
@@ -102,7 +102,7 @@ def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_s
 
 
 def test_plain_dynamic_recipe_is_rejected(tmp_path):
-    from convert.api import ConvertError, build_artifact
+    from deposium.convert.api import ConvertError, build_artifact
 
     with pytest.raises(ConvertError, match="validation gate failed"):
         build_artifact(GEMMA_DIR, tmp_path / "dyn", recipe="int8-dynamic", stsb=None, paragraph_limit=48)
@@ -116,8 +116,8 @@ def test_a_queued_job_stores_what_torch_computes(gemma_artifact, gemma_st, redis
     against torch: the gate's figures hold for what is stored, not only for the gate's own calls."""
     import pyarrow.parquet as pq
 
+    from deposium.worker.embedder import Embedder
     from tests.procs import Worker, exactly_once, producer_env, run_submit, write_jsonl
-    from worker.embedder import Embedder
 
     paragraphs = load_paragraphs()
     corpus = write_jsonl(tmp_path / "job.jsonl", paragraphs)

@@ -19,13 +19,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.fuse import pack_weights
-from convert.rotate import hadamard
-from convert.validate import load_paragraphs
-from worker.artifact import load_manifest
-from worker.config import ConfigError, Settings, load_settings
-from worker.embedder import Embedder, session_options
-from worker.kernels import DOMAIN, ISAS, KernelLibraryError, active_isa, library_path
+from deposium.convert.fuse import pack_weights
+from deposium.convert.rotate import hadamard
+from deposium.convert.validate import load_paragraphs
+from deposium.worker.artifact import load_manifest
+from deposium.worker.config import ConfigError, Settings, load_settings
+from deposium.worker.embedder import Embedder, session_options
+from deposium.worker.kernels import DOMAIN, ISAS, KernelLibraryError, active_isa, library_path
 
 X86 = platform.machine().lower() in {"x86_64", "amd64"}
 pytestmark = pytest.mark.skipif(not X86, reason="the fused kernels are x86-64 code (setup.py builds them there only)")
@@ -204,7 +204,7 @@ def test_a_kernel_path_the_cpu_lacks_or_an_unknown_one_is_refused(minilm_artifac
 
 
 def test_an_artifact_needing_a_missing_library_says_how_to_get_it(minilm_artifact, monkeypatch):
-    monkeypatch.setattr("worker.kernels.library_path", lambda: None)  # an install without a C compiler
+    monkeypatch.setattr("deposium.worker.kernels.library_path", lambda: None)  # an install without a C compiler
     with pytest.raises(KernelLibraryError, match="deposium_rowq kernel library.*--recipe int8-rot"):
         Embedder(minilm_artifact)
 

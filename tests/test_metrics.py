@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deposium.worker.wire import TASK_NAME, EmbedRequest
 from tests.redis_proc import RedisServer, free_port
-from worker.wire import TASK_NAME, EmbedRequest
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def worker_env(redis_url: str, artifact: Path, queue: str, **extra: str) -> dict
 @contextmanager
 def worker_process(env: dict[str, str], node: str, log: Path, *args: str) -> Iterator[subprocess.Popen]:
     """Run ``deposium-worker`` (the console script users run) in its own process group."""
-    cmd = [sys.executable, "-m", "worker.cli", f"--hostname={node}", *args]
+    cmd = [sys.executable, "-m", "deposium.worker.cli", f"--hostname={node}", *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -77,8 +77,8 @@ def worker_process(env: dict[str, str], node: str, log: Path, *args: str) -> Ite
 
 def client_app(redis_url: str, queue: str):
     """A producer-side Celery app bound to the test's Redis and queue."""
-    from worker.celery_app import create_app
-    from worker.config import load_settings
+    from deposium.worker.celery_app import create_app
+    from deposium.worker.config import load_settings
 
     return create_app(load_settings({"REDIS_URL": redis_url, "DEPOSIUM_QUEUE": queue}))
 

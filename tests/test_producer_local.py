@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from producer import submit
-from producer.sinks import SinkError
+from deposium.producer import submit
+from deposium.producer.sinks import SinkError
+from deposium.worker.errors import EmbedRequestError
 from tests.redis_proc import free_port
 from tests.test_producer_support import ROOT, VENV_BIN, corpus, submit_cmd, write_jsonl
-from worker.errors import EmbedRequestError
 
 
 def _env(tmp_path: Path, artifact: Path, **extra: str) -> dict[str, str]:
@@ -216,12 +216,12 @@ def test_library_submit_refuses_unknown_options_before_starting(tmp_path: Path, 
 def test_a_job_naming_no_task_gets_the_models_document_prompt(tmp_path: Path, minilm_artifact: Path):
     """EmbeddingGemma-like manifest: task prompts, no default prompt. A job that forgets --task must not
     store prompt-less vectors for good; --no-prompt (task "") still asks for them explicitly."""
-    from producer.job import plan_job
-    from producer.runner import JobOptions
+    from deposium.producer.job import plan_job
+    from deposium.producer.runner import JobOptions
+    from deposium.worker.config import Settings
+    from deposium.worker.embedder import Embedder
+    from deposium.worker.tokenize import NO_PROMPT, ingestion_task
     from tests.test_embedder import linked_copy
-    from worker.config import Settings
-    from worker.embedder import Embedder
-    from worker.tokenize import NO_PROMPT, ingestion_task
 
     artifact = linked_copy(minilm_artifact, tmp_path / "prompted",
                            {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None})

@@ -1,4 +1,4 @@
-"""Queue mode end to end: real redis-server, real ``celery -A worker.celery_app worker`` processes.
+"""Queue mode end to end: real redis-server, real ``celery -A deposium.worker.celery_app worker`` processes.
 
 The worker's log is the independent witness of what was sent: every delivery of a batch is
 logged as ``Task deposium.embed_batch[<job>:<batch>] received``.
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from producer import submit
+from deposium.producer import submit
 from tests.test_producer_support import (
     ROOT,
     VENV_BIN,
@@ -150,7 +150,7 @@ def _other_model_artifact(src: Path, dst: Path) -> Path:
 
     import onnx
 
-    from worker.artifact import MODEL_FILE, read_manifest, sha256_file, write_manifest
+    from deposium.worker.artifact import MODEL_FILE, read_manifest, sha256_file, write_manifest
 
     shutil.copytree(src, dst)
     model = onnx.load(str(dst / MODEL_FILE))

@@ -75,9 +75,9 @@ def write_jsonl(path: Path, texts: list[str], docs_per_file: int | None = None) 
 
 def start_worker(redis_url: str, artifact: Path, log: Path, *, concurrency: int = 2,
                  name: str = "w1") -> subprocess.Popen:
-    """A real ``celery -A worker.celery_app worker`` subprocess (prefork, ``concurrency`` children)."""
+    """A real ``celery -A deposium.worker.celery_app worker`` subprocess (prefork, ``concurrency`` children)."""
     env = dict(os.environ, REDIS_URL=redis_url, DEPOSIUM_ARTIFACT=str(artifact))
-    args = [str(VENV_BIN / "celery"), "-A", "worker.celery_app", "worker", "--concurrency", str(concurrency),
+    args = [str(VENV_BIN / "celery"), "-A", "deposium.worker.celery_app", "worker", "--concurrency", str(concurrency),
             "--pool", "prefork", "-Q", "deposium", "--loglevel", "INFO", "-n", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "--logfile", str(log)]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.batching import Limits, make_batches
-from producer.model import InputError, Paragraph, content_hash
-from producer.readers import Source, read_inputs
-from producer.schema import rows_table
-from producer.sinks import SinkError, SinkJob, open_sink
-from producer.split import split_blocks
-from producer.tokens import TokenCounter
-from worker.tokenize import ParagraphTokenizer
+from deposium.producer.batching import Limits, make_batches
+from deposium.producer.model import InputError, Paragraph, content_hash
+from deposium.producer.readers import Source, read_inputs
+from deposium.producer.schema import rows_table
+from deposium.producer.sinks import SinkError, SinkJob, open_sink
+from deposium.producer.split import split_blocks
+from deposium.producer.tokens import TokenCounter
+from deposium.worker.tokenize import ParagraphTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +226,9 @@ def test_unknown_sink_targets_are_refused_clearly():
 
 
 def test_sink_url_passwords_never_reach_the_job_record(minilm_artifact):
-    from producer.job import plan_job, without_password
-    from producer.runner import JobOptions
-    from worker.config import Settings
+    from deposium.producer.job import plan_job, without_password
+    from deposium.producer.runner import JobOptions
+    from deposium.worker.config import Settings
 
     assert without_password("postgresql://bob:s3cret@db:5432/x?table=t") == "postgresql://bob@db:5432/x?table=t"
     assert without_password("/data/out.parquet") == "/data/out.parquet"

@@ -21,14 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.api import documents_to_sources
-from producer.model import InputError
-from producer.readers import Source, check_text_file, jsonl_sources
+from deposium.producer.api import documents_to_sources
+from deposium.producer.model import InputError
+from deposium.producer.readers import Source, check_text_file, jsonl_sources
+from deposium.worker.config import Settings
+from deposium.worker.embedder import Embedder, EmbedRequestError
+from deposium.worker.wire import REQUEST_FIELDS, TASK_NAME, EmbedRequest, EmbedResponse, WireError
 from tests.procs import Worker
 from tests.redis_proc import RedisServer
-from worker.config import Settings
-from worker.embedder import Embedder, EmbedRequestError
-from worker.wire import REQUEST_FIELDS, TASK_NAME, EmbedRequest, EmbedResponse, WireError
 
 #: Text with what breaks naive code: lone surrogates, NUL and other controls, astral characters.
 #: (hypothesis' text() never yields surrogates by itself, so they are mixed in as whole pieces.)
@@ -259,7 +259,7 @@ def live_worker(tmp_path_factory, minilm_artifact: Path):
     server = RedisServer(root / "redis").start()
     try:
         with Worker(server.url, minilm_artifact, root / "worker.log", concurrency=1, queue="props") as w:
-            from worker.celery_app import create_app
+            from deposium.worker.celery_app import create_app
 
             yield w, create_app(Settings(redis_url=server.url, queue="props"))
     finally:

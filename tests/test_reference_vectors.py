@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.config import Settings
-from worker.cpu import cpu_features
-from worker.embedder import Embedder
-from worker.variant import kernel_label, u8s8_saturates
+from deposium.worker.config import Settings
+from deposium.worker.cpu import cpu_features
+from deposium.worker.embedder import Embedder
+from deposium.worker.variant import kernel_label, u8s8_saturates
 
 REFERENCE = Path(__file__).parent / "data" / "reference-vectors-minilm.json"
 #: The project's batch-invariance bar (issue 10): a vector that moves less than this is the same vector.

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deposium.worker.celery_app import create_app
+from deposium.worker.config import Settings
+from deposium.worker.errors import EmbedRequestError
+from deposium.worker.wire import TASK_NAME, EmbedRequest, EmbedResponse
 from tests.procs import Worker, clean_env, producer_env, run_submit, write_jsonl
 from tests.redis_proc import RedisServer
-from worker.celery_app import create_app
-from worker.config import Settings
-from worker.errors import EmbedRequestError
-from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,8 @@ def worker(secured, minilm_artifact):
     env = clean_env(REDIS_URL=url, DEPOSIUM_ARTIFACT=str(minilm_artifact), DEPOSIUM_QUEUE=QUEUE,
                     DEPOSIUM_LOG_LEVEL="DEBUG", **LIMITS)
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "--concurrency", "1", "--hostname", "sec@%h"],
+        proc = subprocess.Popen([sys.executable, "-m", "deposium.worker.cli", "--concurrency", "1",
+                                 "--hostname", "sec@%h"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     w = Worker(url, minilm_artifact, log, name="sec")  # reuse its wait/stop helpers for this process
     w.proc = proc

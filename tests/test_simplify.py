@@ -1,4 +1,4 @@
-"""convert.simplify: exact rewrites only (folded shapes, fused tanh GELU), checked by running
+"""deposium.convert.simplify: exact rewrites only (folded shapes, fused tanh GELU), checked by running
 the graph before and after in ONNX Runtime on inputs of several shapes."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from convert.api import with_named_shapes
-from convert.simplify import expand_target, reshape_target, simplify
+from deposium.convert.api import with_named_shapes
+from deposium.convert.simplify import expand_target, reshape_target, simplify
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

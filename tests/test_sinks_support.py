@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from producer import submit
+from deposium.producer import submit
 from tests.test_producer_support import stdlib_docstrings
 
 #: STS-B test pairs scored 5.0 (paraphrases). The first sentence is loaded as the first
@@ -45,7 +45,7 @@ def run_job(out: str, artifact: Path, docs: list[tuple[str, str]], **kw: object)
     """One library-API job in this process (the same runner the CLI uses); returns the summary."""
     cache = Path(tempfile.mkdtemp(prefix="deposium-sink-cache-"))
     os.environ.pop("REDIS_URL", None)
-    from worker.config import load_settings
+    from deposium.worker.config import load_settings
 
     settings = load_settings({"DEPOSIUM_CACHE_DIR": str(cache), "DEPOSIUM_ARTIFACT": str(artifact)})
     return submit(docs, out=out, local=True, artifact_dir=artifact, batch_tokens=400, min_chars=1,
@@ -69,6 +69,6 @@ def vectors_of(table: pa.Table) -> np.ndarray:
 
 def queries(artifact: Path) -> np.ndarray:
     """The held-back paragraphs embedded by the very Embedder local jobs use."""
-    from worker.embedder import Embedder
+    from deposium.worker.embedder import Embedder
 
     return Embedder(artifact).embed([b for _, b in PAIRS]).vectors

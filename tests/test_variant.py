@@ -1,4 +1,4 @@
-"""The worker's choice of int8 GEMM kernel (worker.variant): u8 x s8, or u8 x u8 where that saturates.
+"""The worker's choice of int8 GEMM kernel (deposium.worker.variant): u8 x s8, or u8 x u8 where that saturates.
 
 Why this matters: on x86 CPUs without VNNI/AMX, ONNX Runtime's u8 x s8 GEMM saturates in int16,
 so an artifact with 8-bit signed weights gives wrong vectors there unless the session asks for the
@@ -18,11 +18,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.artifact import read_manifest, sha256_file, write_manifest
-from worker.config import ConfigError, Settings, load_settings
-from worker.cpu import cpu_features
-from worker.embedder import Embedder
-from worker.variant import UNSIGNED_KERNEL_KEY, can_saturate, kernel_label, u8s8_saturates, wants_unsigned_kernel
+from deposium.worker.artifact import read_manifest, sha256_file, write_manifest
+from deposium.worker.config import ConfigError, Settings, load_settings
+from deposium.worker.cpu import cpu_features
+from deposium.worker.embedder import Embedder
+from deposium.worker.variant import (
+    UNSIGNED_KERNEL_KEY,
+    can_saturate,
+    kernel_label,
+    u8s8_saturates,
+    wants_unsigned_kernel,
+)
 
 MS = "com.microsoft"
 

@@ -18,13 +18,13 @@ import numpy as np
 import psutil
 import pytest
 
-from worker.artifact import MANIFEST, MODEL_FILE, read_manifest
-from worker.celery_app import create_app
-from worker.cli import EXIT_ARTIFACT, main
-from worker.config import Settings
-from worker.cpu import cpu_features, quantization_warning
-from worker.embedder import Embedder
-from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError
+from deposium.worker.artifact import MANIFEST, MODEL_FILE, read_manifest
+from deposium.worker.celery_app import create_app
+from deposium.worker.cli import EXIT_ARTIFACT, main
+from deposium.worker.config import Settings
+from deposium.worker.cpu import cpu_features, quantization_warning
+from deposium.worker.embedder import Embedder
+from deposium.worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def threads_added_by_importing_onnxruntime() -> int:
     """Reference: threads a fresh, thread-pinned interpreter gains from ``import onnxruntime``
     alone (a fixed runtime thread, not a session pool)."""
     code = (
-        "import psutil\nfrom worker.threads import pin_single_thread\npin_single_thread()\n"
+        "import psutil\nfrom deposium.worker.threads import pin_single_thread\npin_single_thread()\n"
         "p = psutil.Process(); a = p.num_threads()\nimport onnxruntime, tokenizers, numpy\n"
         "print(p.num_threads() - a)\n"
     )
@@ -104,7 +104,7 @@ def test_celery_worker_concurrency_2_end_to_end(redis_server, minilm_artifact, t
     cmd = [
         str(VENV_BIN / "celery"),
         "-A",
-        "worker.celery_app",
+        "deposium.worker.celery_app",
         "worker",
         "--pool=prefork",
         "--concurrency=2",
@@ -251,7 +251,7 @@ def test_the_cli_refuses_an_int8_fused_artifact_it_cannot_run(minilm_artifact, m
     """Without the kernel library, or on a kernel path the CPU lacks, the worker stops before it forks
     children or touches Redis, and says how to fix it."""
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")  # never reached
-    monkeypatch.setattr("worker.kernels.library_path", lambda: None)  # an install without a C compiler
+    monkeypatch.setattr("deposium.worker.kernels.library_path", lambda: None)  # an install without a C compiler
     assert main(["--artifact", str(minilm_artifact)]) == EXIT_ARTIFACT
     err = capsys.readouterr().err
     assert "refusing to start" in err and "deposium_rowq kernel library" in err and "--recipe int8-rot" in err

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.celery_app import celery_config
-from worker.cli import apply_overrides, build_parser
-from worker.config import ConfigError, Settings
-from worker.cpu import available_cpus, cgroup_cpu_limit, cpu_features, quantization_warning
-from worker.embedder import PAD_RATIO, PAD_SLACK, check_paragraphs, pack_batches, truncate_dims
-from worker.threads import SINGLE_THREAD_ENV
-from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
+from deposium.worker.celery_app import celery_config
+from deposium.worker.cli import apply_overrides, build_parser
+from deposium.worker.config import ConfigError, Settings
+from deposium.worker.cpu import available_cpus, cgroup_cpu_limit, cpu_features, quantization_warning
+from deposium.worker.embedder import PAD_RATIO, PAD_SLACK, check_paragraphs, pack_batches, truncate_dims
+from deposium.worker.threads import SINGLE_THREAD_ENV
+from deposium.worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
 
 # --- packing ---------------------------------------------------------------------------------
 
@@ -302,7 +302,8 @@ def test_cli_flags_override_environment_settings(tmp_path):
 
 
 def test_cli_help_runs():
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "deposium.worker.cli", "--help"],
+                         capture_output=True, text=True, check=True)
     assert "--concurrency" in out.stdout and "--artifact" in out.stdout
 
 
@@ -311,13 +312,13 @@ def test_thread_variables_are_forced_before_onnxruntime_is_imported():
     and onnxruntime is not yet imported the first time that happens."""
     code = (
         "import os, sys\n"
-        "import worker.threads as t\n"
+        "import deposium.worker.threads as t\n"
         "orig, seen = t.pin_single_thread, []\n"
         "def spy():\n"
         "    seen.append('onnxruntime' in sys.modules)\n"
         "    orig()\n"
         "t.pin_single_thread = spy\n"
-        "import worker.embedder\n"
+        "import deposium.worker.embedder\n"
         "print(repr((seen[0], {k: os.environ[k] for k in t.SINGLE_THREAD_ENV})))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "8", "TOKENIZERS_PARALLELISM": "true"}
@@ -330,7 +331,7 @@ def test_thread_variables_are_forced_before_onnxruntime_is_imported():
 def test_success_log_line_carries_no_vectors():
     import celery.app.trace as trace
 
-    from worker.celery_app import create_app
+    from deposium.worker.celery_app import create_app
 
     create_app(Settings())
     assert "return_value" not in trace.LOG_SUCCESS and "%(id)s" in trace.LOG_SUCCESS
@@ -340,7 +341,7 @@ def test_wire_errors_quoting_forged_surrogates_stay_encodable():
     """A forged field name with a lone surrogate must not break storing the failure (msgpack)."""
     import msgpack
 
-    from worker.wire import EmbedRequest, WireError
+    from deposium.worker.wire import EmbedRequest, WireError
 
     payload = {"v": 1, "job_id": "j", "batch_id": "b", "paragraphs": ["x"], "task": None, "dim": None,
                "dtype": "float32", "bad\udc80": 1}

@@ -17,7 +17,7 @@ An artifact is a directory::
 
 Earlier versions also wrote ``model.u8.onnx`` (+ ``.data``), the graph with unsigned GEMM weights
 for CPUs whose u8 x s8 kernel saturates; ONNX Runtime now does that shift at load time
-(worker.variant), so such a file is verified with the rest but not read.
+(deposium.worker.variant), so such a file is verified with the rest but not read.
 
 Why the whole head lives in the ONNX graph (as llama.cpp does in GGUF): the runtime then
 needs no knowledge of architectures, pooling modes or Dense layers, and a worker image

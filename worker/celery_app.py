@@ -1,4 +1,4 @@
-"""The Celery application, configured in this one place from :class:`worker.config.Settings`.
+"""The Celery application, configured in this one place from :class:`deposium.worker.config.Settings`.
 
 Why each setting (all of them protect a batch from being lost or run twice):
 
@@ -25,7 +25,7 @@ producer consumed and deleted the result would store it again, and it would sit 
 ``result_expires``. So the producer keeps, per job, the set of batch ids it still awaits (added
 before sending, removed once the batch's outcome is final) and marks its messages with
 :data:`AWAITED_HEADER`; the worker skips such a message, and stores nothing for it, when its
-batch is no longer in the set (``worker.tasks``). Messages without the header (other senders,
+batch is no longer in the set (``deposium.worker.tasks``). Messages without the header (other senders,
 older producers) are always run.
 
 The producer imports :func:`create_app` / :data:`app` to send batches by name; it never
@@ -38,9 +38,9 @@ from typing import Any
 
 from celery import Celery
 
-import worker.metrics  # noqa: F401  (Prometheus throughput metrics via Celery signals)
-from worker.config import Settings, load_settings
-from worker.wire import TASK_NAME
+import deposium.worker.metrics  # noqa: F401  (Prometheus throughput metrics via Celery signals)
+from deposium.worker.config import Settings, load_settings
+from deposium.worker.wire import TASK_NAME
 
 #: Seconds a freshly forked child may take to report itself alive. The model is loaded
 #: lazily on the first task, so start-up is quick; the margin covers slow, throttled CPUs.
@@ -111,12 +111,12 @@ def _quiet_success_log() -> None:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """A configured Celery app; ``worker.tasks`` registers the task on import."""
+    """A configured Celery app; ``deposium.worker.tasks`` registers the task on import."""
     _quiet_success_log()
-    celery = Celery("deposium", include=["worker.tasks"])
+    celery = Celery("deposium", include=["deposium.worker.tasks"])
     celery.conf.update(celery_config(settings or load_settings()))
     return celery
 
 
-#: The app ``celery -A worker.celery_app worker`` and the producer use.
+#: The app ``celery -A deposium.worker.celery_app worker`` and the producer use.
 app = create_app()

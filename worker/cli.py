@@ -3,7 +3,7 @@
 Why verify in the parent before any child exists: a corrupt or tampered artifact must
 stop the deployment with one clear message naming the file, not make every child crash
 and restart in a loop, and not produce wrong vectors. The parent never creates an ONNX
-Runtime session (children do, lazily, see ``worker.tasks``).
+Runtime session (children do, lazily, see ``deposium.worker.tasks``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from worker.artifact import ArtifactError, Manifest, load_manifest
-from worker.config import ConfigError, Settings, load_settings, mask_url
-from worker.cpu import available_cpus, cpu_features, quantization_warning
-from worker.kernels import probe_isa, require_library
-from worker.variant import kernel_label, wants_unsigned_kernel
+from deposium.worker.artifact import ArtifactError, Manifest, load_manifest
+from deposium.worker.config import ConfigError, Settings, load_settings, mask_url
+from deposium.worker.cpu import available_cpus, cpu_features, quantization_warning
+from deposium.worker.kernels import probe_isa, require_library
+from deposium.worker.variant import kernel_label, wants_unsigned_kernel
 
 log = logging.getLogger("deposium.worker")
 
@@ -155,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning:
         log.warning(warning)
 
-    from worker import tasks
-    from worker.celery_app import app, celery_config
+    from deposium.worker import tasks
+    from deposium.worker.celery_app import app, celery_config
 
     tasks.configure(settings)
     app.conf.update(celery_config(settings))
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # failure" sees the failure: app.worker_main() drops it and always returns as if all went well.
     from celery.bin.celery import celery as celery_command
 
-    code = celery_command.main(args=["-A", "worker.celery_app", *worker_argv], standalone_mode=False)
+    code = celery_command.main(args=["-A", "deposium.worker.celery_app", *worker_argv], standalone_mode=False)
     return code if isinstance(code, int) else 0
 
 

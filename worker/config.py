@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from worker.kernels import ISAS as KERNEL_ISAS
+from deposium.worker.kernels import ISAS as KERNEL_ISAS
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "deposium"
 

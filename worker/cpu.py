@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.variant import INTEGER_GEMM_RECIPES, can_saturate, u8s8_saturates
+from deposium.worker.variant import INTEGER_GEMM_RECIPES, can_saturate, u8s8_saturates
 
 #: Instruction sets that decide int8 speed, best first.
 INT8_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")

@@ -6,13 +6,13 @@ pipeline — validate → prompt → tokenize → sort → pack by token budget 
 run per packed batch → restore order → Matryoshka → dtype — exists exactly once.
 
 Each process owns one single-threaded session: on a throttled container CPU, extra
-threads only contend for the same quota (see :mod:`worker.threads`), and Celery's
+threads only contend for the same quota (see :mod:`deposium.worker.threads`), and Celery's
 prefork pool gives us one process per available core instead.
 """
 
 from __future__ import annotations
 
-from worker.threads import pin_single_thread
+from deposium.worker.threads import pin_single_thread
 
 pin_single_thread()  # must precede the onnxruntime import below
 
@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from worker.artifact import (  # noqa: E402
+from deposium.worker.artifact import (  # noqa: E402
     MODEL_FILE,
     OUTPUT_NAME,
     ArtifactError,
@@ -31,13 +31,13 @@ from worker.artifact import (  # noqa: E402
     load_manifest,
     read_manifest,
 )
-from worker.config import Settings, load_settings  # noqa: E402
-from worker.cpu import cpu_features  # noqa: E402
-from worker.errors import EmbedRequestError  # noqa: E402
-from worker.kernels import active_isa, register_kernels, require_library  # noqa: E402
-from worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
-from worker.tokenize import ParagraphTokenizer  # noqa: E402
-from worker.variant import UNSIGNED_KERNEL_KEY, wants_unsigned_kernel  # noqa: E402
+from deposium.worker.config import Settings, load_settings  # noqa: E402
+from deposium.worker.cpu import cpu_features  # noqa: E402
+from deposium.worker.errors import EmbedRequestError  # noqa: E402
+from deposium.worker.kernels import active_isa, register_kernels, require_library  # noqa: E402
+from deposium.worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
+from deposium.worker.tokenize import ParagraphTokenizer  # noqa: E402
+from deposium.worker.variant import UNSIGNED_KERNEL_KEY, wants_unsigned_kernel  # noqa: E402
 
 __all__ = [
     "DISABLED_OPTIMIZERS",

@@ -12,7 +12,7 @@ per process in ``PROMETHEUS_MULTIPROC_DIR``), and serves ONE endpoint per replic
 files of every child, living or recycled. Counters from a recycled child keep counting (its
 file stays); its in-progress gauge is dropped (``mark_process_dead``).
 
-How it is wired: ``worker.celery_app`` imports this module once; the handlers below connect to
+How it is wired: ``deposium.worker.celery_app`` imports this module once; the handlers below connect to
 Celery signals. Nothing happens unless ``DEPOSIUM_METRICS_PORT`` is set (> 0) and the process
 is a worker (``worker_init`` fires only there), so the producer, Flower and ``celery inspect``
 importing the app are unaffected.
@@ -40,8 +40,8 @@ from typing import Any
 
 from celery import signals
 
-from worker.config import Settings, load_settings
-from worker.wire import TASK_NAME
+from deposium.worker.config import Settings, load_settings
+from deposium.worker.wire import TASK_NAME
 
 log = logging.getLogger("deposium.metrics")
 

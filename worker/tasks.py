@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from celery.exceptions import Ignore
 from celery.signals import celeryd_after_setup
 
-from worker.celery_app import AWAITED_HEADER, app, awaited_key
-from worker.config import TEST_FAULT, Settings, load_settings
-from worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
+from deposium.worker.celery_app import AWAITED_HEADER, app, awaited_key
+from deposium.worker.config import TEST_FAULT, Settings, load_settings
+from deposium.worker.wire import TASK_NAME, EmbedRequest, EmbedResponse, WireError, task_id
 
 if TYPE_CHECKING:
-    from worker.embedder import Embedder
+    from deposium.worker.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def get_embedder() -> Embedder:
         log.info("process %d uses the model shared by the main process %d", os.getpid(), _embedder_pid)
         _embedder_pid = os.getpid()
     if _embedder is None or _embedder_pid != os.getpid():
-        from worker.embedder import Embedder  # onnxruntime is imported in the child only
+        from deposium.worker.embedder import Embedder  # onnxruntime is imported in the child only
 
         settings = _settings or load_settings()
         _embedder = Embedder(settings.artifact_dir, settings=settings)
@@ -153,7 +153,7 @@ def embed_batch(self: Any, *args: Any, **request: Any) -> dict[str, Any]:
     The task id must be ``job_id:batch_id``: that is what makes a re-sent or redelivered
     batch overwrite one result key instead of producing a second copy. A delivery marked with
     ``AWAITED_HEADER`` whose batch the producer no longer awaits (a duplicate of a batch already
-    written, worker.celery_app) is skipped before and after embedding, leaving no result behind.
+    written, deposium.worker.celery_app) is skipped before and after embedding, leaving no result behind.
     """
     if args:
         raise WireError("embed_batch takes keyword arguments only (the wire request)")

@@ -6,10 +6,10 @@ core. Each worker process owns exactly one core's worth of work, so every librar
 that could start a pool (OpenMP, MKL, OpenBLAS, the ``tokenizers`` Rayon pool) is
 told "one" here. These variables are read once, when the library initialises, so
 :func:`pin_single_thread` runs before ``onnxruntime`` is imported (see the top of
-``worker.embedder``) and before ``tokenizers`` encodes anything (``worker.tokenize``).
+``deposium.worker.embedder``) and before ``tokenizers`` encodes anything (``deposium.worker.tokenize``).
 
 This module *writes* the environment for native libraries; it reads no
-configuration (that is :mod:`worker.config`'s job).
+configuration (that is :mod:`deposium.worker.config`'s job).
 """
 
 from __future__ import annotations

@@ -12,15 +12,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.threads import pin_single_thread
+from deposium.worker.threads import pin_single_thread
 
 pin_single_thread()  # before tokenizers can size its Rayon pool
 
 from tokenizers import Encoding, Tokenizer  # noqa: E402
 
-from worker.artifact import TOKENIZER_FILE, ArtifactError, Manifest, read_manifest  # noqa: E402
-from worker.errors import EmbedRequestError  # noqa: E402
-from worker.memory import release_free_heap  # noqa: E402
+from deposium.worker.artifact import TOKENIZER_FILE, ArtifactError, Manifest, read_manifest  # noqa: E402
+from deposium.worker.errors import EmbedRequestError  # noqa: E402
+from deposium.worker.memory import release_free_heap  # noqa: E402
 
 #: The task a job of documents embeds with when it names none: the prompt sentence-transformers'
 #: ``encode_document`` uses (EmbeddingGemma: ``title: none | text: ``).

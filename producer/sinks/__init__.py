@@ -10,8 +10,8 @@ Contract every sink keeps (docs/design.md, "exactly-once output"):
 * ``open`` refuses a target that holds another job, another dimension or another model
   (``SinkJob.replace`` overwrites deliberately) *before* any embedding work starts.
 
-Rows arrive as a ``pyarrow.Table`` with :data:`producer.schema.columns` (see
-:func:`producer.schema.output_schema`), so a sink never re-encodes vectors row by row.
+Rows arrive as a ``pyarrow.Table`` with :data:`deposium.producer.schema.columns` (see
+:func:`deposium.producer.schema.output_schema`), so a sink never re-encodes vectors row by row.
 """
 
 from __future__ import annotations
@@ -79,18 +79,18 @@ def open_sink(target: str) -> Sink:
     """
     scheme = target.split("://", 1)[0].lower() if "://" in target else ""
     if scheme in {"", "file"}:
-        from producer.sinks.parquet import ParquetSink
+        from deposium.producer.sinks.parquet import ParquetSink
 
         return ParquetSink(target.split("://", 1)[1] if scheme == "file" else target)
     if scheme in {"postgresql", "postgres"}:
-        from producer.sinks.pgvector import PgVectorSink
+        from deposium.producer.sinks.pgvector import PgVectorSink
 
         return PgVectorSink(target)
     if scheme == "lancedb":
-        from producer.sinks.lancedb import LanceDBSink
+        from deposium.producer.sinks.lancedb import LanceDBSink
 
         return LanceDBSink(target)
-    from worker.config import mask_url
+    from deposium.worker.config import mask_url
 
     raise SinkError(f"unknown sink target {mask_url(target)!r}: use a .parquet path, postgresql:// or lancedb://")
 

@@ -20,8 +20,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 import pyarrow as pa
 
-from producer.schema import output_schema
-from producer.sinks import SinkError, SinkJob, Stored
+from deposium.producer.schema import output_schema
+from deposium.producer.sinks import SinkError, SinkJob, Stored
 
 EXTRA = ("job_id", "model_id", "model_sha256", "batch_id", "batch_digest")
 #: IVF_PQ codebooks need training data; below this many rows that index is skipped (a flat scan is fast).

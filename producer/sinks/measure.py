@@ -9,7 +9,7 @@ LanceDB within 5 % of the same job into Parquet). Figures to report, never asser
 2. End to end: the same local-mode job (stdlib docstrings, the real model) into each sink,
    ``--rounds`` times interleaved; median paragraphs/s.
 
-    python -m producer.sinks.measure --artifact DIR [--pg postgresql://...] [--rows 20000]
+    python -m deposium.producer.sinks.measure --artifact DIR [--pg postgresql://...] [--rows 20000]
 
 Without ``--pg`` a throw-away PostgreSQL cluster is started with ``tests/pg_proc.py``
 (a repository checkout with pgvector installed: scripts/install-pgvector.sh).
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from producer.schema import output_schema
-from producer.sinks import SinkJob, open_sink
+from deposium.producer.schema import output_schema
+from deposium.producer.sinks import SinkJob, open_sink
 
 
 def synthetic_rows(n: int, dim: int, offset: int = 0, seed: int = 0) -> pa.Table:
@@ -88,8 +88,8 @@ def docstrings(n: int) -> Iterator[tuple[str, str]]:
 
 def job_rate(target: str, artifact: Path, docs: list[tuple[str, str]], cache: Path) -> float:
     """Paragraphs/s of one fresh local-mode job into ``target`` (the runner's own clock)."""
-    from producer import submit
-    from worker.config import load_settings
+    from deposium.producer import submit
+    from deposium.worker.config import load_settings
 
     settings = load_settings({"DEPOSIUM_CACHE_DIR": str(cache), "DEPOSIUM_ARTIFACT": str(artifact)})
     summary = submit(docs, out=target, local=True, artifact_dir=artifact, settings=settings, min_chars=1,
@@ -100,7 +100,7 @@ def job_rate(target: str, artifact: Path, docs: list[tuple[str, str]], cache: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m producer.sinks.measure", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deposium.producer.sinks.measure", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--pg", help="postgresql:// URL of a database with pgvector (default: a temporary cluster)")
     p.add_argument("--rows", type=int, default=20000, help="synthetic rows per sink-alone measurement")

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from producer.schema import output_schema
-from producer.sinks import SinkError, SinkJob, Stored
+from deposium.producer.schema import output_schema
+from deposium.producer.sinks import SinkError, SinkJob, Stored
 
 META_KEY = b"deposium"
 

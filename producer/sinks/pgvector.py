@@ -10,7 +10,7 @@ Why a hand-built COPY stream: the binary COPY format is simple and lets the whol
 vectors be byte-swapped by numpy at once, instead of one Python call per row and column.
 
 Secrets come from the URL or the standard ``PG*`` environment variables (read by libpq
-itself); only :func:`worker.config.mask_url`-masked targets are ever printed.
+itself); only :func:`deposium.worker.config.mask_url`-masked targets are ever printed.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 import pyarrow as pa
 
-from producer.sinks import SinkError, SinkJob, Stored
-from worker.config import mask_url
+from deposium.producer.sinks import SinkError, SinkJob, Stored
+from deposium.worker.config import mask_url
 
 #: Query parameters this sink reads itself; every other one goes to libpq (sslmode, ...).
 OWN_PARAMS = {"table", "index"}

@@ -7,7 +7,7 @@ the worker behind OpenVINO (BENCHMARKS.md). One op (``rowq_op.c``) does the chai
 tiles, AVX-512 VNNI or AVX2, with the same output bits on every path.
 
 The library is built by ``setup.py`` at install time (a C compiler, x86-64) beside this file. An
-artifact's manifest names it (``quantization.kernel_library``); the :class:`~worker.embedder.Embedder`
+artifact's manifest names it (``quantization.kernel_library``); the :class:`~deposium.worker.embedder.Embedder`
 registers it in its session. Where it is missing, loading such an artifact fails with
 :class:`KernelLibraryError`, saying how to get it or which recipe to convert with instead.
 """
@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.artifact import ArtifactError
+from deposium.worker.artifact import ArtifactError
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -32,7 +32,7 @@ LIBRARY = "deposium_rowq"
 DOMAIN = "deposium.rowq"
 #: The kernel paths the library can run, fastest first (``DEPOSIUM_KERNEL_ISA`` forces one).
 ISAS = ("amx", "vnni", "avx2")
-_MODULE = "worker.kernels._rowq"
+_MODULE = "deposium.worker.kernels._rowq"
 
 
 class KernelLibraryError(ArtifactError):

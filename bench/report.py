@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from worker.bench.stats import TokenStats, format_token_stats, median
-from worker.bench.timing import Roofline, Timing
+from deposium.bench.stats import TokenStats, format_token_stats, median
+from deposium.bench.timing import Roofline, Timing
 
 #: Every section the report always has, in order (tests check them).
 SECTIONS = ("Machine", "Command", "Corpus", "Single core", "Goals", "EmbeddingGemma-shaped",
@@ -83,8 +83,8 @@ def machine_info() -> dict[str, str]:
               "avx512_bf16", "amx_int8")
     info["flags"] = " ".join(f for f in wanted if f in flags) or "none of the SIMD flags we look for"
     info["missing flags"] = " ".join(f for f in wanted if f not in flags) or "none"
-    from worker.cpu import cpu_features
-    from worker.variant import u8s8_saturates
+    from deposium.worker.cpu import cpu_features
+    from deposium.worker.variant import u8s8_saturates
 
     info["u8 x s8 int8 GEMM"] = ("saturates with 8-bit operands (their artifacts run the u8 x u8 kernel here, "
                                  "worker/variant.py)" if u8s8_saturates(cpu_features()) else "exact")

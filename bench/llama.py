@@ -28,8 +28,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from worker.bench.peers import importable
-from worker.bench.timing import Config, batch_one
+from deposium.bench.peers import importable
+from deposium.bench.timing import Config, batch_one
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def llama_embedder(llm: object, prompt: str) -> Callable[[list[str]], object]:
 def llama_configs(model_dir: Path, cache: Path, lengths: Sequence[int], *, prompt: str = "",
                   converter: Path | None = None, outtype: str = "q8_0") -> tuple[list[Config], str]:
     """The llama.cpp row (batch 1) and a sentence for the report saying what ran."""
-    from worker.bench.peers import PeerUnavailable
+    from deposium.bench.peers import PeerUnavailable
 
     if (missing := llama_missing()) is not None:
         raise PeerUnavailable(missing)

@@ -20,13 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from worker.threads import pin_single_thread
+from deposium.worker.threads import pin_single_thread
 
 pin_single_thread()  # before numpy/onnxruntime/torch create thread pools  # noqa: E402
 
-from worker.bench.corpus import load_corpus, repeat_to, sample  # noqa: E402
-from worker.bench.report import BenchResult, machine_info, write_report  # noqa: E402
-from worker.bench.stats import format_token_stats, token_stats  # noqa: E402
+from deposium.bench.corpus import load_corpus, repeat_to, sample  # noqa: E402
+from deposium.bench.report import BenchResult, machine_info, write_report  # noqa: E402
+from deposium.bench.stats import format_token_stats, token_stats  # noqa: E402
 
 log = logging.getLogger("deposium.bench")
 
@@ -96,7 +96,7 @@ def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, valida
         return given
     out = cache / f"{source.name if source.name != 'model' else source.parent.name}-{label or recipe}"
     if not (out / "manifest.json").is_file():
-        from convert.api import build_artifact
+        from deposium.convert.api import build_artifact
 
         _say(f"building {recipe} artifact {out} (once; cached)")
         build_artifact(str(source), out, recipe=recipe, stsb=None, paragraph_limit=48, validate=validate,
@@ -106,19 +106,19 @@ def _artifact(given: Path | None, source: Path, cache: Path, recipe: str, valida
 
 def artifact_note(label: str, path: Path) -> str:
     """One line for the report: which artifact ran, which int8 GEMM kernel a worker runs on this CPU
-    (worker.variant), which recipe it holds (its manifest), and which recipes ``auto`` rejected
+    (deposium.worker.variant), which recipe it holds (its manifest), and which recipes ``auto`` rejected
     before it (its validation record)."""
     import json
 
-    from worker.artifact import VALIDATION_FILE, read_manifest
-    from worker.cpu import cpu_features
-    from worker.variant import kernel_label, wants_unsigned_kernel
+    from deposium.worker.artifact import VALIDATION_FILE, read_manifest
+    from deposium.worker.cpu import cpu_features
+    from deposium.worker.variant import kernel_label, wants_unsigned_kernel
 
     manifest = read_manifest(path)
     quant = manifest.quantization
     graph = f"int8 GEMM kernel {kernel_label(wants_unsigned_kernel(quant, 'auto', cpu_features()), quant)} on this CPU"
     if quant.get("kernel_library"):
-        from worker.kernels import probe_isa
+        from deposium.worker.kernels import probe_isa
 
         graph += f", fused kernels on {probe_isa() or 'no path: library missing'}"
     line = f"ours {label}: `{path}` ({graph}), recipe `{quant.get('recipe', '?')}` (manifest)"
@@ -143,7 +143,7 @@ def skipped_peers(value: str) -> set[str]:
 
 def _optional(name: str, skip: set[str], build: object, notes: list[str], label: str) -> list[object]:
     """Configs of an optional peer, or none with the reason in ``notes`` (for the report)."""
-    from worker.bench.peers import PeerUnavailable
+    from deposium.bench.peers import PeerUnavailable
 
     if name in skip:
         notes.append(f"{label}: skipped (`--skip-peers {name}`).")
@@ -166,8 +166,8 @@ def single_core_configs(args: argparse.Namespace, source: Path, cache: Path, art
                         corpus: list[str], paragraphs: list[str], lengths: list[int], token_budget: int,
                         task: str | None, prompt: str, notes: list[str]) -> list[object]:
     """Every configuration of the single-core part: peers (batched rows first) then ours."""
-    from worker.bench import peers
-    from worker.bench.llama import is_gemma3, llama_configs
+    from deposium.bench import peers
+    from deposium.bench.llama import is_gemma3, llama_configs
 
     skip = skipped_peers(args.skip_peers)
     batch1 = not args.no_batch1_peers
@@ -211,7 +211,7 @@ def _reduced(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     """Every part the flags ask for, in one process, in an order that keeps the models warm."""
-    from worker.config import load_settings
+    from deposium.worker.config import load_settings
 
     started = time.monotonic()
     settings = load_settings()
@@ -228,8 +228,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     # only the single-core part times our fp32 graph: an end-to-end run of a real model need not export it
     fp32 = None if args.skip_single else _artifact(args.fp32_artifact, source, cache, "fp32", not args.no_validate)
 
-    from worker.embedder import Embedder
-    from worker.tokenize import ingestion_task
+    from deposium.worker.embedder import Embedder
+    from deposium.worker.tokenize import ingestion_task
 
     counter = Embedder(int8, token_budget=token_budget)
     # every configuration embeds with the task an ingestion job defaults to (the document prompt)
@@ -251,15 +251,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     if args.skip_single:
         result.single_skipped = "`--skip-single`"
     else:
-        from worker.bench.fidelity import apply_fidelity
-        from worker.bench.timing import time_configs
+        from deposium.bench.fidelity import apply_fidelity
+        from deposium.bench.timing import time_configs
 
         _say("single core: loading configurations")
         configs = single_core_configs(args, source, cache, {"int8": int8, "fp32": fp32}, corpus, paragraphs,
                                       lengths, token_budget, task, prompt, result.peers)
         result.timings = time_configs(configs, paragraphs, lengths, args.repeats, log=_say)
         apply_fidelity(result.timings)
-        from worker.bench.timing import padded_ratio
+        from deposium.bench.timing import padded_ratio
 
         seen = set()
         for c in configs:
@@ -270,12 +270,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
         result.notes.append("")
         del configs
         if "query" in counter.manifest.prompts:
-            from worker.bench.timing import query_latency, short_queries
+            from deposium.bench.timing import query_latency, short_queries
 
             _say("single core: short queries, one per call")
             result.queries = query_latency(counter, short_queries(corpus, counter), args.repeats)
         if not args.skip_profile:
-            from worker.bench.timing import profile_op_types
+            from deposium.bench.timing import profile_op_types
 
             result.profiles.append((f"our int8 artifact, {len(paragraphs)} corpus paragraphs, budget "
                                     f"{token_budget}", profile_op_types(counter, paragraphs)))
@@ -283,13 +283,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     if args.skip_gemma:
         result.gemma_skipped = "`--skip-gemma`"
     else:
-        from worker.bench.gemma import ensure_gemma_artifact, time_lengths
-        from worker.bench.timing import int8_ops_per_token, measure_roofline
+        from deposium.bench.gemma import ensure_gemma_artifact, time_lengths
+        from deposium.bench.timing import int8_ops_per_token, measure_roofline
 
         _say("roofline: one big MatMulInteger / MatMul, one thread")
         result.roofline = measure_roofline(repeats=max(3, args.repeats), min_cpu_s=args.roofline_seconds)
         gemma = args.gemma_artifact or ensure_gemma_artifact(cache, _minilm_dir())
-        from worker.artifact import MODEL_FILE
+        from deposium.worker.artifact import MODEL_FILE
 
         result.gemma_ops_per_token = int8_ops_per_token(gemma / MODEL_FILE)
         g = Embedder(gemma)
@@ -298,8 +298,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
         _say(f"gemma-shaped: {gemma}")
         result.gemma = time_lengths(g, long_texts, repeats=args.repeats)
         if not args.skip_profile and 128 in result.gemma:
-            from worker.bench.gemma import text_of_tokens
-            from worker.bench.timing import profile_op_types
+            from deposium.bench.gemma import text_of_tokens
+            from deposium.bench.timing import profile_op_types
 
             result.profiles.append(("Gemma-shaped int8, one 128-token paragraph x 3",
                                     profile_op_types(g, [text_of_tokens(g, long_texts[0], 128)], rounds=3)))
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     if args.skip_e2e:
         result.e2e_skipped = "`--skip-e2e`"
     else:
-        from worker.bench.e2e import overhead, run_modes
+        from deposium.bench.e2e import overhead, run_modes
 
         _say(f"end to end: {args.e2e_paragraphs:,} paragraphs, modes {args.e2e_modes}")
         job = repeat_to(corpus, args.e2e_paragraphs)

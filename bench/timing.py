@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.bench.stats import Summary, median, percentile, summarize
+from deposium.bench.stats import Summary, median, percentile, summarize
 
 #: One configuration's work: embed these paragraphs (one call = one batch as the config sees it).
 EmbedCall = Callable[[list[str]], object]
@@ -57,7 +57,7 @@ class Timing:
     #: Per paragraph (input order), the median over repeats of its share of its call's CPU ms.
     ms_per_paragraph: list[float] = field(default_factory=list)
     #: Vectors of the last pass (input order; None when the call returned none), kept only until
-    #: :func:`worker.bench.fidelity.apply_fidelity` has compared them with the reference's.
+    #: :func:`deposium.bench.fidelity.apply_fidelity` has compared them with the reference's.
     vectors: object = field(default=None, repr=False)
     #: Cosine vs the reference configuration (torch fp32) on the same paragraphs: mean and min.
     cosine_mean: float | None = None
@@ -162,7 +162,7 @@ def _keep_rows(timing: Timing, output: object, group: Sequence[int], n: int) -> 
     """Store one call's vectors at their paragraphs' rows of ``timing.vectors`` (n x dim)."""
     import numpy as np
 
-    from worker.bench.fidelity import as_vectors
+    from deposium.bench.fidelity import as_vectors
 
     rows = as_vectors(output)
     if rows is None or rows.shape[0] != len(group):
@@ -202,10 +202,10 @@ def _matmul_session(m: int, k: int, n: int, integer: bool) -> tuple[object, dict
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from worker.config import load_settings
-    from worker.cpu import cpu_features
-    from worker.embedder import session_options
-    from worker.variant import u8s8_saturates
+    from deposium.worker.config import load_settings
+    from deposium.worker.cpu import cpu_features
+    from deposium.worker.embedder import session_options
+    from deposium.worker.variant import u8s8_saturates
 
     rng = np.random.default_rng(0)
     if integer:  # the kernel the worker runs here: u8 x u8 where u8 x s8 saturates (worker/variant.py)
@@ -289,7 +289,7 @@ def profile_kernel_events(embedder: object, work: Callable[[], object]) -> list[
     """
     import onnxruntime as ort
 
-    from worker.embedder import session_options
+    from deposium.worker.embedder import session_options
 
     with tempfile.TemporaryDirectory(prefix="deposium-profile-") as tmp:
         opts = session_options(embedder.settings, embedder.unsigned_kernel,  # type: ignore[attr-defined]
@@ -350,7 +350,7 @@ def short_queries(corpus: Sequence[str], embedder: object, max_tokens: int = 16,
 
 def query_latency(embedder: object, queries: Sequence[str], repeats: int) -> dict[str, object]:
     """CPU ms per query, one query per call with the ``query`` prompt (tokenization included)."""
-    from worker.bench.stats import summarize
+    from deposium.bench.stats import summarize
 
     embedder.embed(list(queries[:3]), task="query")  # type: ignore[attr-defined]  # warm-up
     per_query: list[float] = []

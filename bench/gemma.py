@@ -4,7 +4,7 @@ Why random weights: the real checkpoint is 1.2 GB and must never be a dependency
 bench; its *shape* alone (Gemma3, 24 layers, hidden 768, vocab 262144, 5 sliding : 1 full
 attention layers, Dense 768->3072->768) decides how long a forward pass takes. Its vectors
 mean nothing, so the artifact is converted with ``validate=False``. torch, transformers and
-sentence-transformers are imported inside the functions: ``import worker.bench`` stays light.
+sentence-transformers are imported inside the functions: ``import deposium.bench`` stays light.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def ensure_gemma_artifact(cache: Path, tokenizer_dir: Path, recipe: str = "int8-
     ``int8-rot`` by default: the recipe ``convert --recipe auto`` ships for the real
     EmbeddingGemma-300m (random weights cannot run the gate that picks it).
     """
-    from convert.api import build_artifact
+    from deposium.convert.api import build_artifact
 
     tag = "gemma-shaped" + "".join(f"-{k[:3]}{v}" for k, v in sorted(shape.items()))
     source = cache / f"{tag}-source"
@@ -99,7 +99,7 @@ def text_of_tokens(embedder: object, source_text: str, tokens: int) -> str:
     at a stated length must not depend on how a tokenizer happens to split a synthetic filler."""
     from tokenizers import Tokenizer
 
-    from worker.artifact import TOKENIZER_FILE
+    from deposium.worker.artifact import TOKENIZER_FILE
 
     raw = Tokenizer.from_file(str(embedder.artifact_dir / TOKENIZER_FILE))  # type: ignore[attr-defined]
     raw.no_truncation()
@@ -127,7 +127,7 @@ def time_lengths(embedder: object, source_texts: list[str], lengths: tuple[int, 
     """
     import time
 
-    from worker.bench.stats import summarize
+    from deposium.bench.stats import summarize
 
     out: dict[int, dict[str, object]] = {}
     for n in lengths:

@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from worker.bench.timing import Config, batch_one, fixed_batches
+from deposium.bench.timing import Config, batch_one, fixed_batches
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class PeerUnavailable(RuntimeError):
 
 def st_quantization_config() -> str:
     """The ST int8 export a user would pick for this CPU (its ``avx512_vnni`` one needs VNNI)."""
-    from convert.quantize import cpu_has_vnni
+    from deposium.convert.quantize import cpu_has_vnni
 
     return "avx512_vnni" if cpu_has_vnni() else "avx2"
 
@@ -295,12 +295,12 @@ def openvino_configs(source_dir: Path, cache: Path, lengths: Sequence[int], cali
 
 def our_configs(artifacts: dict[str, Path], lengths: Sequence[int], token_budget: int, *,
                 task: str | None = None) -> list[Config]:
-    """Our :class:`~worker.embedder.Embedder` per artifact, at batch 1 and with token-budget packing.
+    """Our :class:`~deposium.worker.embedder.Embedder` per artifact, at batch 1 and with token-budget packing.
 
     The packed groups are the Embedder's own ``pack_batches`` over the whole set, so each call
     is exactly one ORT run, as inside one worker task.
     """
-    from worker.embedder import Embedder, pack_batches
+    from deposium.worker.embedder import Embedder, pack_batches
 
     configs = []
     for label, path in artifacts.items():

@@ -1,6 +1,6 @@
 """End to end: one job through ``deposium-submit`` in-process, and through Redis + Celery.
 
-Why reuse :mod:`producer.measure`'s helpers: that module already drives the real CLI, a
+Why reuse :mod:`deposium.producer.measure`'s helpers: that module already drives the real CLI, a
 test-owned ``redis-server`` and a real prefork ``celery worker``; the bench adds what the
 report needs on top (CPU seconds of every process involved, worker RSS at start and end) and
 returns figures instead of printing them. Wall-clock rates are what users see; CPU seconds
@@ -101,7 +101,7 @@ def run_modes(paragraphs: Sequence[str], artifact: Path, modes: Sequence[str] = 
     """Embed ``paragraphs`` from scratch once per mode (``local`` or ``queueN`` = N worker processes)."""
     import os
 
-    from producer.measure import _free_port, _run_submit, _worker
+    from deposium.producer.measure import _free_port, _run_submit, _worker
 
     if shutil.which("redis-server") is None and any(m != "local" for m in modes):
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
