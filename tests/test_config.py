@@ -53,10 +53,10 @@ def test_allocator_thresholds_are_applied_once_per_process():
     assert settings.malloc_mmap_threshold == 0 and settings.malloc_trim_threshold == 1024
 
 
-def test_readme_configuration_table_matches_the_config_module():
+def test_guide_configuration_table_matches_the_config_module():
     from deposium.worker.config import ENVIRONMENT, configuration_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert configuration_table() in readme, "README is stale: paste `python -m deposium.worker.config` output"
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    assert configuration_table() in guide, "docs/guide.md is stale: paste `python -m deposium.worker.config` output"
     for var in ENVIRONMENT:
-        assert f"`{var}`" in readme
+        assert f"`{var}`" in guide

@@ -97,7 +97,7 @@ class Settings:
     #: over half the CPU and packed batches ran 3x slower than batch 1; worker/embedder.py).
     token_budget: int = 128
     #: ONNX Runtime CPU memory arena / memory pattern (off by default: RSS must not ratchet
-    #: upwards as batch shapes vary; measured in BENCHMARKS.md).
+    #: upwards as batch shapes vary; measured in docs/benchmarks.md).
     ort_arena: bool = False
     #: ONNX Runtime memory pattern planning (off by default, same measurement).
     ort_mem_pattern: bool = False
@@ -115,7 +115,7 @@ class Settings:
     #: (refused where the CPU lacks it). Every path gives the same vectors, bit for bit.
     kernel_isa: str = "auto"
     #: Load the model once in the prefork parent so every child shares its weights copy-on-write
-    #: (PSS per child measured in BENCHMARKS.md); 0 loads a private copy in each child instead.
+    #: (PSS per child measured in docs/benchmarks.md); 0 loads a private copy in each child instead.
     share_model: bool = True
 
     # --- limits enforced by the worker (not only by the producer) ----------------------------
@@ -278,7 +278,7 @@ def _field_docs() -> dict[str, str]:
 
 
 def configuration_table() -> str:
-    """Markdown table of every environment variable, its default and meaning (README mirrors it)."""
+    """Markdown table of every environment variable, its default and meaning (docs/guide.md mirrors it)."""
     defaults = Settings()
     docs = _field_docs()
     rows = ["| variable | default | meaning |", "|---|---|---|"]
