@@ -124,7 +124,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
       beats fp32 there (AMD EPYC Zen 3, ``int8-rot``: EmbeddingGemma 1.23x fp32's tokens/s and
       queries in 0.63x the time; MiniLM 1.11x and 0.70x), so no warning; a second pass over the
       activations (``int8-wide``) doubles the GEMM rows and measured slower than fp32 (210 vs 290
-      tokens/s), so the operator hears about it (BENCHMARKS.md);
+      tokens/s), so the operator hears about it (docs/benchmarks.md);
     * 7-bit weights (an explicit convert option) give away precision no CPU needs to lose now;
     * ``int8-block`` (``MatMulNBits``) without VNNI runs correctly, at lower int8 throughput.
     """
@@ -145,7 +145,7 @@ def quantization_warning(quantization: Mapping[str, Any], features: frozenset[st
         return (
             f"this CPU has AVX2 but no VNNI/AMX: the {recipe} artifact runs exact through {kernel}, but its "
             "second int8 pass over activations doubles the GEMM rows it covers, which measured slower than fp32 on "
-            "such a CPU (AMD EPYC Zen 3, BENCHMARKS.md); an int8-rot artifact (deposium-convert --recipe "
+            "such a CPU (AMD EPYC Zen 3, docs/benchmarks.md); an int8-rot artifact (deposium-convert --recipe "
             "int8-rot, or auto where it passes the gate) or an fp32 one (--recipe fp32) serves it better"
         )
     if integer_matmul and bits == 7:

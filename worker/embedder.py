@@ -81,7 +81,7 @@ def session_options(settings: Settings, unsigned_kernel: bool = False,
     sequential execution, every graph optimisation but :data:`DISABLED_OPTIMIZERS`. Arena and
     memory pattern come from settings: both cache buffers per shape, so with length-packed
     batches (a new shape nearly every call) they make RSS ratchet upwards; measurements in
-    BENCHMARKS.md. Without the arena every buffer a call needs is allocated afresh, which is
+    docs/benchmarks.md. Without the arena every buffer a call needs is allocated afresh, which is
     why ``token_budget`` must stay small (see :func:`pack_batches`). ``unsigned_kernel``: run int8
     GEMMs through the u8 x u8 kernel where u8 x s8 would saturate (worker/variant.py).
     ``kernel_library``: the custom-op library an ``int8-fused`` graph calls (worker/kernels), on the
@@ -127,7 +127,7 @@ def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     mapping the kernel must zero page by page: at budget 4096 on real paragraphs, 55-60 % of the
     CPU time was page faults (sys time) and int8 ran at 3,000 tokens/s against 9,000 at batch 1.
     At 128 tokens MiniLM's widest activation (128 x 1536 x 4 B = 768 KiB) stays below the
-    threshold and in L2: 11,900 int8 / 5,900 fp32 tokens/s, 1.3x / 1.1x batch 1 (BENCHMARKS.md).
+    threshold and in L2: 11,900 int8 / 5,900 fp32 tokens/s, 1.3x / 1.1x batch 1 (docs/benchmarks.md).
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []

@@ -3,7 +3,7 @@
 Why the prefork parent loads the model (``DEPOSIUM_SHARE_MODEL``, on by default) before it
 forks its children: every child then shares the session's weights copy-on-write instead of
 holding a private copy (EmbeddingGemma int8: ~430 MB private per child without sharing, ~150
-MB with it; BENCHMARKS.md). That is safe here because the session is single-threaded with
+MB with it; docs/benchmarks.md). That is safe here because the session is single-threaded with
 sequential execution: ONNX Runtime starts no thread pool whose threads ``fork`` would lose,
 and the parent never runs the session after forking, so nothing it shares is written. Loading
 happens in ``celeryd_after_setup`` (logging set up, pool not started yet), not in

@@ -3,7 +3,7 @@
 Why our own ops: the ``int8-rot`` graph quantizes every activation row with five ONNX Runtime nodes,
 multiplies with ``MatMulIntegerToFloat`` and scales with a sixth, each pass over the whole activation;
 on EmbeddingGemma-300m that chain was most of a short query's time and on all-MiniLM-L6-v2 it kept
-the worker behind OpenVINO (BENCHMARKS.md). One op (``rowq_op.c``) does the chain in one pass, on AMX
+the worker behind OpenVINO (docs/benchmarks.md). One op (``rowq_op.c``) does the chain in one pass, on AMX
 tiles, AVX-512 VNNI or AVX2, with the same output bits on every path.
 
 The library is built by ``setup.py`` at install time (a C compiler, x86-64) beside this file. An
