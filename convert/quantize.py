@@ -36,7 +36,7 @@ def quantize(fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> dict[str
     recipe = recipe_named(name)
     opts = replace(opts, recipe=name)
     settings: dict[str, Any] = {"recipe": name, "keep_fp32": opts.fp32_patterns(), "build_cpu_vnni": cpu_has_vnni()}
-    model, details = recipe.build(fp32_path, out_path, opts)
+    model, details = recipe.build(fp32_path, opts)
     settings.update(details)
     settings.update(fuse_attention(model))
     onnx.checker.check_model(model)

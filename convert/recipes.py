@@ -43,7 +43,7 @@ class Recipe(Protocol):
     #: (``deposium.worker.variant.INTEGER_GEMM_RECIPES`` must name it then).
     integer_gemm: bool
 
-    def build(self, fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    def build(self, fp32_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
         """The quantized model (not yet saved) and the recipe's fields of the manifest."""
         ...
 
@@ -81,7 +81,7 @@ class PerTokenRecipe:
             changes["wide_weights"] = [*opts.wide_weights, *VALUE_PROJECTIONS]
         return replace(opts, **changes)
 
-    def build(self, fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    def build(self, fp32_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
         if self.fused and opts.activation_bits not in (None, 8):
             raise QuantizeError(f"{self.name} takes 8-bit activations only (its kernels quantize with zero point 128)")
         opts = self.options(opts)
@@ -121,7 +121,7 @@ class BlockRecipe:
     summary: str
     integer_gemm: bool = False
 
-    def build(self, fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    def build(self, fp32_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -149,7 +149,7 @@ class Fp32Recipe:
     summary: str
     integer_gemm: bool = False
 
-    def build(self, fp32_path: Path, out_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    def build(self, fp32_path: Path, opts: QuantizeOptions) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return onnx.load(str(fp32_path)), {}
 
 
