@@ -216,6 +216,8 @@ def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scal
         split = add_constant(graph, f"{prefix}/split", np.array(widths, np.int64))
         nodes.append(helper.make_node("Split", [acc, split], pieces, name=f"{prefix}/split", axis=-1))
     else:
+        if any(pieces[0] in node.output for node in nodes[:-1]):  # a MatMul named after its output (the head's)
+            _rename(nodes[:-1], pieces[0], f"{prefix}/gemm_acc")  # gave the GEMM that name: SSA wants it once
         nodes[-1].output[0] = pieces[0]
     for part in parts:
         name, node_prefix = part.node.output[0], f"{part.node.name or part.node.output[0]}/tq"
@@ -227,6 +229,14 @@ def _merged_gemm(graph: onnx.GraphProto, parts: list[_GemmPart], x_u8: str, scal
         if not scale_once:
             nodes.append(helper.make_node("Mul", [out, scale], [name], name=f"{node_prefix}/out"))
     return nodes
+
+
+def _rename(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
+    for node in nodes:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name == old:
+                    names[i] = new
 
 
 def per_token_graph(model: onnx.ModelProto, opts: QuantizeOptions, weight_bits: int,

@@ -422,6 +422,31 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
     assert wide < plain / 20, (plain, wide)
 
 
+@pytest.mark.parametrize("node_name", ["head/dense0", ""])
+def test_the_residual_pass_takes_a_matmul_named_after_its_output(tmp_path, node_name):
+    """The head's Dense MatMuls are named after their outputs (and an export may leave a node unnamed):
+    ``int8-wide --quantize-head`` must still build a valid graph computing the product."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deposium.convert.quantize import QuantizeOptions, quantize
+
+    rng = np.random.default_rng(2)
+    weights = rng.normal(size=(64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["head/dense0"], name=node_name)], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("head/dense0", TensorProto.FLOAT, [None, 32])],
+        [numpy_helper.from_array(weights, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
+    settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx",
+                        QuantizeOptions(recipe="int8-wide", quantize_head=True))
+    assert settings["quantized_matmuls"] == 1 and "head/*" not in settings["keep_fp32"]
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    got = worker_session(tmp_path / "q.onnx", unsigned_kernel=True).run(None, {"x": x})[0]
+    exact = x @ weights
+    assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+
+
 @pytest.mark.parametrize(("recipe", "activation_bits"), [("int8-token", None), ("int8-wide", None),
                                                          ("int8-wide", 8), ("int8-token", 7), ("int8-rot", None)])
 def test_token_recipes_compute_the_documented_per_row_arithmetic(tmp_path, recipe, activation_bits):
