@@ -52,7 +52,7 @@ class ConvertOptions:
     weight_bits: int = 8
     quantize_embeddings: bool = True
     keep_fp32: list[str] = field(default_factory=list)
-    #: int8-token: MatMul name patterns given ~15-bit activations (see deposium.convert.quantize).
+    #: int8-token: MatMul name patterns given ~15-bit activations (see deposium.convert.token_gemm).
     wide_activations: list[str] = field(default_factory=list)
     quantize_head: bool = False
     #: Token-embedding table: 8 (default) or 4 bits (smaller artifact; the gate reports fidelity).
