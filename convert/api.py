@@ -19,7 +19,9 @@ from typing import Any
 
 import onnx
 
-from deposium.convert.quantize import AUTO_RECIPES, AUTO_RECIPES_PORTABLE, QuantizeOptions, quantize, save_model
+from deposium.convert.options import AUTO, QuantizeError, QuantizeOptions
+from deposium.convert.quantize import quantize, save_model
+from deposium.convert.recipes import candidates
 from deposium.convert.source import SentenceTransformerSource, read_source, resolve_source
 from deposium.convert.validate import EMBEDDINGGEMMA_THRESHOLDS, Thresholds, validate_artifact
 from deposium.worker.artifact import (
@@ -44,19 +46,19 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
-    #: "auto": the fastest batch-invariant recipe that passes the gate (int8-fused, int8-wide, int8-block; or
-    #: int8-token, int8-rot, int8-wide, int8-block without the fused kernels: see _auto_candidates).
-    recipe: str = "auto"
+    #: "auto": the fastest batch-invariant recipe that passes the gate, tried in the order of
+    #: deposium.convert.recipes.candidates; or a recipe name of deposium.convert.recipes.RECIPES.
+    recipe: str = AUTO
     weight_bits: int = 8
     quantize_embeddings: bool = True
     keep_fp32: list[str] = field(default_factory=list)
-    #: int8-token: MatMul name patterns given ~15-bit activations (see deposium.convert.quantize).
+    #: int8-token: MatMul name patterns given ~15-bit activations (see deposium.convert.token_gemm).
     wide_activations: list[str] = field(default_factory=list)
     quantize_head: bool = False
     #: Token-embedding table: 8 (default) or 4 bits (smaller artifact; the gate reports fidelity).
     embedding_bits: int = 8
     #: Integer-GEMM activations: 8 or 7 (faster on CPUs without VNNI; see cli); None = each recipe's
-    #: default (deposium.convert.quantize.DEFAULT_ACTIVATION_BITS: 7 for int8-wide, 8 otherwise).
+    #: default (deposium.convert.recipes: 7 for int8-wide, 8 otherwise).
     activation_bits: int | None = None
     #: None = model defaults (stricter for EmbeddingGemma).
     thresholds: Thresholds | None = None
@@ -107,9 +109,9 @@ def with_named_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Why: optimum's MiniLM export loses its dimension names after the position-id Slice and the
     attention Reshapes; ORT then cannot plan buffer reuse and, with the arena off, maps a fresh
-    buffer per op: measured int8 at a 4096-token budget 3,133 -> 7,621 tokens/s and 128 tokens
-    11,306 -> 12,915 with names restored, vectors bit-identical. Runs before the head is
-    appended (the tool fails on it); where it fails, the export is kept as it was.
+    buffer per op, which costs long inputs most of their speed; with the names restored the vectors
+    are bit-identical (docs/benchmarks.md). Runs before the head is appended (the tool fails on it);
+    where it fails, the export is kept as it was.
     """
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
@@ -189,35 +191,11 @@ def _check_output(out: Path, force: bool) -> None:
         raise ConvertError(f"cannot write the artifact: {out.parent} is not writable")
 
 
-def _auto_candidates(opts: ConvertOptions) -> tuple[list[str], list[dict[str, str]]]:
-    """The recipes to try, in order, and the ones left out with why: ``auto`` takes :data:`AUTO_RECIPES` where
-    ``int8-fused`` can be built here, else :data:`AUTO_RECIPES_PORTABLE` (saying why); an explicit
-    ``--recipe int8-fused`` that cannot be built fails instead."""
-    from deposium.worker.kernels import library_path
-
-    wants_fused = opts.recipe in ("auto", "int8-fused")
-    reason = None
-    if wants_fused and library_path() is None:
-        reason = ("the deposium_rowq kernel library is not built in this installation (x86-64 and a C compiler "
-                  "at install time; reinstall with DEPOSIUM_REQUIRE_KERNELS=1 to see why)")
-    elif wants_fused and opts.activation_bits not in (None, 8):
-        reason = "its kernels take 8-bit activations only"
-    if opts.recipe != "auto":
-        if opts.recipe == "int8-fused" and reason is not None:
-            raise ConvertError(f"recipe int8-fused cannot be built here: {reason}")
-        return [opts.recipe], []
-    if reason is None:
-        return list(AUTO_RECIPES), []
-    log.warning("auto: not trying int8-fused: %s", reason)
-    return list(AUTO_RECIPES_PORTABLE), [{"recipe": "int8-fused", "reason": reason}]
-
-
 def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions | None = None,
                    **overrides: Any) -> Path:
     """Convert ``source`` (directory or hub id) into a validated artifact at ``out``."""
     source = str(source)  # a Path is a directory; the manifest records the string the caller gave
     from deposium.convert.export import ExportError, export_transformer
-    from deposium.convert.quantize import QuantizeError
     from deposium.convert.source import SourceError
 
     opts = options or ConvertOptions()
@@ -225,6 +203,10 @@ def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions 
         if not hasattr(opts, key):
             raise TypeError(f"unknown option {key!r}")
         setattr(opts, key, value)
+    try:  # before any work: an unknown or unbuildable recipe costs no export
+        recipes, skipped = candidates(opts.recipe, opts.activation_bits)
+    except QuantizeError as exc:
+        raise ConvertError(str(exc)) from None
     out = Path(out).expanduser().absolute()
     _check_output(out, opts.force)
     stsb = _resolve_stsb(opts.stsb)
@@ -252,9 +234,8 @@ def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions 
         save_model(fp32_graph(transformer, src), fp32_dir / MODEL_FILE)
         pad_id = _write_tokenizer(src, fp32_dir)
         _write_artifact_dir(fp32_dir, fp32_dir / MODEL_FILE, src, {"recipe": "fp32"}, dims, pad_id, fp32_dir, None)
-        candidates, skipped = _auto_candidates(opts)
         rejected: list[dict[str, Any]] = []
-        for attempt, recipe in enumerate(candidates):
+        for attempt, recipe in enumerate(recipes):
             final = staging / f"artifact-{attempt}"
             final.mkdir()
             log.info("quantizing with recipe %s", recipe)
@@ -283,9 +264,9 @@ def build_artifact(source: str | Path, out: Path | str, options: ConvertOptions 
                 break
             rejected.append({"recipe": recipe, "failures": validation["failures"],
                              "int8_vs_torch_cosine": validation["paragraphs"]["int8_vs_torch_cosine"]})
-            if attempt + 1 < len(candidates):
+            if attempt + 1 < len(recipes):
                 log.warning("recipe %s failed the gate (%s); trying %s", recipe,
-                            "; ".join(validation["failures"]), candidates[attempt + 1])
+                            "; ".join(validation["failures"]), recipes[attempt + 1])
                 continue
             (out.parent / f"{out.name}.rejected-validation.json").write_text(
                 json.dumps(validation, indent=2, sort_keys=True) + "\n")

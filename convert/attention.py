@@ -1,14 +1,13 @@
 """Each self-attention of a Gemma3 export becomes ONE ``MultiHeadAttention`` node.
 
-Why: a 16-token query on EmbeddingGemma-300m runs ~1,130 ONNX Runtime nodes after the runtime's own
-fusions, and about 30 per layer are attention: the q/k RMS norms, the rotary embedding spelled out
-as Slice / Neg / Concat / Mul / Add for q and for k, the head Reshape / Transpose pairs, the scores
-MatMul, scale, mask Add, Softmax, the value MatMul and the Transpose / Reshape back. At that size
-each node costs microseconds of dispatch whatever it computes. Here the same arithmetic is written
+Why: on a short query each ONNX Runtime node costs its dispatch whatever it computes, and about 30
+nodes per layer are attention: the q/k RMS norms, the rotary embedding spelled out as Slice / Neg /
+Concat / Mul / Add for q and for k, the head Reshape / Transpose pairs, the scores MatMul, scale, mask
+Add, Softmax, the value MatMul and the Transpose / Reshape back. Here the same arithmetic is written
 with ONNX Runtime's own kernels: per layer the norms (the form the runtime fuses into
 ``SimplifiedLayerNormalization``), ``com.microsoft.RotaryEmbedding`` for q and k, and
 ``com.microsoft.MultiHeadAttention`` for scores, scale, additive mask, softmax and the value
-product; about ten nodes instead of ~30. Measured on real EmbeddingGemma-300m: BENCHMARKS.md.
+product; about ten nodes instead of ~30 (speed: docs/benchmarks.md).
 
 The rewrite keeps the graph's own inputs to the attention: the q/k/v projections, the additive mask
 the export builds once per graph (it carries the padding and the sliding window), and the cos / sin
@@ -18,7 +17,7 @@ Concat (grouped-query attention with a single kv head); other head layouts keep 
 
 It is matched structurally, anchored on each ``Softmax``; a layer whose attention differs in any
 step keeps its nodes (counted as not fused). Exactness on the fp32 graph, beyond the sliding window
-too, is a test (tests/test_attention.py); the conversion gate measures the artifact against torch.
+too, is a test (tests/test_convert.py, tiny Gemma3); the conversion gate measures the artifact against torch.
 """
 
 from __future__ import annotations
@@ -29,9 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deposium.convert.fold import GraphIndex, perm_of
-from deposium.convert.quantize import MS_DOMAIN, use_domain
-from deposium.convert.simplify import drop_dead_nodes
+from deposium.convert.graph import MS_DOMAIN, GraphIndex, drop_dead_nodes, perm_of, use_domain
 
 
 @dataclass

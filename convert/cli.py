@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from deposium.convert.quantize import RECIPES
+from deposium.convert.options import AUTO, QuantizeError
+from deposium.convert.recipes import AUTO_RECIPES, AUTO_RECIPES_PORTABLE, RECIPES, choices, recipe_named
 from deposium.convert.validate import Thresholds
 
 
@@ -17,6 +18,21 @@ def _dims(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _recipe(text: str) -> str:
+    """A recipe name, checked while the arguments are parsed: a wrong one stops before any work."""
+    try:
+        return text if text == AUTO else recipe_named(text).name
+    except QuantizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _recipe_help() -> str:
+    listed = "; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items())
+    return (f"quantization recipe (default {AUTO}: {', '.join(AUTO_RECIPES)} in that order, or "
+            f"{', '.join(AUTO_RECIPES_PORTABLE)} where the fused kernels are not built; the first that passes "
+            f"the gate ships). Recipes: {listed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,10 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="sentence-transformers model directory, or a hub id such as org/name")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create")
-    p.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
-                   help="quantization recipe (default auto: int8-fused, int8-wide, int8-block in that order, or "
-                   "int8-token, int8-rot, int8-wide, int8-block where the fused kernels are not built; the first "
-                   "that passes the gate ships)")
+    p.add_argument("--recipe", type=_recipe, default=AUTO, metavar="{" + ",".join(choices()) + "}",
+                   help=_recipe_help())
     p.add_argument("--weight-bits", default="8", choices=["7", "8"],
                    help="integer-GEMM weight bits (8 is exact on every CPU: workers on CPUs without VNNI "
                         "run ONNX Runtime's u8 x u8 kernel)")
@@ -42,13 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fnmatch pattern of MatMul node names to leave in fp32 (repeatable)")
     p.add_argument("--wide-activations", action="append", default=[], metavar="PATTERN",
                    help="int8-token: fnmatch pattern of MatMul node names whose activations get a second "
-                        "int8 pass (~15 bits; repeatable; int8-attn = attention inputs, int8-wide = every MatMul)")
+                        "int8 pass (~15 bits; repeatable; int8-wide = every MatMul)")
     p.add_argument("--activation-bits", type=int, choices=(8, 7), default=None,
                    help="integer-GEMM activations, 8 or 7 (default: 7 for int8-wide, whose residual pass keeps the "
                         "precision, 8 for the single-pass recipes). 7-bit activations cannot saturate the u8 x s8 "
                         "kernel of CPUs without VNNI, so workers there run that faster kernel instead of "
-                        "u8 x u8 (MiniLM on AVX2: int8-token 1.6x the speed of the default artifact, cosine "
-                        "0.9961 / 0.9931 instead of 0.9992 / 0.9985); the gate reports it")
+                        "u8 x u8, at some fidelity; the gate reports it")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
                    help="token-embedding table: 8-bit per row (default) or 4-bit per 32 values (smaller)")
     p.add_argument("--quantize-head", action="store_true",

@@ -7,73 +7,18 @@ already rotated (block 32 inside a head of 256 or 64 channels keeps every block 
 Three nodes and a small GEMM fewer per layer, on EmbeddingGemma and MiniLM alike.
 
 The rotation is found by walking the graph through operations proven to commute with it, never
-by node names, so a graph without the pattern simply keeps its rotation nodes. ``GraphIndex`` and
-``value_shapes`` are also how :mod:`deposium.convert.simplify` reads the graph.
-
-Tried and dropped: letting an RMS norm absorb the row-scale ``Mul`` of the GEMM before it (the
-norm is scale-invariant but for its epsilon). On real EmbeddingGemma it broke fidelity (cosine vs
-torch 0.99976 -> 0.98979 on paragraphs): the last layers' MLP outputs for some tokens are close
-to sqrt(epsilon), where the norm is NOT scale-invariant and shrinks them; without the true scale
-their rounding noise came out at full size. It only ever saved two ``Mul`` nodes per layer.
+by node names, so a graph without the pattern simply keeps its rotation nodes. Only exact identities
+are used: an RMS norm absorbing the row scale of the GEMM before it is not one (its epsilon breaks
+scale invariance for rows near zero), see docs/design.md, Recipes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
-Dim = int | str | None
-
-
-def value_shapes(graph: onnx.GraphProto) -> dict[str, list[Dim]]:
-    """Every tensor's shape the graph records (value_info, inputs, outputs): ints for fixed dims,
-    names for symbolic ones, None for unknown ones."""
-    found = {}
-    for vi in [*graph.value_info, *graph.input, *graph.output]:
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            found[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                              for d in vi.type.tensor_type.shape.dim]
-    return found
-
-
-def perm_of(transpose: onnx.NodeProto) -> list[int] | None:
-    return next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
-
-
-@dataclass
-class GraphIndex:
-    """Producer, readers, symbolic shape and constant of every tensor: what a walk needs to prove
-    that each step commutes with the rotation."""
-
-    producer: dict[str, onnx.NodeProto]
-    consumers: dict[str, list[onnx.NodeProto]]
-    shapes: dict[str, list[Dim]]
-    constants: dict[str, onnx.TensorProto]
-
-    @classmethod
-    def of(cls, graph: onnx.GraphProto) -> GraphIndex:
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-        return cls({o: n for n in graph.node for o in n.output}, consumers, value_shapes(graph),
-                   {init.name: init for init in graph.initializer})
-
-    def value(self, name: str) -> np.ndarray | None:
-        """An initializer's or a ``Constant`` node's value; None for computed tensors (and for weights
-        left in an external file by a model loaded without them)."""
-        tensor = self.constants.get(name)
-        node = self.producer.get(name)
-        if tensor is None and node is not None and node.op_type == "Constant" and node.attribute:
-            tensor = node.attribute[0].t if node.attribute[0].type == onnx.AttributeProto.TENSOR else None
-        return numpy_helper.to_array(tensor) if tensor is not None and not tensor.external_data else None
-
-    def only_reader(self, name: str) -> onnx.NodeProto | None:
-        readers = self.consumers.get(name, [])
-        return readers[0] if len(readers) == 1 else None
+from deposium.convert.graph import Dim, GraphIndex, perm_of
 
 
 def _splits_last_axis(source: list[Dim] | None, target: list[Dim] | None, block: int = 1) -> bool:

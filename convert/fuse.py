@@ -3,16 +3,15 @@
 Why: ``int8-rot`` quantizes each activation row with five ONNX Runtime nodes (Abs, ReduceMax, Max,
 Div, QuantizeLinear), multiplies with ``MatMulIntegerToFloat`` and applies the row scale with a sixth,
 each a pass over the whole activation. The ``deposium.rowq`` ops (worker/kernels/rowq_op.c) do the
-chain in one pass: same per-row u8 codes, same int8 weights, same scales. Measured on real
-EmbeddingGemma-300m (AMD Zen 4, one core): 1.18x the tokens/s of ``int8-rot`` and 25.4 -> 18.1 ms per
-16-token query; on all-MiniLM-L6-v2 1.29x, which put it ahead of OpenVINO's static int8 (BENCHMARKS.md).
+chain in one pass: same per-row u8 codes, same int8 weights, same scales, other float rounding
+(speed against ``int8-rot`` and the peers: docs/benchmarks.md).
 
 The rewrite also folds, where the graph allows it:
 - the block-32 Hadamard rotation before a chain (``deposium.convert.rotate``'s Reshape / MatMul / Reshape), into
   the op's quantization step (``FusedRot...``: a fast Walsh-Hadamard transform in registers);
 - the bias ``Add`` after a chain, and the exact erf GELU after that as the BERT export writes it, into
   the op's epilogue (``...Bias``, ``...BiasGelu``);
-- the ``Split`` after a merged GEMM (q/k/v, gate/up: ``deposium.convert.quantize._merged_gemm``), into the op's
+- the ``Split`` after a merged GEMM (q/k/v, gate/up: ``deposium.convert.token_gemm._merged_gemm``), into the op's
   outputs (``...Split``): each part gets its own tensor, written in place, instead of a copy.
 
 Chains the kernels cannot take (K or N not a multiple of 64) stay as they are, counted in the manifest.
@@ -26,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deposium.convert.fold import GraphIndex
+from deposium.convert.graph import GraphIndex, drop_unused_initializers, use_domain
 from deposium.worker.kernels import DOMAIN
 
 #: The kernels' tile: K and N of a fused GEMM must be multiples of it.
@@ -118,8 +117,6 @@ def _split_after(out: str, n: int, index: GraphIndex) -> tuple[onnx.NodeProto, n
 
 def fuse_gemms(model: onnx.ModelProto) -> dict[str, int]:
     """Rewrite ``model`` (an ``int8-rot`` or ``int8-token`` graph) in place; returns counts for the manifest."""
-    from deposium.convert.quantize import drop_unused_initializers, use_domain
-
     graph = model.graph
     index = GraphIndex.of(graph)
     dropped: set[int] = set()

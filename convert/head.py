@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from deposium.convert.graph import add_constant as _const
 from deposium.convert.source import SentenceTransformerSource
 from deposium.worker.artifact import OUTPUT_NAME
-
-
-def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
-    graph.initializer.append(numpy_helper.from_array(value, name))
-    return name
 
 
 def append_head(model: onnx.ModelProto, source: SentenceTransformerSource) -> onnx.ModelProto:

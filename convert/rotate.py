@@ -1,18 +1,14 @@
 """Block-Hadamard rotation of the activations an int8 GEMM reads (the ``int8-rot`` recipe).
 
 Why: per-row int8 quantization gives every channel of a token row the step of the row's largest
-value, so a few outlier channels (EmbeddingGemma's MLP down-projection inputs reach 10-20x their
+value, so a few outlier channels (EmbeddingGemma's MLP down-projection inputs reach many times their
 row RMS) leave the ordinary channels only a few effective bits. Multiplying the activation by an
 orthogonal block-Hadamard matrix H spreads each outlier over its block, and multiplying the
 weights by H^T undoes it inside the GEMM: (x H)(H^T W) = x W exactly in real arithmetic, so
 nothing changes but what the int8 rounding sees (QuaRot, Ashkboos et al. 2024, rotates the same
 way). Unlike SmoothQuant-style scaling it needs no calibration data, and unlike the residual
-pass of ``int8-wide`` it does not double the GEMM's rows.
-
-Measured on real EmbeddingGemma-300m (160 held-out paragraphs, cosine vs torch fp32, mean / min):
-per-row int8 alone 0.99874 / 0.99816; with block-32 rotation of every quantized activation
-0.99968 / 0.99955 (blocks of 16, 64 and 128 gave 0.99965-0.99970, at no gain for the larger,
-costlier blocks); ``int8-wide`` 0.99977 / 0.99961 at 0.62x the rotated recipe's speed.
+pass of ``int8-wide`` it does not double the GEMM's rows. Its fidelity against the other recipes:
+docs/design.md, Recipes.
 
 The rotation runs in the graph as Reshape -> MatMul(H_b) -> Reshape: b multiply-adds per value
 (32 against the GEMM's hundreds to thousands), one small fp32 GEMM per quantized activation.
@@ -24,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-#: Rotation block (a power of two). 32: as faithful as 64 or 128 on EmbeddingGemma, half their cost.
+#: Rotation block (a power of two). Why 32: larger blocks were no more faithful and cost more per value.
 DEFAULT_BLOCK = 32
 
 

@@ -1,10 +1,9 @@
 """Graph simplifications of the exported transformer that the runtime cannot do itself.
 
-Why: a 16-token query on EmbeddingGemma runs ~4,400 ONNX nodes, and at that size each node
-costs a few microseconds of dispatch whatever it computes. About a quarter of them only
-recompute shapes from the dynamic batch and sequence dims (Shape -> Gather -> Unsqueeze ->
-Concat -> Reshape, per layer, for q/k/v and the grouped-query ``repeat_kv``), and ten more per
-layer spell out the tanh GELU. ORT folds neither: the dims are symbolic, and its FastGelu
+Why: on a short query every ONNX node costs its dispatch whatever it computes, and a large part of
+the exported nodes only recompute shapes from the dynamic batch and sequence dims (Shape -> Gather ->
+Unsqueeze -> Concat -> Reshape, per layer, for q/k/v and the grouped-query ``repeat_kv``), and ten
+more per layer spell out the tanh GELU. ORT folds neither: the dims are symbolic, and its FastGelu
 fusion does not match this export. Both rewrites here are exact: a Reshape or Expand whose
 target can be written with ONNX's own placeholders (0 = keep this dim, -1 = infer it, 1 =
 broadcast) gets that constant, and the GELU chain becomes one ``FastGelu`` node (the same
@@ -23,8 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deposium.convert.fold import Dim, GraphIndex, perm_of, value_shapes
-from deposium.convert.quantize import MS_DOMAIN, drop_unused_initializers, use_domain
+from deposium.convert.graph import MS_DOMAIN, Dim, GraphIndex, drop_dead_nodes, perm_of, use_domain, value_shapes
 
 log = logging.getLogger(__name__)
 
@@ -283,21 +281,6 @@ def _broadcasts_heads(name: str, heads: int, shapes: dict[str, list[Dim]],
         else:
             return False
     return True
-
-
-def drop_dead_nodes(graph: onnx.GraphProto) -> int:
-    """Remove nodes none of whose outputs reach a graph output; return how many."""
-    needed = {o.name for o in graph.output}
-    keep: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-    dropped = len(graph.node) - len(keep)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    drop_unused_initializers(graph)
-    return dropped
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -157,15 +157,76 @@ def test_stsb_is_measured_for_torch_fp32_and_int8(minilm_dir, tmp_path):
     assert 60 < stsb["torch_fp32"]["384"] < 100
 
 
-def test_dynamic_recipe_is_rejected_for_batch_dependence(minilm_dir, tmp_path):
-    """ORT's per-tensor dynamic quantization makes vectors depend on the batch: the gate says no."""
-    out = tmp_path / "dyn"
-    with pytest.raises(ConvertError, match="batch invariance"):
-        build_artifact(str(minilm_dir), out, recipe="int8-dynamic", stsb=None, paragraph_limit=48)
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
-    rejected = json.loads((tmp_path / "dyn.rejected-validation.json").read_text())
-    assert rejected["batch_invariance_min_cosine"] < 0.9999
+@pytest.mark.parametrize("removed", ["int8-dynamic", "int8-attn", "int8-nope"])
+def test_a_recipe_the_converter_does_not_offer_fails_before_any_work(tmp_path, capsys, monkeypatch, removed):
+    """No export, no staging directory: the name is checked first, and the message lists the choices."""
+    def no_export(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("exported before checking the recipe")
+
+    monkeypatch.setattr("deposium.convert.export.export_transformer", no_export)
+    choices = "choose one of auto, int8-fused, int8-token, int8-rot, int8-wide, int8-block, fp32"
+    with pytest.raises(SystemExit) as exc:
+        convert_main([str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), "--recipe", removed])
+    assert exc.value.code == 2
+    assert f"unknown recipe {removed!r}; {choices}" in capsys.readouterr().err
+    with pytest.raises(ConvertError, match=f"^unknown recipe {removed!r}; {choices}$"):
+        build_artifact(str(tmp_path / "no-such-model"), tmp_path / "out", recipe=removed)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recipes_are_one_registry_that_the_defaults_and_the_worker_agree_with():
+    """auto is the default everywhere; the automatic orders and the CLI name registered recipes only; the
+    worker's set of integer-GEMM recipes (its kernel choice) names exactly the registry's, plus the recipes
+    of artifacts built before."""
+    from deposium.convert.api import ConvertOptions
+    from deposium.convert.cli import build_parser
+    from deposium.convert.quantize import QuantizeOptions
+    from deposium.convert.recipes import AUTO_RECIPES, AUTO_RECIPES_PORTABLE, RECIPES
+    from deposium.worker.variant import CONVERTER_INTEGER_GEMM_RECIPES, INTEGER_GEMM_RECIPES
+
+    args = build_parser().parse_args(["model", "--out", "o"])
+    assert QuantizeOptions().recipe == ConvertOptions().recipe == args.recipe == "auto"
+    assert set(AUTO_RECIPES) | set(AUTO_RECIPES_PORTABLE) <= set(RECIPES)
+    assert all(name == recipe.name for name, recipe in RECIPES.items())
+    assert {name for name, recipe in RECIPES.items() if recipe.integer_gemm} == CONVERTER_INTEGER_GEMM_RECIPES
+    assert INTEGER_GEMM_RECIPES - CONVERTER_INTEGER_GEMM_RECIPES == {"int8-attn", "int8-dynamic"}
+
+
+def test_an_artifact_naming_a_recipe_the_converter_no_longer_builds_still_loads(minilm_artifact, tmp_path):
+    """Its graph is all the worker runs: same vectors, and it keeps its integer-GEMM kernel choice."""
+    from deposium.worker.variant import kernel_label
+
+    texts = _mixed_texts()[:8]
+    expected = Embedder(minilm_artifact, settings=BIG).embed(texts).vectors
+    for recipe in ("int8-attn", "int8-dynamic"):
+        copy = tmp_path / recipe
+        shutil.copytree(minilm_artifact, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["quantization"]["recipe"] = recipe
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        embedder = Embedder(copy, settings=BIG)
+        assert embedder.manifest.quantization["recipe"] == recipe
+        assert not kernel_label(embedder.unsigned_kernel, embedder.manifest.quantization).startswith("none")
+        np.testing.assert_array_equal(embedder.embed(texts).vectors, expected)
+
+
+def test_quantize_auto_builds_the_first_recipe_of_the_automatic_order(tmp_path, monkeypatch):
+    """What ``auto`` ships without a gate: int8-fused where its kernels are built, else int8-token."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deposium.convert.quantize import QuantizeOptions, quantize
+
+    w = np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/mlp/MatMul")], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
+    fused = quantize(tmp_path / "fp32.onnx", tmp_path / "auto.onnx", QuantizeOptions())
+    assert fused["recipe"] == "int8-fused" and fused["fused_gemms"] == 1
+    monkeypatch.setattr("deposium.worker.kernels.library_path", lambda: None)  # an install without a C compiler
+    portable = quantize(tmp_path / "fp32.onnx", tmp_path / "portable.onnx", QuantizeOptions())
+    assert portable["recipe"] == "int8-token" and "fused_gemms" not in portable
 
 
 # --- tiny Gemma3 (EmbeddingGemma layout) ---------------------------------------------------
@@ -359,6 +420,31 @@ def test_wide_activations_cut_the_error_of_outlier_channels(tmp_path):
 
     plain, wide = error(), error(wide_activations=["*down_proj*"])
     assert wide < plain / 20, (plain, wide)
+
+
+@pytest.mark.parametrize("node_name", ["head/dense0", ""])
+def test_the_residual_pass_takes_a_matmul_named_after_its_output(tmp_path, node_name):
+    """The head's Dense MatMuls are named after their outputs (and an export may leave a node unnamed):
+    ``int8-wide --quantize-head`` must still build a valid graph computing the product."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deposium.convert.quantize import QuantizeOptions, quantize
+
+    rng = np.random.default_rng(2)
+    weights = rng.normal(size=(64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["head/dense0"], name=node_name)], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("head/dense0", TensorProto.FLOAT, [None, 32])],
+        [numpy_helper.from_array(weights, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
+    settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx",
+                        QuantizeOptions(recipe="int8-wide", quantize_head=True))
+    assert settings["quantized_matmuls"] == 1 and "head/*" not in settings["keep_fp32"]
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    got = worker_session(tmp_path / "q.onnx", unsigned_kernel=True).run(None, {"x": x})[0]
+    exact = x @ weights
+    assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize(("recipe", "activation_bits"), [("int8-token", None), ("int8-wide", None),

@@ -101,14 +101,6 @@ def test_sequences_beyond_the_sliding_window_match_torch(gemma_artifact, gemma_s
         assert _cos(ours.vectors, ref).min() >= floor, (artifact.name, _cos(ours.vectors, ref))
 
 
-def test_plain_dynamic_recipe_is_rejected(tmp_path):
-    from deposium.convert.api import ConvertError, build_artifact
-
-    with pytest.raises(ConvertError, match="validation gate failed"):
-        build_artifact(GEMMA_DIR, tmp_path / "dyn", recipe="int8-dynamic", stsb=None, paragraph_limit=48)
-    assert not (tmp_path / "dyn").exists()
-
-
 def test_a_queued_job_stores_what_torch_computes(gemma_artifact, gemma_st, redis_server, tmp_path):
     """The real model on the path users run: ``deposium-submit`` -> Redis -> two Celery prefork
     processes -> Parquet. Every paragraph lands once, its stored vector is the in-process Embedder's

@@ -99,7 +99,7 @@ def test_an_activation_of_unknown_rank_stays_unrotated_and_the_manifest_says_so(
         [numpy_helper.from_array(rng.normal(size=(64, 96)).astype(np.float32), "w1"),
          numpy_helper.from_array(rng.normal(size=(96, 32)).astype(np.float32), "w2")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "fp32.onnx")
-    with caplog.at_level("WARNING", logger="deposium.convert.quantize"):
+    with caplog.at_level("WARNING", logger="deposium.convert.token_gemm"):
         settings = quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx", QuantizeOptions(recipe="int8-rot"))
     assert settings["quantized_activations"] == 2 and settings["rotated_activations"] == 1  # h has no recorded rank
     assert "not rotating the activation h" in caplog.text

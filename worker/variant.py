@@ -31,9 +31,13 @@ UNSIGNED_KERNEL_KEY = "session.x64quantprecision"
 #: Instruction sets whose u8 x s8 dot products accumulate in int32 (no saturation).
 EXACT_U8S8 = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
-#: Recipes whose graph multiplies int8 weights with integer GEMMs that can saturate.
-#: (``int8-fused`` keeps a ``MatMulIntegerToFloat`` wherever a GEMM's shape does not suit its kernels.)
-INTEGER_GEMM_RECIPES = frozenset({"int8-fused", "int8-token", "int8-rot", "int8-attn", "int8-wide", "int8-dynamic"})
+#: Recipes whose graph multiplies int8 weights with integer GEMMs that can saturate: those the converter
+#: builds (``int8-fused`` keeps a ``MatMulIntegerToFloat`` wherever a GEMM's shape does not suit its kernels)
+#: and those earlier converters built, ``int8-attn`` and ``int8-dynamic``. Why keep the latter: an artifact
+#: carries its whole graph, so one that names them still loads and runs; it must keep its kernel choice
+#: and its log label, and re-converting it must not be the price of upgrading the worker.
+CONVERTER_INTEGER_GEMM_RECIPES = frozenset({"int8-fused", "int8-token", "int8-rot", "int8-wide"})
+INTEGER_GEMM_RECIPES = CONVERTER_INTEGER_GEMM_RECIPES | {"int8-attn", "int8-dynamic"}
 
 
 def u8s8_saturates(features: Set[str], machine: str | None = None) -> bool:
