@@ -1,4 +1,4 @@
-"""Where an artifact's time goes, for short queries and for paragraphs (figures for BENCHMARKS.md).
+"""Where an artifact's time goes, for short queries and for paragraphs (figures for the benchmarks docs).
 
 Usage: python -m deposium.bench.profile_artifact ARTIFACT [--paragraphs N] [--queries N]
 
