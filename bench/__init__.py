@@ -6,6 +6,8 @@ in a docs page). The focused tools run as ``python -m deposium.bench.<name>``:
 
 - ``job_speed``: one job end to end, local mode and through Redis with 1 and 2 worker processes;
 - ``sink_speed``: rows/s per vector store alone, and a job's rate per store against Parquet;
+- ``producer_cost``: the producer's CPU per paragraph, part by part, in a real queued job, beside
+  redis-server's and the worker's, and how many worker cores one producer core keeps busy;
 - ``worker_memory``: a worker's single-core throughput, its arena/RSS behaviour, and a real Celery
   worker's RSS and PSS per process;
 - ``compare_artifacts``, ``profile_artifact``, ``int8_gemm_floor``, ``gemma_recipes``: recipe decisions

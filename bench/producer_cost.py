@@ -13,8 +13,12 @@ wrapped part is charged to that part only):
 - token counting: ``TokenCounter.count``;
 - hashing and dedupe: content hashes, batch digests and ``make_batches`` (first-seen map, grouping);
 - packing and encoding: building each ``EmbedRequest`` and its wire form;
-- Redis round trips: everything inside the backend's Redis calls (send, poll, fetch, forget), which
-  includes Celery/kombu's own message serialization and the result's msgpack decoding;
+- Redis round trips, sending: the backend's send of each batch (the awaited-set pipeline and
+  ``send_task``, which includes Celery/kombu's own message serialization);
+- Redis round trips, polling and fetching: the backend's polls of batches in flight (state, result,
+  forget, awaited-set removal), which include the Celery backend's msgpack decoding of results.
+  Polling runs at a fixed interval while batches are in flight, so this part grows with the job's
+  wall time: a slower (or busier) worker makes it larger per paragraph;
 - result decoding: ``EmbedResponse.from_wire`` (bytes to vectors, checks);
 - sink writes: the Arrow table of each batch, ``write_batch``, ``lookup`` and the final ``close``;
 - other job work: the rest of ``JobRunner.run`` (job record saves, progress, the polling loop).
@@ -50,7 +54,8 @@ from typing import Any
 
 #: The parts, in report order ("other job work" is the runner's own remainder).
 PARTS = ("reading and splitting", "token counting", "hashing and dedupe", "packing and encoding",
-         "Redis round trips", "result decoding", "sink writes", "other job work")
+         "Redis round trips: sending", "Redis round trips: polling and fetching", "result decoding", "sink writes",
+         "other job work")
 
 #: (module, attribute path, part): what is wrapped. The runner's ``run`` is the outermost part.
 TARGETS: tuple[tuple[str, str, str], ...] = (
@@ -63,7 +68,8 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
     ("deposium.producer.runner", "make_batches", "hashing and dedupe"),
     ("deposium.worker.wire", "EmbedRequest.__init__", "packing and encoding"),
     ("deposium.worker.wire", "EmbedRequest.to_wire", "packing and encoding"),
-    ("deposium.producer.backends", "QueueBackend._retrying", "Redis round trips"),
+    ("deposium.producer.backends", "QueueBackend._send", "Redis round trips: sending"),
+    ("deposium.producer.backends", "QueueBackend._poll_one", "Redis round trips: polling and fetching"),
     ("deposium.worker.wire", "EmbedResponse.from_wire", "result decoding"),
     ("deposium.producer.runner", "rows_table", "sink writes"),
     ("deposium.producer.sinks.parquet", "ParquetSink.write_batch", "sink writes"),
@@ -212,6 +218,8 @@ class Round:
     redis_s: float
     wall_s: float
     missing: list[str] = field(default_factory=list)
+    #: Wrapped calls per part (generators: one per item, plus the last).
+    calls: dict[str, int] = field(default_factory=dict)
 
     @property
     def startup_s(self) -> float:
@@ -242,7 +250,8 @@ def run_job(corpus: Path, out: Path, worker_pid: int, redis_pid: int) -> Round:
     parts = {p: accounts.seconds.get(p, 0.0) for p in PARTS}
     return Round(paragraphs=int(summary["paragraphs"]), embedded=int(summary["embedded"]),
                  producer_total_s=producer, producer_job_s=sum(parts.values()), parts_s=parts, worker_s=worker,
-                 redis_s=redis_cpu, wall_s=wall, missing=accounts.missing)
+                 redis_s=redis_cpu, wall_s=wall, missing=accounts.missing,
+                 calls={p: accounts.calls.get(p, 0) for p in PARTS})
 
 
 def summarize(rounds: Sequence[Round]) -> dict[str, Any]:
@@ -262,6 +271,7 @@ def summarize(rounds: Sequence[Round]) -> dict[str, Any]:
         "producer_us_per_paragraph": round(producer, 1),
         "parts_us_per_paragraph": {p: round(v, 1) for p, v in per.items()},
         "parts_share": {p: round(per[p] / producer, 3) if producer else 0.0 for p in PARTS},
+        "parts_calls_per_job": {p: int(med([r.calls.get(p, 0) for r in rounds])) for p in PARTS},
         "top_three": top,
         "producer_startup_s": round(med([r.startup_s for r in rounds]), 2),
         "worker_us_per_paragraph": round(worker, 1),
@@ -276,12 +286,13 @@ def render(figures: dict[str, Any]) -> str:
     """The figures as a short Markdown report."""
     lines = [f"{figures['paragraphs']:,} paragraphs ({figures['embedded']:,} embedded) per job, "
              f"{figures['rounds']} jobs, medians of CPU time per paragraph:", "",
-             "| part | µs / paragraph | share of producer |", "|---|---:|---:|"]
+             "| part | µs / paragraph | share of producer | wrapped calls per job |", "|---|---:|---:|---:|"]
     for part, us in figures["parts_us_per_paragraph"].items():
-        lines.append(f"| {part} | {us:,.1f} | {figures['parts_share'][part]:.1%} |")
-    lines += [f"| **producer, job total** | **{figures['producer_us_per_paragraph']:,.1f}** | 100% |",
-              f"| redis-server | {figures['redis_us_per_paragraph']:,.1f} | |",
-              f"| worker (parent + 1 child) | {figures['worker_us_per_paragraph']:,.1f} | |", "",
+        lines.append(f"| {part} | {us:,.1f} | {figures['parts_share'][part]:.1%} "
+                     f"| {figures['parts_calls_per_job'][part]:,} |")
+    lines += [f"| **producer, job total** | **{figures['producer_us_per_paragraph']:,.1f}** | 100% | |",
+              f"| redis-server | {figures['redis_us_per_paragraph']:,.1f} | | |",
+              f"| worker (parent + 1 child) | {figures['worker_us_per_paragraph']:,.1f} | | |", "",
               f"One producer core keeps {figures['worker_cores_per_producer_core']} worker cores busy "
               "(worker CPU per paragraph / producer CPU per paragraph).",
               f"Top three producer costs: {', '.join(figures['top_three'])}.",
