@@ -1086,3 +1086,34 @@ def test_producer_cost_corpus_has_documents_and_repeats(tmp_path):
     texts = [t for r in records for t in r["text"].split("\n\n")]
     assert len(texts) == 45 and texts[20] == texts[10] and texts.count(texts[10]) == 2  # a repeat, not a new text
     assert len(set(texts)) == 44  # paragraph 40 repeats 20, whose own place holds a repeat of 10
+
+
+# --- the process helper ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_measurement_redis_runs_as_production_and_the_tests_redis_syncs_every_write(tmp_path):
+    from deposium.bench.job_speed import measurement_redis
+    from deposium.bench.procs import RedisServer
+
+    for server, fsync in ((measurement_redis(tmp_path / "m"), "everysec"), (RedisServer(tmp_path / "t"), "always")):
+        with server:
+            config = server.client().config_get("append*")
+            assert (config["appendonly"], config["appendfsync"]) == ("yes", fsync)
+        assert server.proc is None
+
+
+def test_worker_command_lines():
+    from deposium.bench.procs import Worker
+
+    celery = Worker("redis://127.0.0.1:1/0", Path("/a"), Path("/tmp/w.log"), concurrency=3, queue="q", name="n")
+    assert celery.args[1:4] == ["-A", "deposium.worker.celery_app", "worker"]
+    assert "--logfile" in celery.args and celery.args[celery.args.index("-Q") + 1] == "q"
+    assert (celery.env["DEPOSIUM_QUEUE"], celery.env["DEPOSIUM_ARTIFACT"]) == ("q", "/a")
+    cli = Worker("redis://127.0.0.1:1/0", Path("/a"), Path("/tmp/w.log"), command="deposium-worker", concurrency=3)
+    assert cli.args[1:3] == ["-m", "deposium.worker.cli"] and cli.args[cli.args.index("--concurrency") + 1] == "3"
+    kept = Worker("redis://x", Path("/a"), Path("/tmp/w.log"), base_env={"DEPOSIUM_TOKEN_BUDGET": "512",
+                                                                            "REDIS_URL": "redis://stale"})
+    assert kept.env["DEPOSIUM_TOKEN_BUDGET"] == "512" and kept.env["REDIS_URL"] == "redis://x"
+    with pytest.raises(ValueError, match="choose celery or deposium-worker"):
+        Worker("redis://x", Path("/a"), Path("/tmp/w.log"), command="gunicorn")
