@@ -1,4 +1,4 @@
-"""``deposium-bench``: one command, one run, every speed figure side by side; writes BENCHMARKS.md.
+"""``deposium-bench``: one command, one run, every speed figure side by side, in a report per model x CPU class.
 
 Why one command: this project exists because embeddings were too slow on small CPUs, so every
 speed claim must be reproducible by anyone with the same command on their machine. The parts:
@@ -8,6 +8,10 @@ installed) on the same paragraphs, speed and cosine vs torch fp32; a full-size
 EmbeddingGemma-shaped artifact against this core's measured int8 roofline; end to end through
 Redis + Celery with 1 and 2 workers; ORT profiles of where the time goes. Heavy imports happen
 inside the parts that need them.
+
+The report goes to ``bench-results/<model>-<cpu class>.md`` (and ``.png``) unless ``--out`` says
+otherwise, never over a tracked file; ``--update-docs PAGE`` also replaces that model x class's
+table in a docs page and copies the report beside it (:mod:`deposium.bench.docs_table`).
 """
 
 from __future__ import annotations
@@ -38,10 +42,20 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+#: Where reports go unless ``--out`` names a file (git-ignored).
+RESULTS_DIR = Path("bench-results")
+
+
 def default_plot_path(report: Path) -> Path:
-    """``docs/bench.png`` for the repository's BENCHMARKS.md; any other report gets its own PNG beside
-    it (``docs/bench-x.md`` -> ``docs/bench-x.png``), so two reports never overwrite one plot."""
-    return report.parent / "docs" / "bench.png" if report.name == "BENCHMARKS.md" else report.with_suffix(".png")
+    """The report's own PNG beside it (``x.md`` -> ``x.png``), so two reports never overwrite one plot."""
+    return report.with_suffix(".png")
+
+
+def default_report_path(results_dir: Path, model: str, cpu: str) -> Path:
+    """``<results dir>/<model>-<cpu class>.md``: one report per model x CPU class."""
+    from deposium.bench.docs_table import report_stem
+
+    return results_dir / f"{report_stem(model, cpu)}.md"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,9 +90,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-paragraphs", type=int, default=10_000, help="paragraphs in the end-to-end job")
     p.add_argument("--e2e-modes", default="local,queue1,queue2")
     p.add_argument("--skip-profile", action="store_true", help="skip ORT per-op profiles")
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report path")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="PNG path (default: docs/bench.png beside BENCHMARKS.md, else the report's name with .png)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help="where the report <model>-<cpu class>.md and its .png go (default: bench-results/)")
+    p.add_argument("--out", type=Path, default=None, help="report path (default: in --results-dir)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: the report's name with .png)")
+    p.add_argument("--update-docs", type=Path, default=None, metavar="PAGE",
+                   help="also replace this model x CPU class's table in PAGE (e.g. docs/benchmarks.md) and copy "
+                        "the report and plot to bench/<model>-<cpu class>.md/.png beside PAGE")
     return p
 
 
@@ -244,6 +262,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> BenchResult:
     result = BenchResult(command=command, corpus_label=label, token_stats=stats, lengths=lengths,
                          repeats=args.repeats, machine=machine, reduced=_reduced(args))
     result.artifacts = [artifact_note("int8", int8), *([artifact_note("fp32", fp32)] if fp32 else [])]
+    from deposium.bench.docs_table import read_stsb
+
+    result.stsb = read_stsb(int8)
     result.prompt = (f"`{prompt}` prepended (task `{task or 'default'}`)" if prompt
                      else "no prompt (the model defines none)")
     _say("\n".join(result.artifacts))
@@ -333,10 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         _say(f"deposium-bench: {exc}")
         return 2
-    plot_path = args.plot or default_plot_path(args.out)
+    from deposium.bench.cpu_class import this_cpu_class
+    from deposium.bench.docs_table import model_label, update_docs
+
+    model = model_label(args.model or _minilm_dir())
+    cpu = this_cpu_class()
+    report = args.out or default_report_path(args.results_dir, model, cpu)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    plot_path = args.plot or default_plot_path(report)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    out, png = write_report(result, args.out, plot_path)
+    out, png = write_report(result, report, plot_path)
     _say(f"wrote {out}" + (f" and {png}" if png else ""))
+    if args.update_docs is not None:
+        md_copy, png_copy = update_docs(args.update_docs, model, cpu, result.timings, command=result.command,
+                                        cpu_name=result.machine.get("cpu", "unknown CPU"), report=out, plot=png,
+                                        stsb=result.stsb)
+        _say(f"updated the {model} x {cpu} table in {args.update_docs}; copied {md_copy}"
+             + (f" and {png_copy}" if png_copy else ""))
     return 0
 
 

@@ -1,8 +1,8 @@
 """End to end: one job through ``deposium-submit`` in-process, and through Redis + Celery.
 
-Why reuse :mod:`deposium.producer.measure`'s helpers: that module already drives the real CLI, a
-test-owned ``redis-server`` and a real prefork ``celery worker``; the bench adds what the
-report needs on top (CPU seconds of every process involved, worker RSS at start and end) and
+Why reuse :mod:`deposium.bench.job_speed`'s helpers: that module already drives the real CLI, a
+private ``redis-server`` and a real prefork ``celery worker`` (:mod:`deposium.bench.procs`); the
+bench adds what the report needs on top (CPU seconds of every process involved, worker RSS at start and end) and
 returns figures instead of printing them. Wall-clock rates are what users see; CPU seconds
 per paragraph say what the queue itself costs even when the box is shared.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -101,7 +100,7 @@ def run_modes(paragraphs: Sequence[str], artifact: Path, modes: Sequence[str] = 
     """Embed ``paragraphs`` from scratch once per mode (``local`` or ``queueN`` = N worker processes)."""
     import os
 
-    from deposium.producer.measure import _free_port, _run_submit, _worker
+    from deposium.bench.job_speed import measurement_redis, measurement_worker, run_submit
 
     if shutil.which("redis-server") is None and any(m != "local" for m in modes):
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -121,34 +120,21 @@ def run_modes(paragraphs: Sequence[str], artifact: Path, modes: Sequence[str] = 
         rss_end: list[int] = []
         if mode == "local":
             before = _children_cpu()
-            summary, seconds, peak = _run_submit([str(corpus), "--out", str(out), "--local"], env, work)
+            summary, seconds, peak = run_submit([str(corpus), "--out", str(out), "--local"], env, work)
             cpu = _children_cpu() - before
         else:
             concurrency = int(mode.removeprefix("queue"))
-            port = _free_port()
-            rdir = work / f"redis-{mode}"
-            rdir.mkdir(exist_ok=True)
-            redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                           "--dir", str(rdir), "--appendonly", "yes"], stdout=subprocess.DEVNULL)
-            try:
-                time.sleep(0.5)
-                url = f"redis://127.0.0.1:{port}/0"
-                worker = _worker(url, artifact, concurrency, work / f"worker-{mode}.log", env)
-                try:
+            with measurement_redis(work / f"redis-{mode}") as server:
+                redis_pid = server.proc.pid  # type: ignore[union-attr]
+                with measurement_worker(server.url, artifact, concurrency, work / f"worker-{mode}.log", env) as worker:
                     time.sleep(1.0)
                     rss_start = _child_rss(worker.pid)
-                    cpu0 = _cpu(_tree(worker.pid)) + _cpu(_tree(redis_proc.pid))
+                    cpu0 = _cpu(_tree(worker.pid)) + _cpu(_tree(redis_pid))
                     before = _children_cpu()
-                    summary, seconds, peak = _run_submit([str(corpus), "--out", str(out)],
-                                                         dict(env, REDIS_URL=url), work)
+                    summary, seconds, peak = run_submit([str(corpus), "--out", str(out)],
+                                                        dict(env, REDIS_URL=server.url), work)
                     rss_end = _child_rss(worker.pid)
-                    cpu = (_children_cpu() - before) + _cpu(_tree(worker.pid)) + _cpu(_tree(redis_proc.pid)) - cpu0
-                finally:
-                    worker.terminate()
-                    worker.wait(timeout=60)
-            finally:
-                redis_proc.terminate()
-                redis_proc.wait(timeout=30)
+                    cpu = (_children_cpu() - before) + _cpu(_tree(worker.pid)) + _cpu(_tree(redis_pid)) - cpu0
         result = ModeResult(mode, int(summary["embedded"]), int(summary["tokens"]), seconds, cpu, peak,
                             rss_start, rss_end)
         if results:

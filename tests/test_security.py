@@ -13,8 +13,6 @@ payloads with wrong fields (test_worker_e2e.py, and property-based in test_prope
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from deposium.worker.celery_app import create_app
 from deposium.worker.config import Settings
 from deposium.worker.errors import EmbedRequestError
 from deposium.worker.wire import TASK_NAME, EmbedRequest, EmbedResponse
-from tests.procs import Worker, clean_env, producer_env, run_submit, write_jsonl
+from tests.procs import Worker, producer_env, run_submit, write_jsonl
 from tests.redis_proc import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -63,16 +61,11 @@ def secured(tmp_path_factory):
 def worker(secured, minilm_artifact):
     server, url, root = secured
     log = root / "worker.log"
-    env = clean_env(REDIS_URL=url, DEPOSIUM_ARTIFACT=str(minilm_artifact), DEPOSIUM_QUEUE=QUEUE,
-                    DEPOSIUM_LOG_LEVEL="DEBUG", **LIMITS)
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deposium.worker.cli", "--concurrency", "1",
-                                 "--hostname", "sec@%h"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    w = Worker(url, minilm_artifact, log, name="sec")  # reuse its wait/stop helpers for this process
-    w.proc = proc
+    # the image's entry point (python -m deposium.worker.cli), its output written to the log
+    w = Worker(url, minilm_artifact, log, concurrency=1, name="sec", queue=QUEUE, loglevel="DEBUG",
+               command="deposium-worker", DEPOSIUM_LOG_LEVEL="DEBUG", **LIMITS)
     try:
-        w.wait_ready()
+        w.start()
         yield w, create_app(Settings(redis_url=url, queue=QUEUE))
     finally:
         w.stop()

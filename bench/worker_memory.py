@@ -1,12 +1,12 @@
-"""Measure the worker's single-core speed and memory (figures for issue 4 / BENCHMARKS.md).
+"""Measure the worker's single-core speed and memory.
 
-Why a script and not a test: timings and RSS depend on the machine and its load, so they are
+Why a module and not a test: timings and RSS depend on the machine and its load, so they are
 recorded, never asserted. Every measurement runs single-threaded (ORT session options; torch
 ``set_num_threads(1)``), on real text: paragraphs of the Python standard library's docstrings.
 
-    python scripts/measure_worker.py throughput --artifact DIR [--model ST_DIR]
-    python scripts/measure_worker.py rss --artifact DIR          (arena / mem pattern, varying shapes)
-    python scripts/measure_worker.py worker-rss --artifact DIR [--concurrency 2] [--share 0|1]
+    python -m deposium.bench.worker_memory throughput --artifact DIR [--model ST_DIR]
+    python -m deposium.bench.worker_memory rss --artifact DIR     (arena / mem pattern, varying shapes)
+    python -m deposium.bench.worker_memory worker-rss --artifact DIR [--concurrency 2] [--share 0|1]
                                                   (real Celery worker: RSS and PSS per process)
 """
 
@@ -149,7 +149,8 @@ def rss(args: argparse.Namespace) -> list[dict]:
         for pattern in (False, True):
             cmd = [
                 sys.executable,
-                __file__,
+                "-m",
+                "deposium.bench.worker_memory",
                 "rss-one",
                 "--artifact",
                 str(args.artifact),
@@ -180,29 +181,20 @@ def worker_rss(args: argparse.Namespace) -> dict:
     Reports RSS and PSS of the parent and of every child after load and after all paragraphs;
     ``--share 0/1`` sets DEPOSIUM_SHARE_MODEL (model loaded once by the parent, or per child).
     """
-    import os
-    import signal
-
     import psutil
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from deposium.bench.procs import READY_TIMEOUT_S, RedisServer, Worker, wait_for
     from deposium.worker.celery_app import create_app
     from deposium.worker.config import Settings
     from deposium.worker.wire import TASK_NAME, EmbedRequest
-    from tests.redis_proc import RedisServer
 
     texts = stdlib_paragraphs()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis", appendonly=False).start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPOSIUM_")}
-        env.update(REDIS_URL=server.url, DEPOSIUM_ARTIFACT=str(args.artifact), DEPOSIUM_QUEUE="measure",
-                   DEPOSIUM_SHARE_MODEL=str(args.share))
-        log = open(Path(tmp) / "worker.log", "wb")
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "celery"), "-A", "deposium.worker.celery_app", "worker",
-             "--pool=prefork", f"--concurrency={args.concurrency}", "--loglevel=WARNING"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        worker = Worker(server.url, args.artifact, Path(tmp) / "worker.log", concurrency=args.concurrency,
+                        name="measure", queue="measure", loglevel="WARNING", DEPOSIUM_SHARE_MODEL=str(args.share))
+        proc = worker.start(wait=False).proc
+        assert proc is not None
 
         def snapshot() -> dict:
             children = parent.children()
@@ -212,8 +204,8 @@ def worker_rss(args: argparse.Namespace) -> dict:
         try:
             app = create_app(Settings(redis_url=server.url, queue="measure"))
             parent = psutil.Process(proc.pid)
-            while len(parent.children()) < args.concurrency:
-                time.sleep(0.2)
+            wait_for(lambda: len(parent.children()) >= args.concurrency, "the worker's prefork children",
+                     READY_TIMEOUT_S, interval=0.2, alive=proc)
             pids = sorted(c.pid for c in parent.children())
             out: dict = {"concurrency": args.concurrency, "share_model": args.share}
             sent = batch = 0
@@ -239,8 +231,7 @@ def worker_rss(args: argparse.Namespace) -> dict:
             out["after_all"] = snapshot()
             out["children_unchanged"] = sorted(c.pid for c in parent.children()) == pids
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            worker.stop()
             server.stop()
     return out
 

@@ -9,10 +9,10 @@ LanceDB within 5 % of the same job into Parquet). Figures to report, never asser
 2. End to end: the same local-mode job (stdlib docstrings, the real model) into each sink,
    ``--rounds`` times interleaved; median paragraphs/s.
 
-    python -m deposium.producer.sinks.measure --artifact DIR [--pg postgresql://...] [--rows 20000]
+    python -m deposium.bench.sink_speed --artifact DIR [--pg postgresql://...] [--rows 20000]
 
-Without ``--pg`` a throw-away PostgreSQL cluster is started with ``tests/pg_proc.py``
-(a repository checkout with pgvector installed: scripts/install-pgvector.sh).
+Without ``--pg`` a throw-away PostgreSQL cluster is started (:class:`deposium.bench.procs.PgCluster`;
+the PostgreSQL server and pgvector installed: scripts/install-pgvector.sh).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def job_rate(target: str, artifact: Path, docs: list[tuple[str, str]], cache: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deposium.producer.sinks.measure", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deposium.bench.sink_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--pg", help="postgresql:// URL of a database with pgvector (default: a temporary cluster)")
     p.add_argument("--rows", type=int, default=20000, help="synthetic rows per sink-alone measurement")
@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = None
     pg = args.pg
     if pg is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from tests.pg_proc import PgCluster, find_bindir
+        from deposium.bench.procs import PgCluster, find_bindir
 
         bindir = find_bindir()
         if bindir is None:

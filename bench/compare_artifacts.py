@@ -1,11 +1,11 @@
 """Side-by-side speed of several artifacts in ONE process: short-query latency and paragraph tokens/s.
 
-Usage: python scripts/compare_artifacts.py ARTIFACT[@ISA] [ARTIFACT[@ISA] ...] [--paragraphs N] [--rounds R]
+Usage: python -m deposium.bench.compare_artifacts ARTIFACT[@ISA] [ARTIFACT[@ISA] ...] [--paragraphs N] [--rounds R]
 
 ``@ISA`` (amx, vnni, avx2) runs an ``int8-fused`` artifact's kernels on that path (DEPOSIUM_KERNEL_ISA),
 so the paths of one artifact can be timed side by side too.
 
-Why a separate script from ``deposium-bench``: recipe decisions need ratios between artifacts, and
+Why a tool of its own beside ``deposium-bench``: recipe decisions need ratios between artifacts, and
 on a shared, noisy host only ratios measured round-robin in the same process hold (the same
 artifact measured 1,137 and 885 tokens/s an hour apart on one machine). Each round runs every
 artifact once: the gate's held-out paragraphs (document prompt, the Embedder's token budget),

@@ -1,6 +1,6 @@
-"""Where an artifact's time goes, for short queries and for paragraphs (figures for BENCHMARKS.md).
+"""Where an artifact's time goes, for short queries and for paragraphs (figures for the benchmarks docs).
 
-Usage: python scripts/profile_artifact.py ARTIFACT [--paragraphs N] [--queries N]
+Usage: python -m deposium.bench.profile_artifact ARTIFACT [--paragraphs N] [--queries N]
 
 Why beside ``deposium-bench``'s per-op profile: a recipe decision needs the time of each part the
 recipe adds (rotation, per-row quantization, the row-scale ``Mul``) rather than of each op type, and

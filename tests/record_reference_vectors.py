@@ -1,6 +1,6 @@
 """Record the MiniLM int8 artifact's vectors for a few fixed texts (tests/data/reference-vectors-minilm.json).
 
-Usage: python scripts/record_reference_vectors.py [--out tests/data/reference-vectors-minilm.json]
+Usage: python -m tests.record_reference_vectors [--out tests/data/reference-vectors-minilm.json]
 
 Why: users store these vectors, so a text must get the same vector on every worker CPU a platform
 hands out and after every upgrade of this project. tests/test_reference_vectors.py compares the
@@ -35,7 +35,7 @@ TEXTS = (
     "def pack_batches(lengths, token_budget):\n    return sorted(range(len(lengths)), key=lengths.__getitem__)",
     "Paragraphs of real documents are long. " * 40,
 )
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference-vectors-minilm.json"
+DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "reference-vectors-minilm.json"
 
 
 def cpu_model() -> str:
@@ -52,7 +52,7 @@ def record(artifact: Path) -> dict[str, object]:
     embedder = Embedder(artifact)
     vectors = embedder.embed(list(TEXTS)).vectors
     return {
-        "why": "the suite's MiniLM int8 vectors; scripts/record_reference_vectors.py says when to re-record",
+        "why": "the suite's MiniLM int8 vectors; tests/record_reference_vectors.py says when to re-record",
         "recorded_on": {"cpu": cpu_model(), "int8_features": sorted(cpu_features()),
                         "kernel": kernel_label(embedder.unsigned_kernel),
                         "fused_kernels": embedder.kernel_isa or "none", "onnxruntime": onnxruntime.__version__},

@@ -1,6 +1,6 @@
 """The int8 GEMM floor of this CPU: ONNX Runtime's ``MatMulIntegerToFloat`` alone, by rows.
 
-Usage: python scripts/int8_gemm_floor.py [--k 768] [--n 1152] [--layers 72] [--rows 1,4,8,16,32,64,128]
+Usage: python -m deposium.bench.int8_gemm_floor [--k 768] [--n 1152] [--layers 72] [--rows 1,4,8,16,32,64,128]
        [--weights s8|u8|fp32]
 
 Why: a short query's latency cannot drop below the time of its GEMMs, whatever the rest of the graph
