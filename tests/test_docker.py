@@ -500,3 +500,16 @@ def test_compose_as_documented(docker: dict, image: str, producer_image: str, re
         assert http_get(flower, auth=login)[0] == 200
     finally:
         compose("--profile", "producer", "down", "-v", check=False, timeout=300)
+
+
+def test_offline_recipe_leaves_the_host_alone_and_builds_on_the_host_network():
+    """docs/deploy.md's offline recipe as written: its dockerd flags leave the host's iptables,
+    ip_forward and bridges alone, so its builds need (and use) host networking."""
+    recipe = (ROOT / "docs" / "deploy.md").read_text()
+    daemon = re.findall(r"^dockerd .*$", recipe, flags=re.M)
+    assert daemon, "no dockerd command in docs/deploy.md"
+    for line in daemon:
+        for flag in ("--iptables=false", "--ip-masq=false", "--bridge=none", "--ip-forward=false"):
+            assert flag in line.split(), (flag, line)
+    builds = re.findall(r"^(?:DOCKER_BUILDKIT=1 )?docker build .*$", recipe[recipe.index(daemon[0]):], flags=re.M)
+    assert builds and all("--network host" in b for b in builds[:2]), builds
