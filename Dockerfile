@@ -5,7 +5,8 @@
 #   venv       /opt/venv with the worker's runtime dependencies only (no torch/transformers/optimum)
 #   convert    torch CPU + the `convert` extra; runs deposium-convert for MODEL -> /artifact
 #   artifact-download  alternative to `convert`: fetch a published artifact (URL + sha256)
-#   producer   one-shot deposium-submit image (runtime deps + the `producer` extra + artifact)
+#   producer   one-shot deposium-submit image (runtime deps + the `producer` extra + artifact); runs as
+#              the owner of /output (docker/producer-entrypoint.sh)
 #   runtime    (default, last) /opt/venv + /artifact, non-root, ENTRYPOINT deposium-worker
 #
 # Why multi-stage: converting needs torch (~1 GB installed), serving needs only ONNX Runtime.
@@ -107,17 +108,20 @@ RUN python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml pr
 
 # The producer counts tokens with the artifact's tokenizer (to split over-long paragraphs), so it
 # carries the same artifact as the workers: both sides agree on the model by construction.
+# No USER: docker/producer-entrypoint.sh starts as root only to read who owns /output, then runs
+# deposium-submit as that uid/gid, so the files written to the host's directory belong to its owner.
 FROM ${BASE_IMAGE} AS producer
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/deposium deposium \
+RUN groupadd --system --gid 10001 deposium \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/deposium deposium \
  && mkdir -p /input /output && chown deposium:deposium /output
 COPY --from=producer-venv /opt/venv /opt/venv
 COPY --from=artifact /artifact /opt/deposium/artifact
+COPY docker/producer-entrypoint.sh /usr/local/bin/deposium-producer
 ENV PATH=/opt/venv/bin:${PATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     DEPOSIUM_ARTIFACT=/opt/deposium/artifact \
     DEPOSIUM_CACHE_DIR=/tmp/deposium-cache
-USER deposium
-WORKDIR /home/deposium
-ENTRYPOINT ["deposium-submit"]
+WORKDIR /tmp
+ENTRYPOINT ["sh", "/usr/local/bin/deposium-producer"]
 
 # ------------------------------------------------------------------------------------------------
 # The installer has no business in the runtime venv (uninstalled here, before the COPY, so its
@@ -126,7 +130,9 @@ FROM venv AS runtime-venv
 RUN /opt/venv/bin/python -m pip uninstall -y -q pip setuptools wheel
 
 FROM ${BASE_IMAGE} AS runtime
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/deposium deposium
+# uid and gid both 10001 (a bare --user-group would take the next free system gid, e.g. 999).
+RUN groupadd --system --gid 10001 deposium \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/deposium deposium
 COPY --from=runtime-venv /opt/venv /opt/venv
 COPY --from=artifact /artifact /opt/deposium/artifact
 ENV PATH=/opt/venv/bin:${PATH} \

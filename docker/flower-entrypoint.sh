@@ -13,5 +13,10 @@ if [ -z "${FLOWER_BASIC_AUTH:-}" ] && [ -z "${FLOWER_AUTH:-}" ]; then
   echo "flower: refusing to start: set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH for OAuth)" >&2
   exit 64
 fi
+# The publicly known passwords of .env.example (`admin:change-me-flower`) protect nothing.
+if printf '%s' "${FLOWER_BASIC_AUTH:-}" | grep -Eqi 'change[-_]?me'; then
+  echo "flower: refusing to start: FLOWER_BASIC_AUTH holds the placeholder password from .env.example; set FLOWER_BASIC_AUTH=user:password in .env to a secret of your own" >&2
+  exit 64
+fi
 # Railway injects PORT; compose and plain docker use 5555.
 exec celery -A deposium.worker.celery_app flower --address="${FLOWER_ADDRESS:-0.0.0.0}" --port="${PORT:-5555}" "$@"

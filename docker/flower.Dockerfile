@@ -14,15 +14,20 @@ COPY pyproject.toml README.md /src/
 RUN python3 -m venv /opt/venv \
  && python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml monitor > /tmp/requirements.txt \
  && TORCH_INDEX_URL= sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv -r /tmp/requirements.txt
+COPY deposium/ /src/deposium/
 COPY worker/ /src/worker/
 COPY producer/ /src/producer/
 COPY convert/ /src/convert/
+COPY bench/ /src/bench/
+# No compiler in this stage, and no setup.py copied: Flower never loads the fused kernels.
 RUN TORCH_INDEX_URL= sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv --no-deps /src \
- && rm -rf /opt/venv/lib/python3.11/site-packages/convert /opt/venv/bin/deposium-convert \
+ && rm -rf /opt/venv/lib/python3.11/site-packages/deposium/convert /opt/venv/lib/python3.11/site-packages/deposium/bench \
+    /opt/venv/bin/deposium-convert /opt/venv/bin/deposium-bench \
  && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools wheel
 
 FROM ${BASE_IMAGE}
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/deposium deposium
+RUN groupadd --system --gid 10001 deposium \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/deposium deposium
 COPY --from=build /opt/venv /opt/venv
 COPY docker/flower-entrypoint.sh /usr/local/bin/deposium-flower
 ENV PATH=/opt/venv/bin:${PATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1

@@ -134,3 +134,21 @@ def test_no_secret_in_worker_or_producer_output(worker, secured, minilm_artifact
     assert "sec:many" in log and "Refusing to deserialize" in log  # failures were logged too
     for where, text in (("worker log", log), ("producer stderr", err), ("producer summary", str(summary))):
         assert PASSWORD not in text, f"Redis password printed in the {where}"
+
+
+@pytest.mark.parametrize("password", ["change-me-redis", "CHANGE_ME", "changeme"])
+def test_worker_refuses_a_placeholder_redis_password(password: str, tmp_path: Path):
+    """The example configuration's publicly known passwords never run a worker (or a producer)."""
+    from deposium.worker.config import ConfigError, load_settings
+
+    url = f"redis://:{password}@redis:6379/0"
+    with pytest.raises(ConfigError, match="placeholder password .* set REDIS_PASSWORD"):
+        load_settings({"REDIS_URL": url})
+    assert load_settings({"REDIS_URL": "redis://:a-secret-of-my-own@redis:6379/0"}).redis_url
+    # the worker's own command: one line on stderr naming the variable, no start-up, the secret not echoed
+    r = subprocess.run([sys.executable, "-m", "deposium.worker.cli"], env=clean_env(REDIS_URL=url),
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "REDIS_PASSWORD" in lines[0], r.stderr
+    assert password not in r.stderr

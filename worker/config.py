@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import unquote
 
 from deposium.worker.kernels import ISAS as KERNEL_ISAS
 
@@ -244,10 +245,27 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"DEPOSIUM_KERNEL_ISA must be auto, {', '.join(KERNEL_ISAS)}")
     if settings.token_budget < 16:
         raise ConfigError("DEPOSIUM_TOKEN_BUDGET must be at least 16")
+    if settings.redis_url and (password := url_password(settings.redis_url)) and PLACEHOLDER_SECRET.search(password):
+        raise ConfigError(
+            "REDIS_URL holds a placeholder password (a 'change-me' value from .env.example): "
+            "set REDIS_PASSWORD (compose) or REDIS_URL to a secret of your own"
+        )
     return settings
 
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
+
+#: The publicly known placeholder secrets of the example configuration (``change-me-redis``,
+#: ``changeme``...). Why refuse them: a copied example left unedited would otherwise run the broker
+#: (and so every worker) behind a password anyone can read in this repository. The Redis and Flower
+#: entrypoints (docker/) refuse the same pattern.
+PLACEHOLDER_SECRET = re.compile(r"change[-_]?me", re.IGNORECASE)
+
+
+def url_password(url: str) -> str:
+    """The password part of ``scheme://user:password@host`` (empty when the URL carries none)."""
+    match = _URL_PASSWORD.match(url)
+    return unquote(match["pw"]) if match else ""
 
 
 def mask_url(url: str | None) -> str:
