@@ -58,7 +58,7 @@ class SyncSummary:
         return self.state == "done" and not (self.documents_failed or self.input_errors or self.paragraph_errors)
 
     def line(self) -> str:
-        verb = "would embed" if self.options.dry_run else "embedded"
+        verb = "would embed" if self.dry_run else "embedded"
         text = (f"sync {self.target}: documents {self.documents_unchanged:,} unchanged, "
                 f"{self.documents_changed:,} changed, {self.documents_new:,} new, "
                 f"{self.documents_deleted:,} deleted; paragraphs {self.paragraphs_embedded:,} {verb}, "
@@ -68,7 +68,7 @@ class SyncSummary:
         failures = self.documents_failed + self.input_errors
         if failures:
             text += f"; {failures:,} documents failed (see {self.errors_path or 'the errors file'})"
-        if self.options.dry_run:
+        if self.dry_run:
             text += " (dry run: nothing embedded or written)"
         return text + f" in {self.seconds:.1f} s"
 
@@ -147,8 +147,8 @@ class SyncRunner:
     def run(self, sources: Iterable[Source | InputError]) -> SyncSummary:
         s = self.summary
         started = time.monotonic()
-        index = self.store.open(self.identity, replace=self.options.replace, create=not self.options.dry_run)
         try:
+            index = self.store.open(self.identity, replace=self.options.replace, create=not self.options.dry_run)
             self._check_sources(index)
             seen: set[str] = set()
             failed: set[str] = set()

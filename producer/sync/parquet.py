@@ -71,6 +71,7 @@ class ParquetSyncStore:
         self._parts: list[Path] = []
         self._identity: dict[str, Any] = {}
         self._run = f"{os.getpid()}"
+        self._staging_ready = False
         self._lock = FileLock(self.out.with_name(f".{self.out.name}.lock"), self.target)
 
     # -- opening --------------------------------------------------------------------------------
@@ -113,26 +114,31 @@ class ParquetSyncStore:
         return index
 
     def _open_staging(self) -> None:
-        """Reuse the vectors a killed sync of the same identity staged; drop anything else."""
+        """Index the vectors a killed sync of the same identity staged (created only when writing)."""
         meta_path = self.staging / "identity.json"
-        if self.staging.is_dir():
-            try:
-                same = json.loads(meta_path.read_text()) == self._identity
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                shutil.rmtree(self.staging)
         if not self.staging.is_dir():
-            self.staging.mkdir()
-            tmp = meta_path.with_name(".identity.json.tmp")
-            tmp.write_text(json.dumps(self._identity, sort_keys=True))
-            os.replace(tmp, meta_path)
+            return
+        try:
+            self._staging_ready = json.loads(meta_path.read_text()) == self._identity
+        except (OSError, ValueError):
+            self._staging_ready = False
+        if not self._staging_ready:
+            return  # another identity's leftovers: replaced by the first apply, never read
         for part in sorted(self.staging.glob("rows-*.parquet")):
             hashes = pq.read_table(part, columns=["content_hash"]).column("content_hash").to_pylist()
             for i, h in enumerate(hashes):
                 self._staged.setdefault(h, (part, i))
-        for tmp in self.staging.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+
+    def _ensure_staging(self) -> None:
+        if self._staging_ready:
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        meta_path = self.staging / "identity.json"
+        tmp = meta_path.with_name(".identity.json.tmp")
+        tmp.write_text(json.dumps(self._identity, sort_keys=True))
+        os.replace(tmp, meta_path)
+        self._staging_ready = True
 
     # -- reading --------------------------------------------------------------------------------
     def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
@@ -163,6 +169,7 @@ class ParquetSyncStore:
     def apply(self, rows: pa.Table, documents: Mapping[str, str | None]) -> int:
         removed = len(self.ids_of(documents) - set(rows.column("id").to_pylist()))
         if rows.num_rows:
+            self._ensure_staging()
             part = self.staging / f"rows-{self._run}-{len(self._parts):06d}.parquet"
             _write_atomic(rows, part)
             self._parts.append(part)
