@@ -307,3 +307,37 @@ def test_kill_mid_sync_then_rerun_converges(kind: str, request: pytest.FixtureRe
     for row_id, row in want.items():
         assert got[row_id][:3] == row[:3]
         np.testing.assert_allclose(got[row_id][3], row[3], rtol=0, atol=1e-6)
+
+
+# -- queued mode ---------------------------------------------------------------------------------------
+def test_queued_sync_sends_only_new_text_to_the_workers(redis_server, minilm_artifact: Path, tmp_path: Path):
+    from tests.test_producer_support import received_task_ids, start_worker, stop, wait_for_worker
+
+    log = tmp_path / "worker.log"
+    proc = start_worker(redis_server.url, minilm_artifact, log, concurrency=1)
+    try:
+        wait_for_worker(redis_server.url, proc, log)
+        run_env = dict(os.environ, REDIS_URL=redis_server.url, DEPOSIUM_ARTIFACT=str(minilm_artifact),
+                       DEPOSIUM_CACHE_DIR=str(tmp_path / "cache"))
+        folder = tmp_path / "docs"
+        docs = first_collection()
+        write_folder(folder, docs)
+        out = tmp_path / "queued.parquet"
+        cmd = submit_cmd(str(folder), "--out", str(out), "--sync", "--no-progress", "--json")
+        first = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr
+        sent_first = len(received_task_ids(log))
+        assert sent_first >= 1
+        new, added = edited(docs)
+        write_folder(folder, new)
+        second = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr
+        summary = json.loads(second.stdout.strip().splitlines()[-1])
+        assert summary["paragraphs_embedded"] == len(added) and summary["documents_deleted"] == 1
+        # the worker received exactly one more task: the four new texts fit in one batch
+        assert len(received_task_ids(log)) == sent_first + 1
+        stored = read_store("parquet", str(out))
+        assert added <= {text for _, _, text, _ in stored.values()}
+        assert len(stored) == sum(len(v) for v in new.values())
+    finally:
+        stop(proc)
