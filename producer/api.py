@@ -106,7 +106,8 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
            artifact_dir: Path | None = None, job_id: str | None = None, name: str = "",
            settings: Settings | None = None, replace_output: bool = False, progress: bool = False,
            total: int | None = None, errors_path: Path | None = None, background: bool = True,
-           index: str | None = None) -> JobHandle:
+           index: str | None = None, sync: bool = False, keep_missing: bool = False,
+           delete_missing: bool = False, dry_run: bool = False) -> JobHandle:
     """Start a job over ``documents`` writing to ``out``; returns at once (``background``).
 
     Calling it again with the same documents, options and ``out`` (or the same ``job_id``)
@@ -117,10 +118,21 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
     ``index`` (``"hnsw"``) builds a vector index in those stores once the job is complete.
     ``task`` names the model's prompt; ``None`` takes its ``document`` prompt when it has one
     (EmbeddingGemma), ``""`` (``deposium.worker.tokenize.NO_PROMPT``) none at all.
+
+    ``sync=True`` makes ``out`` a synced store (docs/sync.md): only documents whose text changed
+    are re-split, only text the store lacks is embedded, and documents absent from ``documents``
+    are deleted (``keep_missing`` keeps them; ``delete_missing`` confirms deleting those of a store
+    last synced under another ``name``); ``dry_run`` only counts. ``wait()`` then returns a
+    :class:`~deposium.producer.sync.SyncSummary`.
     """
     settings = settings or load_settings()
     options = with_in_flight(JobOptions(task=task, dim=dim, dtype=dtype, batch_tokens=batch_tokens,
                                         max_tokens=max_tokens, min_chars=min_chars), settings, max_in_flight)
+    if sync:
+        return _submit_sync(documents, out=str(out), options=options, settings=settings, local=local,
+                            artifact_dir=artifact_dir, name=name, replace=replace_output, progress=progress,
+                            errors_path=errors_path, background=background, keep_missing=keep_missing,
+                            delete_missing=delete_missing, dry_run=dry_run)
     plan = plan_job(inputs=[f"api:{name}"], target=str(out), options=options, settings=settings, local=local,
                     artifact_dir=artifact_dir, job_id=job_id, errors_path=errors_path)
     handle = JobHandle(plan.job_id, plan.target)
@@ -139,6 +151,32 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
 
     if background:
         handle._thread = threading.Thread(target=run, name=f"deposium-{plan.job_id}", daemon=True)
+        handle._thread.start()
+    else:
+        run()
+    return handle
+
+
+def _submit_sync(documents: Iterable[Item], *, out: str, options: JobOptions, settings: Settings,
+                 local: bool | None, artifact_dir: Path | None, name: str, replace: bool, progress: bool,
+                 errors_path: Path | None, background: bool, keep_missing: bool, delete_missing: bool,
+                 dry_run: bool) -> JobHandle:
+    from deposium.producer.sync.job import run_sync
+
+    handle = JobHandle("sync", out)
+
+    def run() -> None:
+        try:
+            handle._update(run_sync(documents_to_sources(documents), sources_key=[f"api:{name}"], target=out,
+                                    options=options, settings=settings, local=local, artifact_dir=artifact_dir,
+                                    keep_missing=keep_missing, delete_missing=delete_missing, dry_run=dry_run,
+                                    replace=replace, errors_path=errors_path,
+                                    progress=Progress(enabled=progress)))  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+            handle._error = exc
+
+    if background:
+        handle._thread = threading.Thread(target=run, name="deposium-sync", daemon=True)
         handle._thread.start()
     else:
         run()

@@ -15,6 +15,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deposium.producer.runner import JobOptions
+    from deposium.worker.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -74,6 +79,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index", choices=["hnsw", "ivf_pq"], default=None,
                    help="build a cosine vector index once the job is complete (pgvector: hnsw; "
                         "LanceDB: hnsw or ivf_pq)")
+    sync = p.add_argument_group("sync", "keep the output in step with the sources (docs/sync.md)")
+    sync.add_argument("--sync", action="store_true",
+                      help="embed only what changed since the last --sync into this output, delete what vanished")
+    missing = sync.add_mutually_exclusive_group()
+    missing.add_argument("--keep-missing", action="store_true",
+                         help="keep documents the store holds but the sources no longer name (incremental feeds)")
+    missing.add_argument("--delete-missing", action="store_true",
+                         help="confirm deleting documents of a store last synced from other sources")
+    sync.add_argument("--dry-run", action="store_true", help="print what --sync would do; embed and write nothing")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show the progress bar even when stderr is not a terminal")
@@ -147,6 +161,10 @@ def _main(args: argparse.Namespace) -> int:
             errors = errors or Path(spec["errors_path"])
         if not paths:
             return _fail("no input given (paths, globs, directories or - for stdin)")
+        if not args.sync and (args.keep_missing or args.delete_missing or args.dry_run):
+            return _fail("--keep-missing, --delete-missing and --dry-run apply to --sync only")
+        if args.sync and (args.resume or args.job_id or "-" in paths):
+            return _fail("--sync reads its state from the output itself: no --resume, --job-id or stdin")
         target = target or "embeddings.parquet"
         stdin_path = None
         identity_inputs = []
@@ -157,6 +175,8 @@ def _main(args: argparse.Namespace) -> int:
             else:
                 identity_inputs.append(os.path.join(os.getcwd(), raw))
         options = with_in_flight(options, settings, args.max_in_flight)
+        if args.sync:
+            return _sync(args, settings, options, paths, identity_inputs, target, local, artifact, errors)
         plan = plan_job(inputs=identity_inputs, target=target, options=options, settings=settings,
                         local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
                         errors_path=errors, resolve_task=not args.resume)
@@ -179,6 +199,25 @@ def _main(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_json()))
     else:
         print(summary.line())
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _sync(args: argparse.Namespace, settings: Settings, options: JobOptions, paths: list[str],
+          sources_key: list[str], target: str, local: bool | None, artifact: Path | None,
+          errors: Path | None) -> int:
+    """``--sync``: the same inputs and options as a job, applied to the output as a synced store."""
+    from deposium.producer.progress import Progress
+    from deposium.producer.readers import Meter, read_inputs
+    from deposium.producer.sync.job import run_sync
+
+    meter = Meter()
+    progress = Progress(enabled=args.progress and not args.dry_run, total_bytes=_input_bytes(paths, None),
+                        read_bytes=lambda: meter.nbytes)
+    summary = run_sync(read_inputs(paths, meter=meter), sources_key=sources_key, target=target,
+                       options=options, settings=settings, local=local, artifact_dir=artifact,
+                       keep_missing=args.keep_missing, delete_missing=args.delete_missing, dry_run=args.dry_run,
+                       replace=args.replace, errors_path=errors, progress=progress)
+    print(json.dumps(summary.to_json()) if args.json else summary.line())
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 

@@ -145,6 +145,9 @@ class Settings:
     #: Tokens (prompt and special tokens included) of distinct text per batch sent as one task.
     #: Part of a job's identity: changing it starts a new job instead of resuming.
     batch_tokens: int = 8192
+    #: ``--sync``: paragraphs of changed documents embedded, then committed to the store together.
+    #: Smaller commits more often (less work lost to a kill); larger keeps more batches in flight.
+    sync_group_paragraphs: int = 4096
     #: Seconds the producer waits for a sent batch before re-sending it (0 = visibility
     #: timeout + hard time limit, i.e. after Redis itself would have redelivered it).
     batch_timeout_s: int = 0
@@ -192,6 +195,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_LOG_LEVEL": "log_level",
     "DEPOSIUM_MAX_IN_FLIGHT": "max_in_flight",
     "DEPOSIUM_BATCH_TOKENS": "batch_tokens",
+    "DEPOSIUM_SYNC_GROUP_PARAGRAPHS": "sync_group_paragraphs",
     "DEPOSIUM_BATCH_TIMEOUT": "batch_timeout_s",
     "DEPOSIUM_REDIS_RECONNECT_TIMEOUT": "redis_reconnect_timeout_s",
     "DEPOSIUM_TEST_FAULT": "test_fault",
