@@ -13,6 +13,8 @@ payloads with wrong fields (test_worker_e2e.py, and property-based in test_prope
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from deposium.worker.celery_app import create_app
 from deposium.worker.config import Settings
 from deposium.worker.errors import EmbedRequestError
 from deposium.worker.wire import TASK_NAME, EmbedRequest, EmbedResponse
-from tests.procs import Worker, producer_env, run_submit, write_jsonl
+from tests.procs import Worker, clean_env, producer_env, run_submit, write_jsonl
 from tests.redis_proc import RedisServer
 
 pytestmark = pytest.mark.slow
