@@ -10,6 +10,7 @@ Output is checked row by row (every paragraph exactly once).
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from datetime import datetime
@@ -179,3 +180,38 @@ def test_a_slow_batch_is_never_sent_twice_while_its_replica_lives(tmp_path: Path
     assert "stopped answering" not in err and summary["batches_sent"] == summary["batches"]
     found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
     assert (found, dups, missing) == (len(texts), 0, set())
+
+
+def test_a_replica_asked_to_stop_takes_no_new_batch_and_returns_a_long_one_within_its_drain_time(
+        tmp_path: Path, redis_server, minilm_artifact: Path):
+    """SIGTERM (a scale-down) to a replica holding a batch that outlasts its drain time: it takes no
+    new batch, stops that batch after DEPOSIUM_DRAIN_SECONDS and returns it to the queue, exits well
+    before the platform's SIGKILL would come, and another replica runs the batch. Exactly once."""
+    texts = _texts(240, marked=(60,))
+    first = Worker(redis_server.url, minilm_artifact, tmp_path / "w1.log", name="w1",
+                   DEPOSIUM_TEST_FAULT=f"sleep=40:{MARK}", DEPOSIUM_DRAIN_SECONDS="4").start()
+    second = Worker(redis_server.url, minilm_artifact, tmp_path / "w2.log", name="w2")
+    try:
+        job = _start_job(tmp_path, texts, producer_env(tmp_path, minilm_artifact, redis_server.url))
+        task, _ = wait_for(lambda: first.fault_pids("sleep=40")[:1], "w1 holding the long batch", alive=job)[0]
+        second.start()
+        first.proc.send_signal(signal.SIGTERM)  # to the main process, as a platform does
+        asked = datetime.now()
+        stopped = time.monotonic()
+        first.proc.wait(timeout=120)
+        took = time.monotonic() - stopped
+        rc, summary, err = _finish(job, timeout=300)
+    finally:
+        first.stop()
+        second.stop()
+    assert rc == 0, err
+    assert took < 30, f"w1 took {took:.0f}s to stop (its batch sleeps 40s, its drain time is 4s)"
+    assert "returning them to the queue" in first.text(), first.text()[-3000:]
+    after = [t for t in re.findall(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProcess\] Task "
+                                   r"deposium\.embed_batch\[\S+\] received", first.text())
+             if datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") > asked]
+    assert not after, f"w1 took new batches after SIGTERM: {after}"
+    assert _received_at(second, task), f"{task} was not returned to the queue for w2"
+    found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
+    assert (found, dups, missing) == (len(texts), 0, set())
+    assert summary["batches_failed"] == 0

@@ -162,6 +162,10 @@ class Settings:
     #: third of it). A replica lost whole (killed, cut off) lets its batches go after this, and the
     #: producer re-sends them, instead of waiting for the visibility timeout.
     hold_ttl_s: int = 20
+    #: Seconds a worker asked to stop (SIGTERM: a scale-down, a redeploy) lets its running batches
+    #: finish; then it stops them and returns them to the queue for other replicas. Keep it under the
+    #: platform's drain time (railway.json ``drainingSeconds``). 0 = wait for them however long.
+    drain_s: int = 100
 
     # --- tests only ----------------------------------------------------------------------------
     #: Fault injection for the reliability tests (tests/test_faults.py). Empty = off; never set it
@@ -208,6 +212,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_STALL_REPORT": "stall_report_s",
     "DEPOSIUM_WAIT_FOR_WORKERS": "wait_for_workers_s",
     "DEPOSIUM_HOLD_TTL": "hold_ttl_s",
+    "DEPOSIUM_DRAIN_SECONDS": "drain_s",
     "DEPOSIUM_TEST_FAULT": "test_fault",
 }
 

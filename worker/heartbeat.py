@@ -19,6 +19,13 @@ The producer (``deposium.producer.backends.QueueBackend``) re-sends a batch whos
 that vanished with no result stored; the job's set of awaited batches and the sink's exactly-once
 commit make the late copy of a batch that was re-sent harmless (it is skipped or dropped).
 
+The same thread bounds a scale-down: Celery's warm shutdown (SIGTERM) takes no new batch and
+waits for the running ones however long they take, while the platform kills the replica after
+its drain time. So ``drain_s`` after the stop request, batches still running are stopped and
+returned to the queue at once (a cold shutdown, SIGQUIT: acks-late messages not acknowledged are
+restored by the Redis transport), rather than lost to a SIGKILL and found again only through
+their expired holder keys.
+
 A thread of our own rather than Celery's worker heartbeat events: those go over the broker's
 fanout exchange to event consumers (Flower), are off with ``--without-heartbeat``, and say nothing
 about which batches a worker holds.
@@ -27,7 +34,10 @@ about which batches a worker holds.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
+import time
 from typing import Any
 
 from celery import signals
@@ -55,6 +65,9 @@ class _State:
     ttl = 20
     wake = threading.Event()
     draining = threading.Event()
+    drain_s = 0
+    drain_started: float | None = None
+    drain_done = False
     thread: threading.Thread | None = None
 
 
@@ -93,8 +106,27 @@ def _run() -> None:
             beat_once()
         except Exception as exc:  # noqa: BLE001 - Redis away: the keys expire, which is the truth
             log.warning("heartbeat to Redis failed (%s); retrying in %.0fs", exc, interval)
-        state.wake.wait(interval)
+        state.wake.wait(min(interval, _end_drain_if_due()))
         state.wake.clear()
+
+
+def _end_drain_if_due() -> float:
+    """During a drain, once ``drain_s`` passed, return the running batches (cold shutdown).
+    Returns the seconds until that is due (a large number outside a drain)."""
+    if not state.draining.is_set() or state.drain_s <= 0 or state.drain_done:
+        return 3600.0
+    if state.drain_started is None:
+        state.drain_started = time.monotonic()
+    left = state.drain_started + state.drain_s - time.monotonic()
+    if left > 0:
+        return left
+    state.drain_done = True
+    held = _held_task_ids()
+    if held:
+        log.warning("%d batches still running %ds after the stop request (DEPOSIUM_DRAIN_SECONDS): "
+                    "stopping them and returning them to the queue", len(held), state.drain_s)
+        os.kill(os.getpid(), signal.SIGQUIT)
+    return 3600.0
 
 
 def _consumed_queues(consumer: Any, default: str) -> tuple[str, ...]:
@@ -125,6 +157,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     if _client() is None:
         return
     state.node = str(getattr(sender, "hostname", None) or state.node)
+    state.drain_s = load_settings().drain_s
     state.queues = _consumed_queues(sender, load_settings().queue)
     state.thread = threading.Thread(target=_run, name="deposium-heartbeat", daemon=True)
     state.thread.start()
