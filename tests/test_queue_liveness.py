@@ -215,3 +215,15 @@ def test_a_replica_asked_to_stop_takes_no_new_batch_and_returns_a_long_one_withi
     found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
     assert (found, dups, missing) == (len(texts), 0, set())
     assert summary["batches_failed"] == 0
+
+
+def test_railway_drain_time_leaves_the_worker_time_to_return_its_batches():
+    """The platform kills a stopping replica after railway.json's drainingSeconds: the worker's own
+    drain (DEPOSIUM_DRAIN_SECONDS) must end first, with time left to return batches and exit."""
+    import json
+
+    from deposium.worker.config import load_settings
+
+    railway = json.loads((Path(__file__).resolve().parents[1] / "railway.json").read_text())
+    draining = railway["deploy"]["drainingSeconds"]
+    assert draining >= load_settings({}).drain_s + 15, (draining, load_settings({}).drain_s)
