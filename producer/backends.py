@@ -131,6 +131,37 @@ class _Pending:
     deadline: float
     #: the worker that held the batch when last seen (``deposium.worker.heartbeat``), or None
     holder: str | None = None
+    sent_at: float = field(default_factory=time.monotonic)
+    #: when the batch was first found neither queued, nor delivered, nor held (see _locate)
+    missing_since: float | None = None
+    #: a queued batch is looked for again only after this (the search reads the whole queue in Redis)
+    next_locate: float = 0.0
+
+
+#: Kombu's Redis transport keeps each delivered, unacknowledged message in this hash (by delivery
+#: tag) and the delivery time in this sorted set (its defaults; celery_config does not change them).
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
+
+#: Where a batch's message is: ``queued`` (in the queue list), ``delivered`` followed by
+#: (delivery tag, delivery time) pairs of its unacknowledged copies, or ``nowhere``. Runs inside
+#: Redis so that message payloads never cross the network; only used for a batch that no live
+#: worker has claimed for a whole hold TTL, so rarely.
+LOCATE_SCRIPT = """
+local needle = '"' .. ARGV[1] .. '"'
+for _, m in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.find(m, needle, 1, true) then return {'queued'} end
+end
+local out = {'nowhere'}
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  if string.find(all[i + 1], needle, 1, true) then
+    out[1] = 'delivered'
+    table.insert(out, all[i])
+    table.insert(out, redis.call('ZSCORE', KEYS[3], all[i]) or '0')
+  end
+end
+return out
+"""
 
 
 class QueueBackend:
@@ -191,6 +222,8 @@ class QueueBackend:
         self._next_stall_report = 0.0
         self._started = time.monotonic()
         self._paragraphs_done = 0
+        #: delivery tags of unacknowledged copies already re-sent for (they stay until the visibility timeout)
+        self._handled_tags: set[str] = set()
         #: share of the job done (0..1) or None when unknown; set by the CLI from its progress meter
         self.fraction_done: Callable[[], float | None] | None = None
 
@@ -342,10 +375,52 @@ class QueueBackend:
         for node, n in orphans.items():
             self.report(f"worker {node} stopped answering (no heartbeat for {self.settings.hold_ttl_s}s) "
                         f"holding {n} batches; re-sending them")
+        ttl = self.settings.hold_ttl_s
+        unclaimed = [p for p, holder in zip(pending, holders, strict=True)
+                     if p.batch.id not in gone_ids and holder is None and p.holder is None
+                     and now - p.sent_at > ttl and now >= p.next_locate and self._pending.get(p.batch.id) is p]
+        taken = [p for p in unclaimed if self._lost_in_delivery(p, now)]
+        for p in taken:
+            outcome = self._resend_or_fail(p, "the worker that took it was lost")
+            if outcome is not None:
+                done.append(outcome)
+        if taken:
+            self.report(f"{len(taken)} batches taken by a worker that is gone (claimed by no live worker for "
+                        f"{ttl}s); re-sending them")
         self._publish_progress(now)
         if not done:
             self._check_stall(now)
         return done
+
+    def _lost_in_delivery(self, p: _Pending, now: float) -> bool:
+        """Whether ``p``, claimed by no live worker for a hold TTL, was taken by a worker that is gone.
+
+        Why this besides holder keys: a worker killed just after taking a message from the queue,
+        before it could claim it, leaves the message in the transport's unacknowledged hash (or, in
+        the instant between the two, nowhere at all) with no key to expire. A batch still queued
+        is merely waiting; one delivered over a TTL ago and still unclaimed, or found nowhere on two
+        checks in a row, is lost.
+        """
+        where = self._retrying(lambda: self.app.backend.client.eval(
+            LOCATE_SCRIPT, 3, self.settings.queue, UNACKED_KEY, UNACKED_INDEX_KEY, self._task_id(p)))
+        status = where[0].decode() if isinstance(where[0], bytes) else str(where[0])
+        if status == "queued":
+            p.missing_since = None
+            p.next_locate = now + self.settings.hold_ttl_s
+            return False
+        copies = [(tag.decode(), float(t)) for tag, t in zip(where[1::2], where[2::2], strict=True)]
+        fresh = [(tag, t) for tag, t in copies if tag not in self._handled_tags]
+        if fresh:
+            p.missing_since = None
+            if any(time.time() - t <= self.settings.hold_ttl_s for _, t in fresh):
+                return False  # just delivered: its claim is on its way
+        elif p.missing_since is None or now - p.missing_since < self.check_interval_s:
+            p.missing_since = p.missing_since or now
+            return False
+        if self._retrying(lambda: p.result.state) in {"SUCCESS", "FAILURE"}:
+            return False
+        self._handled_tags.update(tag for tag, _ in fresh)
+        return True
 
     def _publish_progress(self, now: float) -> None:
         """The job's progress as a Redis hash an autoscaler can read through any worker's exporter

@@ -227,3 +227,37 @@ def test_railway_drain_time_leaves_the_worker_time_to_return_its_batches():
     railway = json.loads((Path(__file__).resolve().parents[1] / "railway.json").read_text())
     draining = railway["deploy"]["drainingSeconds"]
     assert draining >= load_settings({}).drain_s + 15, (draining, load_settings({}).drain_s)
+
+
+def test_a_batch_taken_by_a_worker_that_died_before_claiming_it_is_resent(
+        tmp_path: Path, redis_server, minilm_artifact: Path):
+    """A worker killed right after taking messages from the queue, before it claimed them, leaves one
+    in the transport's unacknowledged hash (no holder key will ever expire for it) and, in the
+    instant between the two, one nowhere at all. Played here exactly: two queued messages are moved
+    the way a dying worker would. The producer finds both unclaimed for a hold TTL and re-sends
+    them; the job completes exactly once."""
+    import json
+
+    client = redis_server.client()
+    texts = _texts(60)
+    settings = {"DEPOSIUM_HOLD_TTL": "3"}
+    job = _start_job(tmp_path, texts, producer_env(tmp_path, minilm_artifact, redis_server.url, **settings))
+    try:
+        wait_for(lambda: client.llen("deposium") >= 2, "2 queued batches", alive=job)
+        nowhere = json.loads(client.rpop("deposium"))
+        delivered = json.loads(client.rpop("deposium"))
+        client.hset("unacked", "dead-worker-tag", json.dumps([delivered, "", "deposium"]))
+        client.zadd("unacked_index", {"dead-worker-tag": time.time()})
+        lost = {nowhere["headers"]["id"], delivered["headers"]["id"]}
+        with Worker(redis_server.url, minilm_artifact, tmp_path / "w.log", **settings) as worker:
+            rc, summary, err = _finish(job, timeout=300)
+            deliveries = received_task_ids(worker.log)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert rc == 0, err
+    resent = sum(int(n) for n in re.findall(r"(\d+) batches taken by a worker that is gone", err))
+    assert resent == 2, err
+    assert lost <= set(deliveries), (lost, deliveries)
+    found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
+    assert (found, dups, missing) == (len(texts), 0, set())
