@@ -137,9 +137,18 @@ def _main(args: argparse.Namespace) -> int:
     from deposium.producer.runner import JobError, JobOptions
     from deposium.producer.sinks import SinkError, configure_sink
     from deposium.worker.artifact import ArtifactError
-    from deposium.worker.config import ConfigError, load_settings
+    from deposium.worker.config import ConfigError, load_settings, mask_url
     from deposium.worker.errors import EmbedRequestError
     from deposium.worker.tokenize import NO_PROMPT
+
+    redis_lost: tuple[type[BaseException], ...] = ()
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        redis_lost = (RedisConnectionError, RedisTimeoutError)
+    except ImportError:  # local mode without the queue extras
+        pass
 
     try:
         settings = load_settings()
@@ -191,8 +200,12 @@ def _main(args: argparse.Namespace) -> int:
         if isinstance(runner.backend, QueueBackend):
             runner.backend.fraction_done = _share_done(progress)
         configure_sink(runner.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
-        summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
-                                         meter=meter))
+        try:
+            summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
+                                             meter=meter))
+        except redis_lost as exc:  # the job record's Redis, gone mid-job for its whole retry time
+            raise JobStopped(f"lost Redis at {mask_url(settings.redis_url)} ({exc}); the job can be "
+                             "resumed") from None
         if stdin_path is not None:
             stdin_path.unlink(missing_ok=True)
     except JobStopped as exc:
