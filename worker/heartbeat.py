@@ -129,7 +129,8 @@ def _end_drain_if_due() -> float:
     return 3600.0
 
 
-def _consumed_queues(consumer: Any, default: str) -> tuple[str, ...]:
+def consumed_queues(consumer: Any, default: str) -> tuple[str, ...]:
+    """Names of the queues a worker's consumer (the ``worker_ready`` sender) reads, else ``default``."""
     try:
         names = tuple(q.name for q in consumer.task_consumer.queues)
     except AttributeError:
@@ -158,7 +159,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     state.node = str(getattr(sender, "hostname", None) or state.node)
     state.drain_s = load_settings().drain_s
-    state.queues = _consumed_queues(sender, load_settings().queue)
+    state.queues = consumed_queues(sender, load_settings().queue)
     state.thread = threading.Thread(target=_run, name="deposium-heartbeat", daemon=True)
     state.thread.start()
 

@@ -297,8 +297,12 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _on_worker_ready(**_: Any) -> None:
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     state.ready = True
+    if state.scaling is not None:  # the queues actually consumed (``deposium-worker --queue`` included)
+        from deposium.worker.heartbeat import consumed_queues
+
+        state.scaling.queues = consumed_queues(sender, state.scaling.queues[0])
 
 
 @signals.worker_shutdown.connect
