@@ -261,3 +261,28 @@ def test_a_batch_taken_by_a_worker_that_died_before_claiming_it_is_resent(
     assert lost <= set(deliveries), (lost, deliveries)
     found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
     assert (found, dups, missing) == (len(texts), 0, set())
+
+
+def test_the_waiting_line_masks_the_redis_password(tmp_path: Path, minilm_artifact: Path):
+    """The line naming the Redis a stalled job waits on never shows its password."""
+    import shutil
+
+    from tests.procs import submit_cmd, write_jsonl
+    from tests.redis_proc import free_port
+
+    port = free_port()
+    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                               "127.0.0.1", "--save", "", "--appendonly", "no", "--requirepass", "hunter2-pw"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        write_jsonl(tmp_path / "in.jsonl", _texts(20))
+        env = producer_env(tmp_path, minilm_artifact, f"redis://:hunter2-pw@127.0.0.1:{port}/0",
+                           DEPOSIUM_STALL_REPORT="1")
+        r = subprocess.run(submit_cmd("in.jsonl", "--out", "out.parquet", "--no-progress", "--wait-for-workers", "4"),
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    finally:
+        server.kill()
+        server.wait()
+    assert r.returncode == 3, r.stderr
+    assert f"0 workers online on queue 'deposium' at redis://:***@127.0.0.1:{port}/0" in r.stderr, r.stderr
+    assert "hunter2-pw" not in r.stderr + r.stdout
