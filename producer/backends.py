@@ -13,8 +13,10 @@ vs. a worker lost, a task FAILURE or a batch that never came back within its dea
 
 from __future__ import annotations
 
+import sys
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +29,15 @@ from deposium.worker.config import Settings, mask_url
 
 class BackendError(RuntimeError):
     """The backend cannot run at all (Redis unreachable, artifact unusable)."""
+
+
+class JobStopped(BackendError):
+    """The job stopped mid-way (Redis lost for too long, no worker came): resume with the same command."""
+
+
+def report_to_stderr(message: str) -> None:
+    """Default for :class:`QueueBackend`'s ``report``: one line on stderr, where the progress bar is."""
+    print(f"deposium-submit: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -118,6 +129,39 @@ class _Pending:
     result: Any
     attempts: int
     deadline: float
+    #: the worker that held the batch when last seen (``deposium.worker.heartbeat``), or None
+    holder: str | None = None
+    sent_at: float = field(default_factory=time.monotonic)
+    #: when the batch was first found neither queued, nor delivered, nor held (see _locate)
+    missing_since: float | None = None
+    #: a queued batch is looked for again only after this (the search reads the whole queue in Redis)
+    next_locate: float = 0.0
+
+
+#: Kombu's Redis transport keeps each delivered, unacknowledged message in this hash (by delivery
+#: tag) and the delivery time in this sorted set (its defaults; celery_config does not change them).
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
+
+#: Where a batch's message is: ``queued`` (in the queue list), ``delivered`` followed by
+#: (delivery tag, delivery time) pairs of its unacknowledged copies, or ``nowhere``. Runs inside
+#: Redis so that message payloads never cross the network; only used for a batch that no live
+#: worker has claimed for a whole hold TTL, so rarely.
+LOCATE_SCRIPT = """
+local needle = '"' .. ARGV[1] .. '"'
+for _, m in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.find(m, needle, 1, true) then return {'queued'} end
+end
+local out = {'nowhere'}
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  if string.find(all[i + 1], needle, 1, true) then
+    out[1] = 'delivered'
+    table.insert(out, all[i])
+    table.insert(out, redis.call('ZSCORE', KEYS[3], all[i]) or '0')
+  end
+end
+return out
+"""
 
 
 class QueueBackend:
@@ -131,11 +175,23 @@ class QueueBackend:
     Nothing of a batch stays in Redis once its outcome is final: the batch id leaves the job's
     set of awaited batches (``deposium.worker.celery_app.awaited_key``), then its result is deleted; a
     duplicate delivery still queued or running is then skipped by the worker, storing nothing.
+
+    Every ``check_interval_s`` it also looks at what Redis holds for the batches in flight, so
+    that nothing is waited on in silence (docs/scaling.md):
+
+    * a batch missing from the job's set of awaited batches was lost by Redis itself (restarted
+      without persistence, or flushed): its message and result went with it, so it is re-sent;
+    * a batch whose holder key (``deposium.worker.heartbeat``) was seen and then vanished with no
+      result stored was held by a replica that is gone whole: it is re-sent, as one attempt;
+    * when no batch finished for ``stall_report_s``, one line says how many workers are online on
+      the queue and how many batches are queued and held; with ``wait_for_workers_s`` set, no
+      batch finishing and no worker online for that long stops the job (:class:`JobStopped`).
     """
 
     def __init__(self, settings: Settings, request: Request, *, model_sha256: str,
                  batch_timeout_s: float | None = None, reconnect_timeout_s: float = 120.0,
-                 poll_interval_s: float = 0.02) -> None:
+                 poll_interval_s: float = 0.02, check_interval_s: float = 2.0,
+                 report: Callable[[str], None] = report_to_stderr) -> None:
         if not settings.redis_url:
             raise BackendError("queue mode needs REDIS_URL (or use --local)")
         from deposium.worker.celery_app import awaited_key, create_app
@@ -144,6 +200,10 @@ class QueueBackend:
         check_redis(settings)
         self.settings = settings
         self.app = create_app(settings)
+        # Results are polled with GET; Celery would also SUBSCRIBE to each task's channel, a
+        # connection this producer never reads whose reconnect fails noisily, at garbage
+        # collection time, after a Redis outage.
+        self.app.backend.on_task_call = lambda *_args, **_kw: None
         self.awaited = awaited_key(request.job_id)
         self.task_name = TASK_NAME
         self.request = request
@@ -153,8 +213,19 @@ class QueueBackend:
             settings.visibility_timeout_s + settings.task_time_limit_s)
         self.reconnect_timeout_s = reconnect_timeout_s
         self.poll_interval_s = poll_interval_s
+        self.check_interval_s = check_interval_s
+        self.report = report
         self.sent = 0
         self._pending: dict[str, _Pending] = {}
+        self._next_check = 0.0
+        self._last_progress = time.monotonic()
+        self._next_stall_report = 0.0
+        self._started = time.monotonic()
+        self._paragraphs_done = 0
+        #: delivery tags of unacknowledged copies already re-sent for (they stay until the visibility timeout)
+        self._handled_tags: set[str] = set()
+        #: share of the job done (0..1) or None when unknown; set by the CLI from its progress meter
+        self.fraction_done: Callable[[], float | None] | None = None
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, batch: Batch, attempts: int) -> None:
@@ -179,6 +250,8 @@ class QueueBackend:
         self._pending[batch.id] = _Pending(batch, result, attempts, time.monotonic() + self.batch_timeout_s)
 
     def submit(self, batch: Batch) -> None:
+        if not self._pending:  # waiting starts now, not when the last batch finished
+            self._last_progress = time.monotonic()
         self._send(batch, 1)
 
     def in_flight(self) -> int:
@@ -198,7 +271,7 @@ class QueueBackend:
                 return fn()
             except (RedisConnectionError, RedisTimeoutError, OperationalError, ConnectionError) as exc:
                 if time.monotonic() > give_up:
-                    raise BackendError(
+                    raise JobStopped(
                         f"lost Redis at {mask_url(self.settings.redis_url)} for over "
                         f"{self.reconnect_timeout_s:.0f}s ({exc}); the job can be resumed") from None
                 time.sleep(delay)
@@ -254,12 +327,177 @@ class QueueBackend:
                 if outcome is not None:
                     del self._pending[batch_id]
                     done.append(outcome)
+            now = time.monotonic()
+            self._paragraphs_done += sum(len(o.batch.rows) for o in done)
+            if done:
+                self._last_progress = now
+                self._next_stall_report = 0.0
+            elif self._pending and now >= self._next_check:
+                self._next_check = now + self.check_interval_s
+                done = self._watch(now)
             if done or not block or not self._pending:
                 return done
             time.sleep(self.poll_interval_s)
 
+    # -- watching what Redis holds for the batches in flight ------------------------------------
+    def _watch(self, now: float) -> list[Outcome]:
+        """Re-send batches Redis or a lost replica took with it; report (or stop) a stalled job."""
+        from deposium.worker.celery_app import held_key
+
+        pending = list(self._pending.values())
+
+        def read() -> tuple[set[bytes], list[bytes | None]]:
+            pipe = self.app.backend.client.pipeline(transaction=False)
+            pipe.smembers(self.awaited)
+            pipe.mget([held_key(self._task_id(p)) for p in pending])
+            awaited, holders = pipe.execute()
+            return set(awaited), list(holders)
+
+        awaited, holders = self._retrying(read)
+        gone = [p for p in pending if p.batch.id.encode() not in awaited]
+        gone_ids = {p.batch.id for p in gone}
+        if gone:
+            self.report(f"Redis lost {len(gone)} queued batches (restarted without persistence?); re-sending")
+            for p in gone:
+                self._send(p.batch, p.attempts)
+        done: list[Outcome] = []
+        orphans: Counter[str] = Counter()
+        for p, holder in zip(pending, holders, strict=True):
+            if p.batch.id in gone_ids:
+                continue
+            if holder is not None:
+                p.holder = holder.decode(errors="replace")
+            elif p.holder is not None and self._retrying(lambda p=p: p.result.state) not in {"SUCCESS", "FAILURE"}:
+                orphans[p.holder] += 1
+                outcome = self._resend_or_fail(p, f"its worker {p.holder} was lost")
+                if outcome is not None:
+                    done.append(outcome)
+        for node, n in orphans.items():
+            self.report(f"worker {node} stopped answering (no heartbeat for {self.settings.hold_ttl_s}s) "
+                        f"holding {n} batches; re-sending them")
+        ttl = self.settings.hold_ttl_s
+        unclaimed = [p for p, holder in zip(pending, holders, strict=True)
+                     if p.batch.id not in gone_ids and holder is None and p.holder is None
+                     and now - p.sent_at > ttl and now >= p.next_locate and self._pending.get(p.batch.id) is p]
+        taken = [p for p in unclaimed if self._lost_in_delivery(p, now)]
+        for p in taken:
+            outcome = self._resend_or_fail(p, "the worker that took it was lost")
+            if outcome is not None:
+                done.append(outcome)
+        if taken:
+            self.report(f"{len(taken)} batches taken by a worker that is gone (claimed by no live worker for "
+                        f"{ttl}s); re-sending them")
+        self._publish_progress(now)
+        if not done:
+            self._check_stall(now)
+        return done
+
+    def _lost_in_delivery(self, p: _Pending, now: float) -> bool:
+        """Whether ``p``, claimed by no live worker for a hold TTL, was taken by a worker that is gone.
+
+        Why this besides holder keys: a worker killed just after taking a message from the queue,
+        before it could claim it, leaves the message in the transport's unacknowledged hash (or, in
+        the instant between the two, nowhere at all) with no key to expire. A batch still queued
+        is merely waiting; one delivered over a TTL ago and still unclaimed, or found nowhere on two
+        checks in a row, is lost.
+        """
+        where = self._retrying(lambda: self.app.backend.client.eval(
+            LOCATE_SCRIPT, 3, self.settings.queue, UNACKED_KEY, UNACKED_INDEX_KEY, self._task_id(p)))
+        status = where[0].decode() if isinstance(where[0], bytes) else str(where[0])
+        if status == "queued":
+            p.missing_since = None
+            p.next_locate = now + self.settings.hold_ttl_s
+            return False
+        copies = [(tag.decode(), float(t)) for tag, t in zip(where[1::2], where[2::2], strict=True)]
+        fresh = [(tag, t) for tag, t in copies if tag not in self._handled_tags]
+        if fresh:
+            p.missing_since = None
+            if any(time.time() - t <= self.settings.hold_ttl_s for _, t in fresh):
+                return False  # just delivered: its claim is on its way
+        elif p.missing_since is None or now - p.missing_since < self.check_interval_s:
+            p.missing_since = p.missing_since or now
+            return False
+        if self._retrying(lambda: p.result.state) in {"SUCCESS", "FAILURE"}:
+            return False
+        self._handled_tags.update(tag for tag, _ in fresh)
+        return True
+
+    def _publish_progress(self, now: float) -> None:
+        """The job's progress as a Redis hash an autoscaler can read through any worker's exporter
+        (``deposium.worker.metrics``): batches and paragraphs queued or held, done, ETA. It expires
+        soon after this producer stops refreshing it, and is deleted when the job ends."""
+        from deposium.worker.celery_app import progress_key
+
+        queued = [p for p in self._pending.values() if p.holder is None]
+        fraction = self.fraction_done() if self.fraction_done is not None else None
+        elapsed = now - self._started
+        eta = elapsed * (1 - fraction) / fraction if fraction and 0 < fraction <= 1 else -1.0
+        total = round(self._paragraphs_done / fraction) if fraction and fraction > 0 else 0
+        fields = {"queue": self.settings.queue, "batches_in_flight": len(self._pending),
+                  "batches_queued": len(queued), "paragraphs_queued": sum(len(p.batch.rows) for p in queued),
+                  "batches_held": len(self._pending) - len(queued), "paragraphs_done": self._paragraphs_done,
+                  "paragraphs_total": total, "eta_seconds": round(eta, 1), "updated": time.time()}
+
+        def write() -> None:
+            pipe = self.app.backend.client.pipeline(transaction=False)
+            pipe.hset(progress_key(self.request.job_id), mapping=fields)
+            pipe.expire(progress_key(self.request.job_id), max(30, int(10 * self.check_interval_s)))
+            pipe.execute()
+
+        self._retrying(write)
+
+    def _task_id(self, p: _Pending) -> str:
+        from deposium.worker.wire import task_id
+
+        return task_id(self.request.job_id, p.batch.id)
+
+    def _resend_or_fail(self, p: _Pending, reason: str) -> Outcome | None:
+        """Send ``p`` again as a new attempt, or return it failed once its attempts are used up."""
+        if p.attempts > self.retries:
+            self._retrying(lambda: self.app.backend.client.srem(self.awaited, p.batch.id))
+            del self._pending[p.batch.id]
+            return Outcome(p.batch, failure=reason, attempts=p.attempts)
+        self._send(p.batch, p.attempts + 1)
+        return None
+
+    def workers_online(self) -> int:
+        """Workers whose heartbeat says they consume this job's queue (``deposium.worker.heartbeat``)."""
+        from deposium.worker.celery_app import worker_key
+
+        pattern = worker_key(self.settings.queue, "*")
+        return self._retrying(lambda: sum(1 for _ in self.app.backend.client.scan_iter(pattern, count=1000)))
+
+    def _check_stall(self, now: float) -> None:
+        idle = now - self._last_progress
+        wait = self.settings.wait_for_workers_s
+        report_due = idle >= self.settings.stall_report_s and now >= self._next_stall_report
+        if not report_due and not (wait and idle >= wait):
+            return
+        workers = self.workers_online()
+        where = f"queue '{self.settings.queue}' at {mask_url(self.settings.redis_url)}"
+        if wait and idle >= wait and workers == 0:
+            raise JobStopped(f"no batch finished for {idle:.0f}s and no worker is online on {where} "
+                             f"(--wait-for-workers {wait}); start workers, then re-run the same command "
+                             "to resume")
+        if not report_due:
+            return
+        self._next_stall_report = now + 10 * self.settings.stall_report_s
+        queued = self._retrying(lambda: self.app.backend.client.llen(self.settings.queue))
+        held = sum(1 for p in self._pending.values() if p.holder is not None)
+        hint = ("; start workers (deposium-worker) with this REDIS_URL and DEPOSIUM_QUEUE"
+                if workers == 0 else "")
+        self.report(f"no batch finished for {idle:.0f}s: {workers} workers online on {where}, "
+                    f"{queued} batches queued, {held} of this job's held by workers; waiting{hint}")
+
     def close(self) -> None:
+        """End of the run: the job's progress hash goes (queue depth gauges must not count it)."""
+        from deposium.worker.celery_app import progress_key
+
         self._pending.clear()
+        try:
+            self.app.backend.client.delete(progress_key(self.request.job_id))
+        except Exception:  # noqa: BLE001 - it expires by itself within a minute
+            pass
 
 
 def check_redis(settings: Settings) -> None:

@@ -3,25 +3,28 @@
 Exit codes: 0 every paragraph written; 1 the job finished but something failed (see the
 errors file); 2 the job could not run (unknown flag or bad value, a task or dim the model does
 not offer, unknown or malformed sink target, Redis unreachable, sink refused), with one line
-saying why, before any paragraph is sent; 130 interrupted (resume with the same command or
+saying why, before any paragraph is sent; 3 the job stopped mid-way (Redis lost for longer than
+DEPOSIUM_REDIS_RECONNECT_TIMEOUT, no worker online for ``--wait-for-workers`` seconds), with one
+line saying why: resume with the same command; 130 interrupted (resume with the same command or
 ``--resume JOB_ID``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from deposium.producer.runner import JobOptions
     from deposium.worker.config import Settings
 
-EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _at_least(minimum: int):
@@ -46,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                     "Re-running the same command resumes the job.",
         epilog="Inputs: .txt/.md files (paragraphs = blank-line separated blocks), .jsonl files with "
                "'id' and 'text' per line, directories (recursively), quoted globs, '-' for stdin. "
-               "Exit: 0 ok, 1 finished with failures, 2 could not run, 130 interrupted.")
+               "Exit: 0 ok, 1 finished with failures, 2 could not run, 3 stopped mid-job (resume with the "
+               "same command), 130 interrupted.")
     p.add_argument("paths", nargs="*", help="files, directories, globs, or - for stdin")
     p.add_argument("--out", "--sink", dest="out", default=None,
                    help="output: a .parquet path (default embeddings.parquet), "
@@ -92,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show the progress bar even when stderr is not a terminal")
     bar.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--wait-for-workers", type=_at_least(1), default=None, metavar="SECONDS",
+                   help="queue mode: stop (exit 3, resumable) when no batch finished and no worker was "
+                        "online on the queue for SECONDS (default DEPOSIUM_WAIT_FOR_WORKERS; 0 = wait)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of one line")
     return p
 
@@ -110,6 +117,17 @@ def _input_bytes(paths: list[str], stdin_path: Path | None) -> int | None:
     return total or None
 
 
+def _share_done(progress: Any) -> Callable[[], float | None]:
+    """Share of the job done, as the progress bar estimates it (input bytes read x read text
+    committed), for the progress a queued job publishes to autoscalers; None until known."""
+    def share() -> float | None:
+        if not (progress.total_bytes and progress.read_bytes and progress.text_read):
+            return None
+        read = min(progress.read_bytes() / progress.total_bytes, 1.0)
+        return read * min(progress.nbytes / progress.text_read, 1.0)
+    return share
+
+
 def _fail(message: str) -> int:
     print(f"deposium-submit: error: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -125,19 +143,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from deposium.producer.backends import BackendError
+    from deposium.producer.backends import BackendError, JobStopped, QueueBackend
     from deposium.producer.job import build_runner, job_store, plan_job, with_in_flight
     from deposium.producer.progress import Progress
     from deposium.producer.readers import Meter, read_inputs, spool
     from deposium.producer.runner import JobError, JobOptions
     from deposium.producer.sinks import SinkError, configure_sink
     from deposium.worker.artifact import ArtifactError
-    from deposium.worker.config import ConfigError, load_settings
+    from deposium.worker.config import ConfigError, load_settings, mask_url
     from deposium.worker.errors import EmbedRequestError
     from deposium.worker.tokenize import NO_PROMPT
 
+    redis_lost: tuple[type[BaseException], ...] = ()
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        redis_lost = (RedisConnectionError, RedisTimeoutError)
+    except ImportError:  # local mode without the queue extras
+        pass
+
     try:
         settings = load_settings()
+        if args.wait_for_workers is not None:
+            settings = dataclasses.replace(settings, wait_for_workers_s=args.wait_for_workers)
         options = JobOptions(task=NO_PROMPT if args.no_prompt else args.task, dim=args.dim, dtype=args.dtype,
                              batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, min_chars=args.min_chars)
         paths = list(args.paths)
@@ -187,11 +216,20 @@ def _main(args: argparse.Namespace) -> int:
         if plan.errors_path is not None:  # a URL target's errors file lives in the (maybe new) cache
             plan.errors_path.parent.mkdir(parents=True, exist_ok=True)
         runner = build_runner(plan, progress=progress, replace=args.replace)
+        if isinstance(runner.backend, QueueBackend):
+            runner.backend.fraction_done = _share_done(progress)
         configure_sink(runner.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
-        summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
-                                         meter=meter))
+        try:
+            summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
+                                             meter=meter))
+        except redis_lost as exc:  # the job record's Redis, gone mid-job for its whole retry time
+            raise JobStopped(f"lost Redis at {mask_url(settings.redis_url)} ({exc}); the job can be "
+                             "resumed") from None
         if stdin_path is not None:
             stdin_path.unlink(missing_ok=True)
+    except JobStopped as exc:
+        print(f"deposium-submit: stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except (BackendError, SinkError, JobError, ArtifactError, ConfigError, EmbedRequestError,
             ValueError, OSError) as exc:
         return _fail(str(exc))

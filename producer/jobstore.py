@@ -121,10 +121,10 @@ class RedisJobStore:
 
     def forget(self, job_id: str) -> None:
         """Delete the record and what an abandoned run of the job may have left (its set of
-        awaited batches, results nobody collected; both would otherwise expire)."""
-        from deposium.worker.celery_app import awaited_key
+        awaited batches, its progress hash, results nobody collected; all would otherwise expire)."""
+        from deposium.worker.celery_app import awaited_key, progress_key
 
-        self.client.delete(REDIS_PREFIX + job_id, awaited_key(job_id))
+        self.client.delete(REDIS_PREFIX + job_id, awaited_key(job_id), progress_key(job_id))
         self.client.srem(REDIS_INDEX, job_id)
         for key in self.client.scan_iter(f"celery-task-meta-{job_id}:*", count=1000):
             self.client.delete(key)

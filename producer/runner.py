@@ -345,6 +345,7 @@ class JobRunner:
             s.seconds = time.monotonic() - started
             s.batches_sent = self.backend.sent
             self.progress.close()
+            self.backend.close()  # queue mode: drops the job's progress hash read by autoscalers
             if s.state == "done":
                 self.sink.close(complete=not self._failed)
                 for batch_id, entries in self._record.get("paragraph_errors", {}).items():

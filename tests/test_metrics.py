@@ -11,6 +11,7 @@ The helpers here (worker subprocess, batch sending) are also used by test_flower
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -239,3 +240,54 @@ def test_metrics_off_by_default(redis_server: RedisServer, minilm_artifact: Path
         assert proc.poll() is None
     assert len(results) == 1 and results[0]["errors"] == [None, None]
     assert list(metrics_dir.iterdir()) == []
+
+
+def test_scaling_gauges_follow_a_real_queued_job(redis_server: RedisServer, minilm_artifact: Path, tmp_path: Path):
+    """Queue depth, work in flight, workers online and the job's progress and ETA, on the worker's
+    endpoint while a real ``deposium-submit`` job runs (an autoscaler reads them without Flower),
+    and the job's series gone once it ended."""
+    from tests.procs import producer_env, submit_cmd, write_jsonl
+    from tests.test_faults import MARK, _texts
+
+    port = free_port()
+    queue = f"scaling-{uuid.uuid4().hex[:8]}"
+    node = f"scaling-{uuid.uuid4().hex[:6]}@testhost"
+    # one process, slow marked batches: the job keeps a backlog in the queue for a while
+    env = worker_env(redis_server.url, minilm_artifact, queue, DEPOSIUM_METRICS_PORT=str(port),
+                     DEPOSIUM_TEST_FAULT=f"sleep=1.5:{MARK}")
+    texts = _texts(160, marked=tuple(range(0, 160, 7)))
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    log = tmp_path / "worker.log"
+    with worker_process(env, node, log, "--concurrency=1") as proc:
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, "worker ready", proc, log)
+        job = subprocess.Popen(
+            submit_cmd("in.jsonl", "--out", "out.parquet", "--batch-tokens", "300", "--max-in-flight", "4",
+                       "--no-progress", "--json"),
+            env=producer_env(tmp_path, minilm_artifact, redis_server.url, DEPOSIUM_QUEUE=queue), cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        q = (("queue", queue),)
+
+        def mid_job():
+            s = scrape(port)
+            jobs = [dict(labels) for (name, labels) in s if name == "deposium_job_paragraphs_done"]
+            if not jobs:
+                return None
+            jl = tuple(sorted({"queue": queue, "job": jobs[0]["job"]}.items()))
+            busy = s[("deposium_queue_batches", q)] >= 1 and s[("deposium_job_paragraphs_done", jl)] > 0
+            return busy and s[("deposium_job_eta_seconds", jl)] > 0 and (s, jl)
+
+        samples, jl = wait_until(mid_job, "a scrape mid-job with a backlog and an ETA", job, timeout=120)
+        out, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+        after = scrape(port)
+    summary = json.loads(out)
+    assert dict(jl)["job"] == summary["job_id"]
+    assert samples[("deposium_workers_online", q)] == 1
+    # concurrency 1, 4 in flight: at most one held by the worker, the rest queued
+    assert 1 <= samples[("deposium_batches_in_flight", q)] <= 4
+    assert samples[("deposium_queue_paragraphs", q)] > 0
+    assert 0 < samples[("deposium_job_paragraphs_done", jl)] < len(texts)
+    assert samples[("deposium_job_paragraphs_total", jl)] > samples[("deposium_job_paragraphs_done", jl)]
+    # after the job: nothing queued or in flight, the job's series gone
+    assert after[("deposium_queue_batches", q)] == 0 and after[("deposium_batches_in_flight", q)] == 0
+    assert not [name for (name, _labels) in after if name.startswith("deposium_job_")]

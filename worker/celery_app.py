@@ -40,6 +40,7 @@ from celery import Celery
 
 import deposium.worker.metrics  # noqa: F401  (Prometheus throughput metrics via Celery signals)
 from deposium.worker.config import Settings, load_settings
+from deposium.worker.heartbeat import held_key, worker_key  # also wires the heartbeat's Celery signals
 from deposium.worker.wire import TASK_NAME
 
 #: Seconds a freshly forked child may take to report itself alive. The model is loaded
@@ -58,6 +59,15 @@ def awaited_key(job_id: str) -> str:
     """
     return f"deposium:awaited:{job_id}"
 
+
+def progress_key(job_id: str) -> str:
+    """Redis hash where a running job's producer publishes its progress (queued, held, done, ETA)
+    for the workers' exporters (``deposium.worker.metrics``); expires when the producer stops."""
+    return f"deposium:progress:{job_id}"
+
+
+__all__ = ["AWAITED_HEADER", "app", "awaited_key", "celery_config", "create_app", "held_key", "progress_key",
+           "worker_key"]
 
 #: Broker used when REDIS_URL is unset, only so the module can be imported (the CLI refuses
 #: to start a worker without REDIS_URL).

@@ -154,6 +154,22 @@ class Settings:
     #: Seconds the producer keeps retrying a lost Redis connection mid-job (a Redis restart)
     #: before it stops; the job then resumes with the same command.
     redis_reconnect_timeout_s: int = 120
+    #: Seconds without a finished batch before the producer says why it waits (workers online,
+    #: batches queued and held); repeated every ten times as long while nothing finishes.
+    stall_report_s: int = 30
+    #: Seconds the producer waits with no batch finishing and no worker online on its queue before
+    #: it stops (exit 3, resumable). 0 = wait for workers as long as it takes.
+    wait_for_workers_s: int = 0
+
+    # --- replica liveness --------------------------------------------------------------------
+    #: Seconds a worker's claim on the batches it holds lives without a refresh (refreshed every
+    #: third of it). A replica lost whole (killed, cut off) lets its batches go after this, and the
+    #: producer re-sends them, instead of waiting for the visibility timeout.
+    hold_ttl_s: int = 20
+    #: Seconds a worker asked to stop (SIGTERM: a scale-down, a redeploy) lets its running batches
+    #: finish; then it stops them and returns them to the queue for other replicas. Keep it under the
+    #: platform's drain time (railway.json ``drainingSeconds``). 0 = wait for them however long.
+    drain_s: int = 100
 
     # --- tests only ----------------------------------------------------------------------------
     #: Fault injection for the reliability tests (tests/test_faults.py). Empty = off; never set it
@@ -198,6 +214,10 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_SYNC_GROUP_PARAGRAPHS": "sync_group_paragraphs",
     "DEPOSIUM_BATCH_TIMEOUT": "batch_timeout_s",
     "DEPOSIUM_REDIS_RECONNECT_TIMEOUT": "redis_reconnect_timeout_s",
+    "DEPOSIUM_STALL_REPORT": "stall_report_s",
+    "DEPOSIUM_WAIT_FOR_WORKERS": "wait_for_workers_s",
+    "DEPOSIUM_HOLD_TTL": "hold_ttl_s",
+    "DEPOSIUM_DRAIN_SECONDS": "drain_s",
     "DEPOSIUM_TEST_FAULT": "test_fault",
 }
 
@@ -247,6 +267,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("DEPOSIUM_INT8_WEIGHTS must be auto, signed or unsigned")
     if settings.kernel_isa not in ("auto", *KERNEL_ISAS):
         raise ConfigError(f"DEPOSIUM_KERNEL_ISA must be auto, {', '.join(KERNEL_ISAS)}")
+    if settings.hold_ttl_s < 3:
+        raise ConfigError("DEPOSIUM_HOLD_TTL must be at least 3 (it is refreshed every third of it)")
+    if settings.stall_report_s < 1:
+        raise ConfigError("DEPOSIUM_STALL_REPORT must be at least 1")
     if settings.token_budget < 16:
         raise ConfigError("DEPOSIUM_TOKEN_BUDGET must be at least 16")
     if settings.redis_url and (password := url_password(settings.redis_url)) and PLACEHOLDER_SECRET.search(password):

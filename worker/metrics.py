@@ -62,6 +62,82 @@ METRIC_NAMES = (
 )
 
 
+#: Gauges read from Redis at scrape time, the same on every replica (docs/scaling.md): what an
+#: autoscaler needs (queue depth, work in flight, job progress and ETA) without Flower.
+SCALING_METRIC_NAMES = (
+    "deposium_queue_batches",
+    "deposium_queue_paragraphs",
+    "deposium_batches_in_flight",
+    "deposium_workers_online",
+    "deposium_job_paragraphs_done",
+    "deposium_job_paragraphs_total",
+    "deposium_job_eta_seconds",
+)
+
+
+class ScalingCollector:
+    """Queue depth and job progress, read from Redis when Prometheus scrapes.
+
+    Why read at scrape time from Redis, not counted here: the queue is shared by every replica
+    and fed by producers elsewhere; only Redis knows its length (``LLEN``), and only a job's
+    producer knows how many paragraphs its queued batches hold and how far the job is. Each
+    producer publishes that in a small hash (``deposium.worker.celery_app.progress_key``) that
+    expires when it stops. Every replica therefore reports the same values: aggregate with
+    ``max``, not ``sum``.
+    """
+
+    def __init__(self, redis_url: str, queues: tuple[str, ...]) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self.queues = queues
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from deposium.worker.heartbeat import worker_key
+
+        try:
+            lengths = {q: int(self.client.llen(q)) for q in self.queues}
+            workers = {q: sum(1 for _ in self.client.scan_iter(worker_key(q, "*"), count=1000)) for q in self.queues}
+            jobs = []
+            for key in self.client.scan_iter("deposium:progress:*", count=1000):
+                fields = {k.decode(): v.decode() for k, v in self.client.hgetall(key).items()}
+                if fields.get("queue") in self.queues:
+                    jobs.append((key.decode().rsplit(":", 1)[1], fields))
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Redis is away
+            log.warning("scaling metrics: cannot read Redis (%s)", exc)
+            return
+        queue_batches = GaugeMetricFamily("deposium_queue_batches", "Batches waiting in the queue (LLEN).",
+                                          labels=["queue"])
+        queue_paragraphs = GaugeMetricFamily(
+            "deposium_queue_paragraphs", "Paragraphs in batches sent by running jobs and not yet held by a worker.",
+            labels=["queue"])
+        in_flight = GaugeMetricFamily("deposium_batches_in_flight",
+                                      "Batches sent by running jobs and not yet returned (queued or held).",
+                                      labels=["queue"])
+        online = GaugeMetricFamily("deposium_workers_online", "Worker replicas whose heartbeat is fresh.",
+                                   labels=["queue"])
+        done = GaugeMetricFamily("deposium_job_paragraphs_done", "Paragraphs a running job has written in this run.",
+                                 labels=["queue", "job"])
+        total = GaugeMetricFamily("deposium_job_paragraphs_total",
+                                  "Paragraphs a running job is estimated to hold (0 until estimable).",
+                                  labels=["queue", "job"])
+        eta = GaugeMetricFamily("deposium_job_eta_seconds", "Estimated seconds until a running job ends (-1 unknown).",
+                                labels=["queue", "job"])
+        for q in self.queues:
+            mine = [f for _, f in jobs if f.get("queue") == q]
+            queue_batches.add_metric([q], lengths[q])
+            queue_paragraphs.add_metric([q], sum(float(f.get("paragraphs_queued", 0)) for f in mine))
+            in_flight.add_metric([q], sum(float(f.get("batches_in_flight", 0)) for f in mine))
+            online.add_metric([q], workers[q])
+        for job, f in jobs:
+            done.add_metric([f["queue"], job], float(f.get("paragraphs_done", 0)))
+            total.add_metric([f["queue"], job], float(f.get("paragraphs_total", 0)))
+            eta.add_metric([f["queue"], job], float(f.get("eta_seconds", -1)))
+        yield from (queue_batches, queue_paragraphs, in_flight, online, done, total, eta)
+
+
 class _State:
     """Per-process state. Forked children inherit it (that is the point: they inherit the
     metric objects, already in multiprocess mode, and the node name)."""
@@ -73,6 +149,7 @@ class _State:
     ready = False
     metrics: dict[str, Any] = {}
     started: dict[str, float] = {}
+    scaling: ScalingCollector | None = None
 
 
 state = _State()
@@ -148,6 +225,8 @@ def render() -> bytes:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(state.directory))
+    if state.scaling is not None:
+        registry.register(state.scaling)
     return generate_latest(registry)
 
 
@@ -194,6 +273,8 @@ def start(settings: Settings, node: str) -> bool:
     state.directory = directory
     state.node = node
     state.metrics = _create_metrics()
+    if settings.redis_url:
+        state.scaling = ScalingCollector(settings.redis_url, (settings.queue,))
     server_cls = _Server6 if ":" in settings.metrics_addr else ThreadingHTTPServer
     server = server_cls((settings.metrics_addr, settings.metrics_port), _Handler)
     server.daemon_threads = True
@@ -216,8 +297,12 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _on_worker_ready(**_: Any) -> None:
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     state.ready = True
+    if state.scaling is not None:  # the queues actually consumed (``deposium-worker --queue`` included)
+        from deposium.worker.heartbeat import consumed_queues
+
+        state.scaling.queues = consumed_queues(sender, state.scaling.queues[0])
 
 
 @signals.worker_shutdown.connect
