@@ -126,9 +126,9 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
     handle = JobHandle(plan.job_id, plan.target)
     if plan.errors_path is not None:  # a URL target's errors file lives in the (maybe new) cache
         plan.errors_path.parent.mkdir(parents=True, exist_ok=True)
+    configure_sink(plan.sink, index=index, model_id=str(plan.spec.get("model_source", "")))
     runner = build_runner(plan, progress=Progress(enabled=progress, total=total), replace=replace_output,
                           on_progress=handle._update)
-    configure_sink(runner.sink, index=index, model_id=str(plan.spec.get("model_source", "")))
 
     def run() -> None:
         try:
