@@ -126,7 +126,7 @@ def test_replace_starts_over_after_the_input_changed(minilm_artifact: Path, tmp_
     from deposium.producer.runner import JobError
 
     target = f"lancedb://{tmp_path / 'db'}?table=r"
-    docs = documents(20)
+    docs = documents(40)
     assert run_job(target, minilm_artifact, docs).ok
     edited = "An edited first document that the earlier run never saw."
     docs[0] = (docs[0][0], edited)

@@ -213,7 +213,7 @@ def test_replace_starts_over_after_the_input_changed(pg: PgCluster, minilm_artif
     from deposium.producer.runner import JobError
 
     target = pg.url("changed")
-    docs = documents(20)
+    docs = documents(40)
     assert run_job(target, minilm_artifact, docs).ok
     edited = "An edited first document that the earlier run never saw."
     docs[0] = (docs[0][0], edited)
