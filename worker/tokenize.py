@@ -92,9 +92,9 @@ class ParagraphTokenizer:
     def _configured(self, *, truncate: bool) -> Tokenizer:
         """The one parsed tokenizer, set to truncate (``encode``) or not (``count_tokens``).
 
-        Why one parse switched between the two modes rather than two copies: each copy of
-        EmbeddingGemma's 262k-token vocabulary holds tens of MB (plus its parsing garbage), and
-        the producer's local mode both counts and encodes with the same tokenizer. Switching
+        Why one parse switched between the two modes rather than two copies: a copy of a large
+        vocabulary (EmbeddingGemma's) is a large share of a producer's memory, and the producer's
+        local mode both counts and encodes with the same tokenizer. Switching
         only sets truncation parameters; a worker (encode only) or a queue-mode producer (count
         only) never switches after its first call.
         """
