@@ -68,11 +68,10 @@ class EmbedResult:
 
 
 #: ONNX Runtime graph fusions the session leaves out. ``SkipLayerNormFusion`` folds each residual
-#: (and bias) Add into the following LayerNormalization, but onnxruntime 1.32's CPU
-#: SkipLayerNormalization kernel measured ~3x slower than the Add + LayerNormalization it
-#: replaces (MiniLM, one thread: 22 vs ~7.5 ms per 1,000 tokens; int8 13,300 vs 10,500 tokens/s
-#: end to end). It only fires on graphs whose hidden-state shapes are known (value_info), and it
-#: also changes int8-token vectors slightly (other float rounding before per-row quantization).
+#: (and bias) Add into the following LayerNormalization, but the CPU SkipLayerNormalization kernel
+#: is slower than the Add + LayerNormalization it replaces (measured in docs/benchmarks.md). It only
+#: fires on graphs whose hidden-state shapes are known (value_info), and it also changes int8-token
+#: vectors slightly (other float rounding before per-row quantization).
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
