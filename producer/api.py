@@ -111,9 +111,10 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
     """Start a job over ``documents`` writing to ``out``; returns at once (``background``).
 
     Calling it again with the same documents, options and ``out`` (or the same ``job_id``)
-    resumes the job: committed batches are skipped. ``name`` distinguishes two different
-    inputs written to the same target over time. Raises before starting when the artifact,
-    the options, Redis or the sink are unusable. ``out`` is any sink target: a ``.parquet``
+    resumes the job: committed batches are skipped; ``replace_output`` starts it over. ``name``
+    distinguishes two different inputs written to the same target over time. Raises before
+    starting when the artifact, the options, Redis or the sink are unusable, or when another
+    producer is writing to ``out`` right now. ``out`` is any sink target: a ``.parquet``
     path, ``postgresql://user@host/db?table=NAME`` or ``lancedb://PATH?table=NAME``;
     ``index`` (``"hnsw"``) builds a vector index in those stores once the job is complete.
     ``task`` names the model's prompt; ``None`` takes its ``document`` prompt when it has one
@@ -138,9 +139,9 @@ def submit(documents: Iterable[Item], *, out: str | Path, local: bool | None = N
     handle = JobHandle(plan.job_id, plan.target)
     if plan.errors_path is not None:  # a URL target's errors file lives in the (maybe new) cache
         plan.errors_path.parent.mkdir(parents=True, exist_ok=True)
+    configure_sink(plan.sink, index=index, model_id=str(plan.spec.get("model_source", "")))
     runner = build_runner(plan, progress=Progress(enabled=progress, total=total), replace=replace_output,
                           on_progress=handle._update)
-    configure_sink(runner.sink, index=index, model_id=str(plan.spec.get("model_source", "")))
 
     def run() -> None:
         try:

@@ -19,12 +19,16 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from deposium.producer.model import Batch
 from deposium.worker.config import Settings, mask_url
+
+if TYPE_CHECKING:
+    from deposium.worker.artifact import Manifest
+    from deposium.worker.tokenize import ParagraphTokenizer
 
 
 class BackendError(RuntimeError):
@@ -78,10 +82,13 @@ class Request:
 class LocalBackend:
     """The embedded default: one in-process :class:`deposium.worker.embedder.Embedder`, one batch at a time."""
 
-    def __init__(self, artifact_dir: Path, settings: Settings, request: Request) -> None:
+    def __init__(self, artifact_dir: Path, settings: Settings, request: Request, *,
+                 manifest: Manifest | None = None, tokenizer: ParagraphTokenizer | None = None) -> None:
+        """``manifest`` / ``tokenizer``: the job's own, already read (the producer counts tokens
+        with the same tokenizer), handed to the Embedder so neither is read again."""
         from deposium.worker.embedder import Embedder  # imported here: queue mode never loads onnxruntime
 
-        self.embedder = Embedder(artifact_dir, settings=settings)
+        self.embedder = Embedder(artifact_dir, settings=settings, manifest=manifest, tokenizer=tokenizer)
         self.model_sha256 = self.embedder.manifest.model_sha256
         self.request = request
         self.retries = settings.max_batch_retries

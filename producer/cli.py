@@ -1,24 +1,29 @@
 """``deposium-submit``: embed files, directories, globs or stdin into a sink, resumably.
 
 Exit codes: 0 every paragraph written; 1 the job finished but something failed (see the
-errors file); 2 the job could not run (unknown flag or bad value, a task or dim the model does
-not offer, unknown or malformed sink target, Redis unreachable, sink refused), with one line
-saying why, before any paragraph is sent; 3 the job stopped mid-way (Redis lost for longer than
-DEPOSIUM_REDIS_RECONNECT_TIMEOUT, no worker online for ``--wait-for-workers`` seconds), with one
-line saying why: resume with the same command; 130 interrupted (resume with the same command or
-``--resume JOB_ID``).
+errors file); 2 the job could not run (unknown flag or bad value, an input path that does not
+exist or a glob that matches nothing, an output that cannot be written or is not ``.parquet``,
+a task or dim the model does not offer, unknown or malformed sink target, Redis unreachable,
+sink refused, another producer writing the same output), with one line saying why, before
+any paragraph is sent and before any output or job record is created; 3 the job stopped
+mid-way (Redis lost for longer than DEPOSIUM_REDIS_RECONNECT_TIMEOUT, no worker online for
+``--wait-for-workers`` seconds), with one line saying why: resume with the same command;
+130 interrupted (resume with the same command or ``--resume JOB_ID``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from deposium.worker.wire import WIRE_DTYPES
 
 if TYPE_CHECKING:
     from deposium.producer.runner import JobOptions
@@ -67,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     prompt.add_argument("--no-prompt", action="store_true",
                         help="embed the texts as they are, even with a model that has a document prompt")
     p.add_argument("--dim", type=_at_least(1), help="Matryoshka dimension (one of the model's dims)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--dtype", choices=list(WIRE_DTYPES), default="float32")
     p.add_argument("--batch-tokens", type=_at_least(1), default=None,
                    help="tokens per batch sent as one task (default DEPOSIUM_BATCH_TOKENS, 8192)")
     p.add_argument("--max-in-flight", type=_at_least(1), default=None,
@@ -128,6 +133,24 @@ def _share_done(progress: Any) -> Callable[[], float | None]:
     return share
 
 
+def missing_inputs(paths: list[str]) -> list[str]:
+    """Inputs naming nothing: a path that does not exist, a glob that matches no file.
+
+    Why checked before anything else: such an input is a typo, not a bad document; running
+    the job without it would create an output and a job record for the wrong job.
+    """
+    missing = []
+    for raw in paths:
+        if raw == "-":
+            continue
+        if glob.has_magic(raw):
+            if not glob.glob(raw, recursive=True):
+                missing.append(f"{raw} (matches nothing)")
+        elif not os.path.exists(raw):
+            missing.append(raw)
+    return missing
+
+
 def _fail(message: str) -> int:
     print(f"deposium-submit: error: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -163,6 +186,7 @@ def _main(args: argparse.Namespace) -> int:
     except ImportError:  # local mode without the queue extras
         pass
 
+    stdin_path: Path | None = None
     try:
         settings = load_settings()
         if args.wait_for_workers is not None:
@@ -190,12 +214,14 @@ def _main(args: argparse.Namespace) -> int:
             errors = errors or Path(spec["errors_path"])
         if not paths:
             return _fail("no input given (paths, globs, directories or - for stdin)")
+        missing = missing_inputs(paths)
+        if missing:
+            return _fail(f"no such input: {', '.join(missing)}")
         if not args.sync and (args.keep_missing or args.delete_missing or args.dry_run):
             return _fail("--keep-missing, --delete-missing and --dry-run apply to --sync only")
         if args.sync and (args.resume or args.job_id or "-" in paths):
             return _fail("--sync reads its state from the output itself: no --resume, --job-id or stdin")
         target = target or "embeddings.parquet"
-        stdin_path = None
         identity_inputs = []
         for raw in paths:
             if raw == "-":
@@ -215,24 +241,25 @@ def _main(args: argparse.Namespace) -> int:
                             read_bytes=lambda: meter.nbytes)
         if plan.errors_path is not None:  # a URL target's errors file lives in the (maybe new) cache
             plan.errors_path.parent.mkdir(parents=True, exist_ok=True)
+        configure_sink(plan.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
         runner = build_runner(plan, progress=progress, replace=args.replace)
         if isinstance(runner.backend, QueueBackend):
             runner.backend.fraction_done = _share_done(progress)
-        configure_sink(runner.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
         try:
             summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
                                              meter=meter))
         except redis_lost as exc:  # the job record's Redis, gone mid-job for its whole retry time
             raise JobStopped(f"lost Redis at {mask_url(settings.redis_url)} ({exc}); the job can be "
                              "resumed") from None
-        if stdin_path is not None:
-            stdin_path.unlink(missing_ok=True)
     except JobStopped as exc:
         print(f"deposium-submit: stopped: {exc}", file=sys.stderr)
         return EXIT_STOPPED
     except (BackendError, SinkError, JobError, ArtifactError, ConfigError, EmbedRequestError,
             ValueError, OSError) as exc:
         return _fail(str(exc))
+    finally:
+        if stdin_path is not None:
+            stdin_path.unlink(missing_ok=True)
     if args.json:
         print(json.dumps(summary.to_json()))
     else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,23 @@ from deposium.producer.backends import Backend, BackendError, LocalBackend, Queu
 from deposium.producer.batching import Limits
 from deposium.producer.jobstore import FileJobStore, JobStore, RedisJobStore
 from deposium.producer.progress import Progress
-from deposium.producer.runner import JobOptions, JobRunner
-from deposium.producer.sinks import open_sink
+from deposium.producer.runner import ErrorLog, JobOptions, JobRecord, JobRunner, Pipeline
+from deposium.producer.sinks import Sink, SinkJob, open_sink
 from deposium.producer.tokens import TokenCounter
-from deposium.worker.artifact import ArtifactError, read_manifest
-from deposium.worker.config import Settings, load_settings
-from deposium.worker.tokenize import ingestion_task
+from deposium.worker.artifact import ArtifactError, Manifest, read_manifest
+from deposium.worker.config import Settings, load_settings, mask_url
+from deposium.worker.tokenize import ParagraphTokenizer, ingestion_task
+from deposium.worker.wire import WIRE_DTYPES
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything decided before the first paragraph is read."""
+    """Everything decided before the first paragraph is read.
+
+    Why the plan holds the parsed manifest and tokenizer: every later step (token counting,
+    the sink's model check, the local backend's Embedder) reads them from here, so a job
+    reads the artifact's manifest and parses its tokenizer once.
+    """
 
     job_id: str
     local: bool
@@ -38,20 +43,20 @@ class Plan:
     target: str
     errors_path: Path | None
     spec: dict[str, Any]
+    manifest: Manifest
+    tokenizer: ParagraphTokenizer
+    #: The target's sink, parsed and checked (nothing created, nothing connected) until opened.
+    sink: Sink
+
+    @property
+    def dim(self) -> int:
+        return self.options.dim or self.manifest.dim
 
 
 def job_id_for(identity: dict[str, Any]) -> str:
     """A job id derived from what shapes its output, so the same command finds the same job."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"j{digest[:15]}"
-
-
-_URL_PASSWORD = re.compile(r"^(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:@/]*):[^@/]*@")
-
-
-def without_password(target: str) -> str:
-    """``scheme://user:pw@host/...`` -> ``scheme://user@host/...`` (libpq then reads PGPASSWORD)."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['head']}@", target)
 
 
 def is_file_target(target: str) -> bool:
@@ -76,18 +81,20 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
     if options.dim is not None and options.dim not in manifest.matryoshka_dims:
         raise ValueError(f"--dim {options.dim} is not offered by this model; choose one of "
                          f"{manifest.matryoshka_dims}")
-    if options.dtype not in {"float32", "float16"}:
-        raise ValueError(f"--dtype must be float32 or float16, not {options.dtype!r}")
+    if options.dtype not in WIRE_DTYPES:
+        raise ValueError(f"--dtype must be {' or '.join(WIRE_DTYPES)}, not {options.dtype!r}")
     if options.max_in_flight < 1:
         raise ValueError(f"max_in_flight (--max-in-flight) must be at least 1, not {options.max_in_flight}")
     if options.batch_tokens < 1:
         raise ValueError(f"batch_tokens (--batch-tokens) must be at least 1, not {options.batch_tokens}")
     if is_file_target(target):
         target = str(Path(target.removeprefix("file://")).expanduser().absolute())
+    sink = open_sink(target)  # a malformed or unusable target is refused here, before any work
+    tokenizer = ParagraphTokenizer.from_artifact(artifact_dir, manifest)
     use_local = local if local is not None else not settings.redis_url
     # A password inside a sink URL is a secret: it never enters the job id, the job record
     # (Redis or file) or `deposium-jobs`; resuming by id then needs it from PG* variables.
-    stored_target = without_password(target)
+    stored_target = mask_url(target, drop_password=True)
     identity = {
         "inputs": inputs, "target": stored_target, "model": manifest.model_sha256,
         "task": options.task, "dim": options.dim or manifest.dim, "dtype": options.dtype,
@@ -103,7 +110,8 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
             "options": asdict(options), "errors_path": str(errors_path), "local": use_local,
             "model_sha256": manifest.model_sha256, "model_source": manifest.source}
     return Plan(job_id=job_id, local=use_local, settings=settings, options=options,
-                artifact_dir=artifact_dir, target=target, errors_path=errors_path, spec=spec)
+                artifact_dir=artifact_dir, target=target, errors_path=errors_path, spec=spec,
+                manifest=manifest, tokenizer=tokenizer, sink=sink)
 
 
 def job_store(settings: Settings, local: bool, target: str | None = None) -> JobStore:
@@ -118,30 +126,49 @@ def job_store(settings: Settings, local: bool, target: str | None = None) -> Job
     return FileJobStore(settings.cache_dir, record)
 
 
+def make_backend(plan: Plan, job_id: str) -> Backend:
+    """The plan's backend: the in-process Embedder (sharing the plan's manifest and tokenizer)
+    or the Celery queue (connects to Redis). ``job_id`` names its tasks."""
+    options = plan.options
+    request = Request(job_id=job_id, task=options.task, dim=options.dim, dtype=options.dtype)
+    if plan.local:
+        return LocalBackend(plan.artifact_dir, plan.settings, request, manifest=plan.manifest,
+                            tokenizer=plan.tokenizer)
+    return QueueBackend(plan.settings, request, model_sha256=plan.manifest.model_sha256,
+                        batch_timeout_s=plan.settings.batch_timeout_s or None,
+                        reconnect_timeout_s=float(plan.settings.redis_reconnect_timeout_s))
+
+
+def limits(plan: Plan) -> Limits:
+    """Batch limits: the job's token budget, under what the worker accepts per task."""
+    return Limits(tokens=plan.options.batch_tokens, paragraphs=plan.settings.max_batch_paragraphs,
+                  nbytes=max(plan.settings.max_batch_bytes - 4096, 1))
+
+
 def build_runner(plan: Plan, *, progress: Progress | None = None, replace: bool = False,
                  on_progress: Any = None) -> JobRunner:
-    """Create backend, sink and store for ``plan`` (connects to Redis / loads the model)."""
+    """Create the backend (connects to Redis / loads the model), then open the plan's sink.
+
+    Why the sink is opened here and not when the run starts: a target that belongs to
+    another job, or that another producer is writing right now (its lock), must be refused
+    when the job is submitted, before the first paragraph is read. Why after the backend: an
+    unreachable Redis or an unusable model then leaves no output state behind.
+    """
     settings = plan.settings
-    manifest = read_manifest(plan.artifact_dir)
-    dim = plan.options.dim or manifest.dim
-    counter = TokenCounter.from_artifact(plan.artifact_dir, task=plan.options.task,
-                                         max_tokens=plan.options.max_tokens)
-    request = Request(job_id=plan.job_id, task=plan.options.task, dim=plan.options.dim,
-                      dtype=plan.options.dtype)
-    backend: Backend
-    if plan.local:
-        backend = LocalBackend(plan.artifact_dir, settings, request)
-    else:
-        backend = QueueBackend(settings, request, model_sha256=manifest.model_sha256,
-                               batch_timeout_s=settings.batch_timeout_s or None,
-                               reconnect_timeout_s=float(settings.redis_reconnect_timeout_s))
-    limits = Limits(tokens=plan.options.batch_tokens, paragraphs=settings.max_batch_paragraphs,
-                    nbytes=max(settings.max_batch_bytes - 4096, 1))
-    return JobRunner(job_id=plan.job_id, spec=plan.spec, options=plan.options, counter=counter,
-                     backend=backend, sink=open_sink(plan.target),
-                     store=job_store(settings, plan.local, plan.target), dim=dim, limits=limits,
-                     max_paragraph_bytes=settings.max_paragraph_bytes, errors_path=plan.errors_path,
-                     progress=progress, replace=replace, on_progress=on_progress)
+    options = plan.options
+    counter = TokenCounter(plan.tokenizer, task=options.task, max_tokens=options.max_tokens)
+    backend = make_backend(plan, plan.job_id)
+    try:
+        plan.sink.open(SinkJob(job_id=plan.job_id, dim=plan.dim, dtype=options.dtype,
+                               model_sha256=plan.manifest.model_sha256, replace=replace))
+    except BaseException:
+        backend.close()
+        raise
+    pipeline = Pipeline(options=options, counter=counter, backend=backend, sink=plan.sink, limits=limits(plan),
+                        dim=plan.dim, max_paragraph_bytes=settings.max_paragraph_bytes)
+    record = JobRecord(job_store(settings, plan.local, plan.target), plan.job_id, plan.spec)
+    return JobRunner(pipeline, record, ErrorLog(plan.errors_path), progress=progress, replace=replace,
+                     on_progress=on_progress)
 
 
 def with_in_flight(options: JobOptions, settings: Settings, max_in_flight: int | None) -> JobOptions:
@@ -150,5 +177,5 @@ def with_in_flight(options: JobOptions, settings: Settings, max_in_flight: int |
                    batch_tokens=options.batch_tokens or settings.batch_tokens)
 
 
-__all__ = ["ArtifactError", "BackendError", "Plan", "build_runner", "job_id_for", "job_store", "plan_job",
-           "with_in_flight"]
+__all__ = ["ArtifactError", "BackendError", "Plan", "build_runner", "job_id_for", "job_store", "limits",
+           "make_backend", "plan_job", "with_in_flight"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -57,6 +58,18 @@ def _stores() -> list[tuple[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader left (``deposium-jobs | head``): point stdout at /dev/null so the
+        # interpreter's final flush is silent too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     from deposium.producer.backends import BackendError
     from deposium.worker.config import ConfigError

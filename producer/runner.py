@@ -26,7 +26,7 @@ from deposium.producer.model import Batch, InputError, Paragraph
 from deposium.producer.progress import Progress
 from deposium.producer.readers import Source
 from deposium.producer.schema import rows_table
-from deposium.producer.sinks import Sink, SinkJob
+from deposium.producer.sinks import Sink
 from deposium.producer.split import split_blocks
 from deposium.producer.tokens import TokenCounter
 
@@ -142,60 +142,95 @@ class ErrorLog:
             Path(self._tmp).unlink(missing_ok=True)
 
 
-class JobRunner:
-    """One run of one job. Create, then :meth:`run` with the job's sources."""
+@dataclass
+class Pipeline:
+    """The parts that turn a job's documents into committed rows (assembled by ``job.build_runner``)."""
 
-    def __init__(self, *, job_id: str, spec: dict[str, Any], options: JobOptions, counter: TokenCounter,
-                 backend: Backend, sink: Sink, store: JobStore, dim: int, limits: Limits,
-                 max_paragraph_bytes: int, errors_path: Path | None, progress: Progress | None = None,
-                 replace: bool = False, on_progress: Callable[[Summary], None] | None = None) -> None:
+    options: JobOptions
+    counter: TokenCounter
+    backend: Backend
+    sink: Sink
+    limits: Limits
+    dim: int
+    max_paragraph_bytes: int
+
+
+class JobRecord:
+    """The job's record in its :class:`JobStore`: inputs and options, state, counts, errors.
+
+    Why its own class: the record outlives a run (``deposium-jobs``, ``--resume``), so what it
+    keeps across runs (runs, batches sent before, per-paragraph errors of committed batches)
+    is decided here, apart from the loop that embeds.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, spec: dict[str, Any]) -> None:
+        self.store = store
         self.job_id = job_id
         self.spec = spec
-        self.options = options
-        self.counter = counter
-        self.backend = backend
-        self.sink = sink
-        self.store = store
-        self.dim = dim
-        self.limits = limits
-        self.max_paragraph_bytes = max_paragraph_bytes
-        self.errors = ErrorLog(errors_path)
-        self.progress = progress or Progress(enabled=False)
-        self.replace = replace
-        self.on_progress = on_progress
-        self.summary = Summary(job_id=job_id, target=sink.target)
-        self._committed: set[str] = set()
-        self._failed: dict[str, str] = {}
-        self._waiting: list[Outcome] = []
-        self._record: dict[str, Any] = {}
+        self.data: dict[str, Any] = {}
         self._last_save = 0.0
 
-    # -- job record ---------------------------------------------------------------------------
-    def _save(self, force: bool = False) -> None:
+    def open(self, *, replace: bool) -> None:
+        """Load (or start) the record for a new run; ``replace`` forgets the earlier runs' errors."""
+        data = self.store.load(self.job_id) or {"id": self.job_id, "created": time.time(),
+                                                "paragraph_errors": {}, "runs": 0}
+        data["spec"] = self.spec
+        data["runs"] = int(data.get("runs", 0)) + 1
+        data["sent_before"] = int(data.get("counts", {}).get("batches_sent_total", 0))
+        if replace:
+            data["paragraph_errors"] = {}
+        self.data = data
+
+    @property
+    def paragraph_errors(self) -> dict[str, list[dict[str, Any]]]:
+        """Per-paragraph errors of committed batches, by batch id (the sink keeps only rows)."""
+        return self.data.setdefault("paragraph_errors", {})
+
+    def save(self, summary: Summary, *, committed: int, failed: dict[str, str], sent: int,
+             force: bool = False) -> None:
+        """Write state and counts; at most once a second unless ``force`` (a heartbeat, not a log)."""
         now = time.monotonic()
         if not force and now - self._last_save < 1.0:
             return
         self._last_save = now
-        s = self.summary
-        self._record.update({
+        s = summary
+        self.data.update({
             "state": s.state,
             "counts": {"paragraphs": s.paragraphs, "written": s.embedded + s.already_done,
                        "duplicates": s.duplicates, "failed_paragraphs": s.failed_paragraphs,
-                       "input_errors": s.input_errors, "batches": s.batches, "batches_done":
-                       len(self._committed), "batches_failed": len(self._failed),
-                       "batches_sent_total": self._record.get("sent_before", 0) + self.backend.sent},
-            "failed_batches": dict(self._failed),
+                       "input_errors": s.input_errors, "batches": s.batches, "batches_done": committed,
+                       "batches_failed": len(failed),
+                       "batches_sent_total": self.data.get("sent_before", 0) + sent},
+            "failed_batches": dict(failed),
             "host": socket.gethostname(), "pid": os.getpid(),
         })
-        self.store.save(self._record)
+        self.store.save(self.data)
 
-    def _open_record(self) -> None:
-        record = self.store.load(self.job_id) or {"id": self.job_id, "created": time.time(),
-                                                  "paragraph_errors": {}, "runs": 0}
-        record["spec"] = self.spec
-        record["runs"] = int(record.get("runs", 0)) + 1
-        record["sent_before"] = int(record.get("counts", {}).get("batches_sent_total", 0))
-        self._record = record
+
+class JobRunner:
+    """One run of one job. Create, then :meth:`run` with the job's sources."""
+
+    def __init__(self, pipeline: Pipeline, record: JobRecord, errors: ErrorLog, *,
+                 progress: Progress | None = None, replace: bool = False,
+                 on_progress: Callable[[Summary], None] | None = None) -> None:
+        self.job_id = record.job_id
+        self.pipeline = pipeline
+        self.options = pipeline.options
+        self.backend = pipeline.backend
+        self.sink = pipeline.sink
+        self.record = record
+        self.errors = errors
+        self.progress = progress or Progress(enabled=False)
+        self.replace = replace
+        self.on_progress = on_progress
+        self.summary = Summary(job_id=record.job_id, target=pipeline.sink.target)
+        self._committed: set[str] = set()
+        self._failed: dict[str, str] = {}
+        self._waiting: list[Outcome] = []
+
+    def _save(self, force: bool = False) -> None:
+        self.record.save(self.summary, committed=len(self._committed), failed=self._failed,
+                         sent=self.backend.sent, force=force)
 
     # -- input --------------------------------------------------------------------------------
     def _paragraphs(self, sources: Iterable[Source | InputError]) -> Iterator[Paragraph]:
@@ -205,11 +240,11 @@ class JobRunner:
                 continue
             n = 0
             try:
-                for p in split_blocks(item.id, item.blocks(), self.counter, min_chars=self.options.min_chars):
+                for p in split_blocks(item.id, item.blocks(), self.pipeline.counter, min_chars=self.options.min_chars):
                     n += 1
                     size = len(p.text.encode("utf-8"))
-                    if size > self.max_paragraph_bytes:
-                        reason = f"paragraph {p.id}: {size} bytes, over the limit {self.max_paragraph_bytes}"
+                    if size > self.pipeline.max_paragraph_bytes:
+                        reason = f"paragraph {p.id}: {size} bytes, over the limit {self.pipeline.max_paragraph_bytes}"
                         self._input_error(InputError(origin=item.origin, document=item.id, reason=reason))
                         continue
                     self.progress.text_read += len(p.text)
@@ -290,8 +325,8 @@ class JobRunner:
                 s.duplicates += 1
         for i in range(len(batch.texts)):
             tokens += outcome.token_counts[i] if outcome.token_counts else 0
-        matrix = np.stack(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
-        table = rows_table(keep, matrix, counts, truncs, dim=self.dim, dtype=self.options.dtype)
+        matrix = np.stack(vectors) if vectors else np.zeros((0, self.pipeline.dim), dtype=np.float32)
+        table = rows_table(keep, matrix, counts, truncs, dim=self.pipeline.dim, dtype=self.options.dtype)
         self.sink.write_batch(batch.id, batch.digest(), table)
         self._committed.add(batch.id)
         s.embedded += len(keep)
@@ -299,7 +334,7 @@ class JobRunner:
         if problems:
             entries = [{"kind": "paragraph", "id": p.id, "document": p.document, "batch": batch.id,
                         "reason": reason} for p, reason in problems]
-            self._record.setdefault("paragraph_errors", {})[batch.id] = entries
+            self.record.paragraph_errors[batch.id] = entries
             s.failed_paragraphs += len(problems)
         self.progress.update(len(keep), tokens, len(problems), sum(len(p.text) for p in batch.rows))
         if self.on_progress is not None:
@@ -310,16 +345,12 @@ class JobRunner:
     def run(self, sources: Iterable[Source | InputError]) -> Summary:
         s = self.summary
         started = time.monotonic()
-        self._open_record()
-        self.sink.open(SinkJob(job_id=self.job_id, dim=self.dim, dtype=self.options.dtype,
-                               model_sha256=self.backend.model_sha256, replace=self.replace))
-        if self.replace:
-            self._record["paragraph_errors"] = {}
+        self.record.open(replace=self.replace)
         self._save(force=True)
         done = self.sink.done_batches()
-        previous_errors: dict[str, list] = self._record.get("paragraph_errors", {})
+        previous_errors = self.record.paragraph_errors
         try:
-            for batch in make_batches(self._paragraphs(sources), self.limits):
+            for batch in make_batches(self._paragraphs(sources), self.pipeline.limits):
                 s.batches += 1
                 s.paragraphs += len(batch.rows)
                 if batch.id in done:
@@ -330,7 +361,7 @@ class JobRunner:
                 if batch.texts:
                     self.backend.submit(batch)
                 else:
-                    self._waiting.append(Outcome(batch, np.zeros((0, self.dim), np.float32)))
+                    self._waiting.append(Outcome(batch, np.zeros((0, self.pipeline.dim), np.float32)))
                 self._drain(block=False)
                 s.batches_sent = self.backend.sent
             self.progress.input_done(s.paragraphs)
@@ -348,7 +379,7 @@ class JobRunner:
             self.backend.close()  # queue mode: drops the job's progress hash read by autoscalers
             if s.state == "done":
                 self.sink.close(complete=not self._failed)
-                for batch_id, entries in self._record.get("paragraph_errors", {}).items():
+                for batch_id, entries in self.record.paragraph_errors.items():
                     if batch_id in self._committed:
                         for e in entries:
                             self.errors.add(e)
@@ -358,6 +389,7 @@ class JobRunner:
             else:
                 s.errors_path = None
                 self.errors.discard()
+                self.sink.release()
             try:
                 self._save(force=True)
             except Exception:  # noqa: BLE001 - the record is advisory; never mask the real error

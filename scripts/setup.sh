@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with every extra (convert, producer, monitor, bench, sinks, dev,
 # openvino: the bench's OpenVINO peer, so the suite tests it instead of skipping it).
+# Touches nothing outside this checkout's .venv (no system packages, no root): scripts/demo.sh runs
+# it on any machine. The test suite's system dependency (pgvector) is scripts/test.sh's business.
 # torch is pinned to 2.13.0: on these machines that is a CPU wheel from local disk; an unpinned
 # torch would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -14,8 +16,3 @@ fi
 # DEPOSIUM_REQUIRE_KERNELS=1: if the fused kernels (worker/kernels, built by setup.py) fail to build,
 # the setup fails, loudly, instead of leaving a worker without the int8-fused recipe.
 DEPOSIUM_REQUIRE_KERNELS=1 .venv/bin/python -m pip install -q -e '.[producer,convert,monitor,bench,sinks,dev,openvino]'
-# pgvector for the machine's PostgreSQL (tests start their own cluster with it). A no-op when
-# installed; builds Debian's source package through a temporary apt source list otherwise.
-if ! scripts/install-pgvector.sh --check 2>/dev/null; then
-  scripts/install-pgvector.sh || echo "WARNING: pgvector could not be installed; tests/test_sinks_pgvector.py will fail" >&2
-fi

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from deposium.bench.procs import RedisServer
+
+#: The cache (job pointers, job records of URL targets) of this whole test session, subprocesses
+#: included: set before any test imports deposium, so no test writes into the user's own
+#: ~/.cache/deposium. A test that wants its own cache still sets DEPOSIUM_CACHE_DIR itself.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="deposium-test-cache-"))
+os.environ["DEPOSIUM_CACHE_DIR"] = str(SESSION_CACHE)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -168,6 +168,11 @@ REFUSED = {
     "unknown postgresql index": (["--out", "postgresql://me@127.0.0.1:1/db?table=t&index=ivf"],
                                  "unknown index 'ivf'; use index=hnsw"),
     "unknown job": (["--resume", "jnope"], "no job jnope found (in Redis)"),
+    "output not parquet": (["--out", "out.csv"], "the file output is Parquet and its name must end in .parquet"),
+    "output is a directory": (["--out", "."], "is a directory; name the .parquet file to write"),
+    "replace onto a directory": (["--replace", "--out", "."], "is a directory; name the .parquet file to write"),
+    "output directory missing": (["--out", "nodir/o.parquet"], "/nodir does not exist"),
+    "output unwritable": (["--out", "/proc/o.parquet"], "cannot write the output /proc/o.parquet"),
 }
 
 
@@ -263,3 +268,120 @@ def test_a_job_naming_no_task_gets_the_models_document_prompt(tmp_path: Path, mi
                        artifact_dir=artifact, settings=Settings(), resolve_task=False)
     assert resumed.options.task is None and resumed.job_id != plan.job_id
     assert ingestion_task(None, {}) is None and ingestion_task(NO_PROMPT, {"document": "p: "}) == NO_PROMPT
+
+
+def test_inputs_that_name_nothing_are_refused_before_anything_is_created(tmp_path: Path, minilm_artifact: Path):
+    (tmp_path / "a.txt").write_text("A paragraph that must never be embedded.\n")
+    (tmp_path / "docs").mkdir()
+    r = _run(["a.txt", "nope.txt", "docs/*.pdf", "--out", "o.parquet", "--local"],
+             _env(tmp_path, minilm_artifact), tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        "deposium-submit: error: no such input: nope.txt, docs/*.pdf (matches nothing)"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a.txt", "docs"]
+
+
+def test_a_job_reads_the_manifest_once_and_parses_the_tokenizer_once(tmp_path: Path, minilm_artifact: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """Local mode: token counting and the Embedder share the plan's manifest and tokenizer."""
+    import deposium.worker.tokenize as tokenize
+
+    reads: list[str] = []
+    read_text = Path.read_text
+    parse = tokenize._parse
+
+    def counting_read_text(self: Path, *args, **kwargs):
+        if self.name == "manifest.json":
+            reads.append(str(self))
+        return read_text(self, *args, **kwargs)
+
+    def counting_parse(path: Path):
+        reads.append(f"parse {path}")
+        return parse(path)
+
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    monkeypatch.setattr(tokenize, "_parse", counting_parse)
+    summary = submit(corpus(30), out=tmp_path / "once.parquet", local=True, artifact_dir=minilm_artifact,
+                     batch_tokens=200, min_chars=1, background=False).wait()
+    assert summary.ok and summary.embedded == 30 and summary.batches > 1
+    assert reads == [str(minilm_artifact / "manifest.json"), f"parse {minilm_artifact / 'tokenizer.json'}"]
+
+
+def _write_to_closed_pipe(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with stdout a pipe nobody reads any more (``cmd | head`` after head exited)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(cmd, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+
+
+def test_listing_commands_end_quietly_when_their_reader_leaves(tmp_path: Path, minilm_artifact: Path):
+    env = _env(tmp_path, minilm_artifact)
+    (tmp_path / "a.txt").write_text("A paragraph for the listing that nobody reads to the end.\n")
+    assert _run(["a.txt", "--out", "p.parquet", "--local", "--no-progress"], env, tmp_path).returncode == 0
+    for cmd in ([str(VENV_BIN / "deposium-jobs")], [str(VENV_BIN / "python"), "-m", "deposium.worker.config"]):
+        r = _write_to_closed_pipe(cmd, env)
+        assert (r.returncode, r.stderr) == (0, ""), (cmd, r.stderr)
+
+
+def test_the_test_session_keeps_jobs_out_of_the_users_cache(tmp_path: Path, minilm_artifact: Path):
+    """tests/conftest.py points DEPOSIUM_CACHE_DIR at the session's own directory, for this process
+    and every subprocess: a job run without naming a cache leaves ~/.cache/deposium untouched."""
+    real = Path.home() / ".cache" / "deposium"
+    session_cache = Path(os.environ["DEPOSIUM_CACHE_DIR"])
+    assert session_cache.resolve() != real.resolve()
+    handle = submit(["A paragraph embedded by the library without a cache of its own."],
+                    out=tmp_path / "lib.parquet", local=True, artifact_dir=minilm_artifact, background=False)
+    assert handle.wait().ok
+    (tmp_path / "a.txt").write_text("A paragraph embedded by the CLI without a cache of its own.\n")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    r = _run(["a.txt", "--out", "cli.parquet", "--local", "--no-progress", "--artifact", str(minilm_artifact),
+              "--json"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    cli_job = json.loads(r.stdout)["job_id"]
+    mine = {f"{handle.job_id}.path", f"{cli_job}.path"}
+    # only this test's own jobs are looked for: other test runs on the machine may share the real dir
+    leaked = [p.name for p in real.rglob("*.path") if p.name in mine] if real.is_dir() else []
+    assert leaked == []
+    assert mine <= {p.name for p in (session_cache / "jobs").glob("*.path")}
+
+
+def test_replace_starts_a_job_over_after_its_input_changed(tmp_path: Path, minilm_artifact: Path):
+    texts = corpus(60)
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    env = _env(tmp_path, minilm_artifact)
+    args = ["in.jsonl", "--out", "r.parquet", "--local", "--batch-tokens", "300", "--no-progress"]
+    assert _run(args, env, tmp_path).returncode == 0
+    texts[0] = "An edited first paragraph that the earlier run never saw."
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    r = _run(args, env, tmp_path)
+    assert r.returncode == 2 and "the input changed since job" in r.stderr and "--replace" in r.stderr
+    r = _run([*args, "--replace"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(tmp_path / "r.parquet")
+    assert sorted(table.column("text").to_pylist()) == sorted(texts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "in.jsonl", "r.parquet", "r.parquet.job.json"]
+
+
+def test_a_second_producer_on_the_same_output_is_refused_at_once(tmp_path: Path, minilm_artifact: Path):
+    """The running producer's lock names its job; the refused one leaves its files alone."""
+    from deposium.producer.sinks import SinkJob, open_sink
+
+    write_jsonl(tmp_path / "in.jsonl", corpus(40))
+    env = _env(tmp_path, minilm_artifact)
+    running = open_sink(str(tmp_path / "o.parquet"))
+    running.open(SinkJob(job_id="jrunning", dim=384, dtype="float32", model_sha256="m"))
+    (running.parts / ".b0000010.17440.tmp").write_bytes(b"a batch being written")
+    for extra in ([], ["--replace"]):
+        r = _run(["in.jsonl", "--out", "o.parquet", "--local", "--no-progress", *extra], env, tmp_path)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "o.parquet is being written by job jrunning (pid " in lines[0], r.stderr
+    assert (running.parts / ".b0000010.17440.tmp").is_file()
+    assert not (tmp_path / "o.parquet.job.json").exists() and not (tmp_path / "o.parquet").exists()
+    running.release()
+    r = _run(["in.jsonl", "--out", "o.parquet", "--local", "--no-progress", "--replace"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(tmp_path / "o.parquet").num_rows == 40

@@ -182,6 +182,7 @@ def test_parquet_sink_commits_batches_atomically_and_merges_once(tmp_path: Path)
     sink.write_batch("b0000000", "d0", t0)
     sink.write_batch("b0000000", "d0", t0)  # re-commit replaces, never duplicates
     (sink.parts / ".b0000002.999.tmp").write_bytes(b"half a file")  # a crash mid-write
+    sink.release()  # what a killed producer's lock does: nothing published
     reopened = open_sink(str(out))
     reopened.open(job)
     assert reopened.done_batches() == {"b0000000": "d0", "b0000001": "d1"}
@@ -206,9 +207,12 @@ def test_parquet_sink_refuses_another_jobs_output(tmp_path: Path):
     sink.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m"))
     sink.write_batch("b0000000", "d", _rows(["x"])[1])
     other = SinkJob(job_id="j2", dim=8, dtype="float32", model_sha256="m")
+    sink.release()
     with pytest.raises(SinkError, match="unfinished job j1"):
         open_sink(str(out)).open(other)
-    sink.close(complete=True)
+    again = open_sink(str(out))
+    again.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m"))
+    again.close(complete=True)
     with pytest.raises(SinkError, match="already exists"):
         open_sink(str(out)).open(other)
     fresh = open_sink(str(out))
@@ -220,15 +224,71 @@ def test_parquet_sink_refuses_another_jobs_output(tmp_path: Path):
     assert os.path.exists(tmp_path / "foreign.parquet")
 
 
+def test_parquet_sink_is_held_by_one_producer_at_a_time(tmp_path: Path):
+    out = tmp_path / "e.parquet"
+    first = open_sink(str(out))
+    first.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m"))
+    first.write_batch("b0000000", "d", _rows(["x"])[1])
+    second = open_sink(str(out))
+    with pytest.raises(SinkError, match=r"is being written by job j1 \(pid \d+ on "):
+        second.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m"))
+    with pytest.raises(SinkError, match="is being written by job j1"):  # --replace does not barge in
+        second.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m", replace=True))
+    assert first.done_batches() == {"b0000000": "d"}  # the refused one removed nothing
+    first.close(complete=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.parquet"]  # the lock file went too
+    second.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m"))
+    assert second.done_batches() == {"b0000000": "d"}
+
+
+def test_parquet_replace_starts_over_even_for_the_same_job(tmp_path: Path):
+    out = tmp_path / "e.parquet"
+    job = SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m")
+    sink = open_sink(str(out))
+    sink.open(job)
+    sink.write_batch("b0000000", "d", _rows(["x"])[1])
+    sink.release()
+    again = open_sink(str(out))
+    again.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m", replace=True))
+    assert again.done_batches() == {}
+    again.close(complete=True)
+    finished = open_sink(str(out))
+    finished.open(SinkJob(job_id="j1", dim=4, dtype="float32", model_sha256="m", replace=True))
+    assert finished.done_batches() == {}  # a finished output is redone too, not resumed
+
+
+@pytest.mark.parametrize("name, message", [
+    ("out.csv", "must end in .parquet"),
+    ("adir", "is a directory"),
+    ("adir.parquet", "is a directory"),
+    ("missing/out.parquet", "does not exist"),
+])
+def test_parquet_output_that_cannot_be_written_is_refused_when_named(tmp_path: Path, name: str, message: str):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir.parquet").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SinkError, match=message):
+        open_sink(str(tmp_path / name))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_parquet_output_in_an_unwritable_place_is_refused_when_named():
+    with pytest.raises(SinkError, match="cannot write the output /proc/out.parquet"):
+        open_sink("/proc/out.parquet")  # not writable, even by root
+
+
 def test_unknown_sink_targets_are_refused_clearly():
     with pytest.raises(SinkError, match="unknown sink target"):
         open_sink("ftp://x/y")
 
 
 def test_sink_url_passwords_never_reach_the_job_record(minilm_artifact):
-    from deposium.producer.job import plan_job, without_password
+    from deposium.producer.job import plan_job
     from deposium.producer.runner import JobOptions
-    from deposium.worker.config import Settings
+    from deposium.worker.config import Settings, mask_url
+
+    def without_password(url: str) -> str:
+        return mask_url(url, drop_password=True)
 
     assert without_password("postgresql://bob:s3cret@db:5432/x?table=t") == "postgresql://bob@db:5432/x?table=t"
     assert without_password("/data/out.parquet") == "/data/out.parquet"

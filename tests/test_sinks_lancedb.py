@@ -46,8 +46,12 @@ def test_full_job_equals_parquet_and_query_finds_own_document(minilm_artifact: P
     for k, q in enumerate(queries(minilm_artifact)):
         # through the index, as README's query does (ef: HNSW candidates; the default for k=1 is too few)
         hit = (table.search(q, vector_column_name="embedding").distance_type("cosine").limit(1).ef(64)
-               .select(["document", "_distance"]).to_arrow())
+               .select(["document", "embedding", "_distance"]).to_arrow())
         assert hit.column("document")[0].as_py() == f"pair{k}", PAIRS[k][1]
+        # the index reports the cosine distance itself (not 2x, the squared L2 of unit vectors)
+        v = np.asarray(hit.column("embedding")[0].as_py(), np.float64)
+        exact = 1.0 - float(np.dot(q, v) / (np.linalg.norm(q) * np.linalg.norm(v)))
+        assert hit.column("_distance")[0].as_py() == pytest.approx(exact, abs=1e-4)
     again = run_job(target, minilm_artifact, documents())
     assert again.batches_sent == 0 and again.already_done == got.num_rows
     assert table.count_rows() == got.num_rows
@@ -116,3 +120,43 @@ def test_bad_target_is_one_clear_line_and_nothing_written(case: str, minilm_arti
         assert lancedb.connect(str(db)).open_table("t").count_rows() == 1
     else:
         assert not db.exists()
+
+
+def test_replace_starts_over_after_the_input_changed(minilm_artifact: Path, tmp_path: Path):
+    from deposium.producer.runner import JobError
+
+    target = f"lancedb://{tmp_path / 'db'}?table=r"
+    docs = documents(40)
+    assert run_job(target, minilm_artifact, docs).ok
+    edited = "An edited first document that the earlier run never saw."
+    docs[0] = (docs[0][0], edited)
+    with pytest.raises(JobError, match="the input changed since job .*re-run with --replace"):
+        run_job(target, minilm_artifact, docs)
+    summary = run_job(target, minilm_artifact, docs, replace_output=True)
+    assert summary.ok and summary.already_done == 0 and summary.batches_skipped == 0
+    got = _table(tmp_path / "db", "r")
+    ids, texts = got.column("id").to_pylist(), got.column("text").to_pylist()
+    assert len(ids) == len(set(ids)) == summary.embedded
+    assert edited in texts and PAIRS[0][0] not in texts
+
+
+def test_a_second_producer_on_the_same_table_is_refused_at_once(minilm_artifact: Path, tmp_path: Path):
+    from deposium.producer.sinks import SinkJob, open_sink
+
+    db = tmp_path / "db"
+    target = f"lancedb://{db}?table=t"
+    running = open_sink(target)
+    running.open(SinkJob(job_id="jrunning", dim=384, dtype="float32", model_sha256="m"))
+    (tmp_path / "a.txt").write_text("A paragraph that must wait for the running job.\n")
+    args = ["a.txt", "--sink", target, "--local", "--no-progress"]
+    r = subprocess.run(submit_cmd(*args), env=_env(tmp_path, minilm_artifact), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LanceDB table t in " in lines[0] and "is being written by job jrunning" in lines[0]
+    assert lancedb.connect(str(db)).open_table("t").count_rows() == 0
+    running.release()
+    r = subprocess.run(submit_cmd(*args), env=_env(tmp_path, minilm_artifact), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert lancedb.connect(str(db)).open_table("t").count_rows() == 1

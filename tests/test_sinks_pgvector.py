@@ -35,7 +35,7 @@ def pg() -> Iterator[PgCluster]:
         pytest.skip(reason)
     if not pgvector_installed(bindir):
         pytest.fail(f"pgvector is not installed for {bindir.parent.name}: run scripts/install-pgvector.sh "
-                    "(scripts/setup.sh does so when it is missing)")
+                    "(scripts/test.sh does so when it is missing)")
     cluster = PgCluster(bindir).start()
     try:
         yield cluster
@@ -207,3 +207,44 @@ def test_replace_overwrites_a_refused_table(pg: PgCluster, minilm_artifact: Path
     assert r.returncode == 0, r.stderr
     assert pg.sql("SELECT id FROM repl", db="vectors") == "a.txt#0"
     assert pg.sql("SELECT vector_dims(embedding) FROM repl", db="vectors") == "384"
+
+
+def test_replace_starts_over_after_the_input_changed(pg: PgCluster, minilm_artifact: Path):
+    from deposium.producer.runner import JobError
+
+    target = pg.url("changed")
+    docs = documents(40)
+    assert run_job(target, minilm_artifact, docs).ok
+    edited = "An edited first document that the earlier run never saw."
+    docs[0] = (docs[0][0], edited)
+    with pytest.raises(JobError, match="the input changed since job .*re-run with --replace"):
+        run_job(target, minilm_artifact, docs)
+    summary = run_job(target, minilm_artifact, docs, replace_output=True)
+    assert summary.ok and summary.already_done == 0 and summary.batches_skipped == 0
+    total, distinct = map(int, pg.sql("SELECT count(*), count(DISTINCT id) FROM changed", db="vectors").split("|"))
+    assert total == distinct == summary.embedded
+    texts = pg.sql("SELECT text FROM changed", db="vectors")
+    assert edited in texts and PAIRS[0][0] not in texts
+
+
+def test_a_second_producer_on_the_same_table_is_refused_at_once(pg: PgCluster, minilm_artifact: Path,
+                                                                tmp_path: Path):
+    from deposium.producer.sinks import SinkJob, open_sink
+
+    running = open_sink(pg.url("locked"))
+    running.open(SinkJob(job_id="jrunning", dim=384, dtype="float32", model_sha256="m"))
+    (tmp_path / "a.txt").write_text("A paragraph that must wait for the running job.\n")
+    args = ["a.txt", "--sink", pg.url("locked"), "--local", "--no-progress"]
+    for extra in ([], ["--replace"]):
+        r = subprocess.run(submit_cmd(*args, *extra), env=_env(tmp_path, minilm_artifact), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "table locked is being written by job jrunning (PostgreSQL backend pid" \
+            in lines[0], r.stderr
+    assert pg.sql("SELECT count(*) FROM locked", db="vectors") == "0"
+    running.release()
+    r = subprocess.run(submit_cmd(*args), env=_env(tmp_path, minilm_artifact), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert pg.sql("SELECT id FROM locked", db="vectors") == "a.txt#0"

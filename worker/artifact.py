@@ -145,6 +145,14 @@ def load_manifest(directory: Path) -> Manifest:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Check every file ``manifest`` lists against its size and sha256 (see :func:`load_manifest`);
+    for a caller that already holds the parsed manifest and must not read it again."""
+    directory = Path(directory)
     for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():
@@ -155,4 +163,3 @@ def load_manifest(directory: Path) -> Manifest:
                 f"artifact file {path} is corrupt or was modified: sha256 {actual[:12]}… "
                 f"but the manifest says {expected[:12]}…"
             )
-    return manifest

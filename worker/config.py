@@ -296,10 +296,17 @@ def url_password(url: str) -> str:
     return unquote(match["pw"]) if match else ""
 
 
-def mask_url(url: str | None) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to log)."""
+def mask_url(url: str | None, *, drop_password: bool = False) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe to log).
+
+    ``drop_password`` removes it instead (``scheme://user@host``): a URL that is stored and
+    used again later (a job's sink target), where a client then reads the password from its
+    own environment (libpq's ``PGPASSWORD``) rather than trying ``***``.
+    """
     if not url:
         return str(url)
+    if drop_password:
+        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}@", url)
     return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
 
 
@@ -335,5 +342,17 @@ def configuration_table() -> str:
     return "\n".join(rows)
 
 
+def main() -> int:
+    """Print the configuration table; a closed stdout (``| head``) ends it quietly."""
+    import sys
+
+    try:
+        print(configuration_table(), flush=True)
+    except BrokenPipeError:
+        # The reader left: point stdout at /dev/null so the interpreter's final flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 if __name__ == "__main__":
-    print(configuration_table())
+    raise SystemExit(main())

@@ -28,8 +28,8 @@ from deposium.worker.artifact import (  # noqa: E402
     OUTPUT_NAME,
     ArtifactError,
     Manifest,
-    load_manifest,
     read_manifest,
+    verify_files,
 )
 from deposium.worker.config import Settings, load_settings  # noqa: E402
 from deposium.worker.cpu import cpu_features  # noqa: E402
@@ -38,6 +38,7 @@ from deposium.worker.kernels import active_isa, register_kernels, require_librar
 from deposium.worker.memory import fix_mmap_threshold, fix_trim_threshold, release_free_heap  # noqa: E402
 from deposium.worker.tokenize import ParagraphTokenizer  # noqa: E402
 from deposium.worker.variant import UNSIGNED_KERNEL_KEY, wants_unsigned_kernel  # noqa: E402
+from deposium.worker.wire import WIRE_DTYPES  # noqa: E402
 
 __all__ = [
     "DISABLED_OPTIMIZERS",
@@ -49,8 +50,8 @@ __all__ = [
     "session_options",
 ]
 
-#: Output dtypes a request may ask for.
-DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16}
+#: Output dtypes a request may ask for (the wire's list, :data:`deposium.worker.wire.WIRE_DTYPES`).
+DTYPES: dict[str, type[np.floating]] = {name: np.dtype(name).type for name in WIRE_DTYPES}
 
 
 @dataclass
@@ -67,11 +68,10 @@ class EmbedResult:
 
 
 #: ONNX Runtime graph fusions the session leaves out. ``SkipLayerNormFusion`` folds each residual
-#: (and bias) Add into the following LayerNormalization, but onnxruntime 1.32's CPU
-#: SkipLayerNormalization kernel measured ~3x slower than the Add + LayerNormalization it
-#: replaces (MiniLM, one thread: 22 vs ~7.5 ms per 1,000 tokens; int8 13,300 vs 10,500 tokens/s
-#: end to end). It only fires on graphs whose hidden-state shapes are known (value_info), and it
-#: also changes int8-token vectors slightly (other float rounding before per-row quantization).
+#: (and bias) Add into the following LayerNormalization, but the CPU SkipLayerNormalization kernel
+#: is slower than the Add + LayerNormalization it replaces (measured in docs/benchmarks.md). It only
+#: fires on graphs whose hidden-state shapes are known (value_info), and it also changes int8-token
+#: vectors slightly (other float rounding before per-row quantization).
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
@@ -81,7 +81,7 @@ def session_options(settings: Settings, unsigned_kernel: bool = False,
     sequential execution, every graph optimisation but :data:`DISABLED_OPTIMIZERS`. Arena and
     memory pattern come from settings: both cache buffers per shape, so with length-packed
     batches (a new shape nearly every call) they make RSS ratchet upwards; measurements in
-    docs/benchmarks.md. Without the arena every buffer a call needs is allocated afresh, which is
+    BENCHMARKS.md. Without the arena every buffer a call needs is allocated afresh, which is
     why ``token_budget`` must stay small (see :func:`pack_batches`). ``unsigned_kernel``: run int8
     GEMMs through the u8 x u8 kernel where u8 x s8 would saturate (worker/variant.py).
     ``kernel_library``: the custom-op library an ``int8-fused`` graph calls (worker/kernels), on the
@@ -116,18 +116,16 @@ def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     and no row is padded by more than ~10 % (``PAD_RATIO``, ``PAD_SLACK``).
 
     Why sort then pack, and why cap padding: on one core every padded token is computed
-    like a real one (attention even grows with the padded length). Measured on real
-    paragraphs, budget-only packing computed 1.68 tokens per real token and ran at half the
-    speed of batch 1. A paragraph longer than the budget alone still runs, as a batch of one.
+    like a real one (attention even grows with the padded length), so budget-only packing of
+    real paragraphs computes far more tokens than it embeds. A paragraph longer than the
+    budget alone still runs, as a batch of one.
 
-    Why the budget must stay small (default 128, worker/config.py): one call's activations
-    are [rows x longest row, width] float tensors, and with the ORT arena off every one of them
-    is allocated afresh for every op (the exported MiniLM graph has unknown dims, so ORT cannot
-    even plan buffer reuse). Past glibc's mmap threshold (1 MiB, worker/memory.py) each is a new
-    mapping the kernel must zero page by page: at budget 4096 on real paragraphs, 55-60 % of the
-    CPU time was page faults (sys time) and int8 ran at 3,000 tokens/s against 9,000 at batch 1.
-    At 128 tokens MiniLM's widest activation (128 x 1536 x 4 B = 768 KiB) stays below the
-    threshold and in L2: 11,900 int8 / 5,900 fp32 tokens/s, 1.3x / 1.1x batch 1 (docs/benchmarks.md).
+    Why the budget must stay small (``DEPOSIUM_TOKEN_BUDGET``, worker/config.py): one call's
+    activations are [rows x longest row, width] float tensors, and with the ORT arena off every
+    one of them is allocated afresh for every op. Past glibc's mmap threshold (worker/memory.py)
+    each is a new mapping the kernel must zero page by page, and page faults then dominate the
+    CPU time; a small budget keeps the widest activation below that threshold and in L2.
+    The measurements behind both choices are in docs/benchmarks.md.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
@@ -203,7 +201,12 @@ class Embedder:
         settings: Settings | None = None,
         token_budget: int | None = None,
         verify: bool = True,
+        manifest: Manifest | None = None,
+        tokenizer: ParagraphTokenizer | None = None,
     ) -> None:
+        """``manifest`` / ``tokenizer``: already read from ``artifact_dir`` by the caller (the
+        producer's local mode counts tokens with the same tokenizer), so neither is read twice;
+        ``verify`` still hashes every file the manifest lists."""
         self.artifact_dir = Path(artifact_dir)
         self.settings = settings or load_settings()
         self.token_budget = token_budget if token_budget is not None else self.settings.token_budget
@@ -212,8 +215,10 @@ class Embedder:
         if self.token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
         # verify=True hashes every file: a truncated copy must fail here, naming the file.
-        self.manifest: Manifest = (load_manifest if verify else read_manifest)(self.artifact_dir)
-        self.tokenizer = ParagraphTokenizer.from_artifact(self.artifact_dir, self.manifest)
+        self.manifest: Manifest = manifest or read_manifest(self.artifact_dir)
+        if verify:
+            verify_files(self.artifact_dir, self.manifest)
+        self.tokenizer = tokenizer or ParagraphTokenizer.from_artifact(self.artifact_dir, self.manifest)
         self.model_file = MODEL_FILE
         #: u8 x u8 int8 GEMMs where this CPU's u8 x s8 kernel would saturate (worker/variant.py).
         self.unsigned_kernel = wants_unsigned_kernel(self.manifest.quantization, self.settings.int8_weights,

@@ -79,37 +79,32 @@ class ParagraphTokenizer:
         prompts: dict[str, str] | None = None,
         default_prompt_name: str | None = None,
     ) -> None:
-        self._file = tokenizer_file
         self.max_seq_length = max_seq_length
-        self._parsed: Tokenizer | None = _parse(tokenizer_file)  # a broken file fails here, at load
-        self._truncating: Tokenizer | None = None
-        self._counting: Tokenizer | None = None
+        self._tokenizer: Tokenizer = _parse(tokenizer_file)  # a broken file fails here, at load
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._truncates = False
         self.prompts: dict[str, str] = dict(prompts or {})
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ArtifactError(f"default prompt {default_prompt_name!r} is not among the prompts")
         self.default_prompt_name = default_prompt_name
 
     def _configured(self, *, truncate: bool) -> Tokenizer:
-        """The tokenizer that truncates (``encode``) or the one that does not (``count_tokens``).
+        """The one parsed tokenizer, set to truncate (``encode``) or not (``count_tokens``).
 
-        Why each is made on first use from the one parse done at load: a worker only encodes and a
-        producer only counts, and each copy of EmbeddingGemma's 262k-token vocabulary holds ~80 MB
-        (and ~180 MB more of parsing garbage until the heap is trimmed): measured here, a producer
-        that loaded both held 461 MB before this, 116 MB after.
+        Why one parse switched between the two modes rather than two copies: a copy of a large
+        vocabulary (EmbeddingGemma's) is a large share of a producer's memory, and the producer's
+        local mode both counts and encodes with the same tokenizer. Switching
+        only sets truncation parameters; a worker (encode only) or a queue-mode producer (count
+        only) never switches after its first call.
         """
-        ready = self._truncating if truncate else self._counting
-        if ready is not None:
-            return ready
-        tokenizer = self._parsed if self._parsed is not None else _parse(self._file)
-        self._parsed = None
-        tokenizer.no_padding()
-        if truncate:
-            tokenizer.enable_truncation(max_length=self.max_seq_length)
-            self._truncating = tokenizer
-        else:
-            tokenizer.no_truncation()
-            self._counting = tokenizer
-        return tokenizer
+        if self._truncates != truncate:
+            if truncate:
+                self._tokenizer.enable_truncation(max_length=self.max_seq_length)
+            else:
+                self._tokenizer.no_truncation()
+            self._truncates = truncate
+        return self._tokenizer
 
     @classmethod
     def from_artifact(cls, artifact_dir: Path, manifest: Manifest | None = None) -> ParagraphTokenizer:

@@ -8,7 +8,12 @@ Contract every sink keeps (docs/design.md, "exactly-once output"):
 * ``done_batches`` is read back from the store itself, so the store, not a side file,
   decides what a resumed job skips.
 * ``open`` refuses a target that holds another job, another dimension or another model
-  (``SinkJob.replace`` overwrites deliberately) *before* any embedding work starts.
+  (``SinkJob.replace`` starts over deliberately, this job's own rows included) *before* any
+  embedding work starts.
+* ``open`` takes a lock that only the producer's death or ``close`` / ``release`` gives back
+  (a lock file under ``fcntl.flock``, a PostgreSQL advisory lock), so a second producer on the
+  same target is refused at once with a line naming the running job, and a killed producer
+  never blocks the resume.
 
 Rows arrive as a ``pyarrow.Table`` with :data:`deposium.producer.schema.columns` (see
 :func:`deposium.producer.schema.output_schema`), so a sink never re-encodes vectors row by row.
@@ -69,7 +74,11 @@ class Sink(Protocol):
         """Vectors already committed for these content hashes (duplicates embedded earlier)."""
 
     def close(self, complete: bool) -> None:
-        """Publish what is committed. ``complete``: every batch is done, drop resume state."""
+        """Publish what is committed and let the target go. ``complete``: every batch is done,
+        drop resume state."""
+
+    def release(self) -> None:
+        """Let the target go without publishing anything (an interrupted run)."""
 
 
 def open_sink(target: str) -> Sink:

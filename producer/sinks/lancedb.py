@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from deposium.producer.schema import output_schema
 from deposium.producer.sinks import SinkError, SinkJob, Stored
+from deposium.producer.sinks.lock import OutputLock
 
 EXTRA = ("job_id", "model_id", "model_sha256", "batch_id", "batch_digest")
 #: IVF_PQ codebooks need training data; below this many rows that index is skipped (a flat scan is fast).
@@ -73,6 +74,9 @@ class LanceDBSink:
         self.table: Any = None
         self._done: dict[str, str] = {}
         self._schema: pa.Schema | None = None
+        #: beside the database directory (which LanceDB owns), one per table
+        self._lock = OutputLock(self.path.parent / f".{self.path.name}.{self.name}.lock",
+                                f"LanceDB table {self.name} in {self.path}")
 
     def _marks_name(self) -> str:
         return f"{self.name}_deposium_batches"
@@ -83,14 +87,22 @@ class LanceDBSink:
         return set(names)
 
     def open(self, job: SinkJob) -> None:
-        """Validate or create the table before any embedding work."""
-        import lancedb
-
-        self.job = job
+        """Take the table's lock, then validate or create the table before any embedding work."""
         if not self.path.parent.is_dir():
             raise SinkError(f"{self.target}: directory {self.path.parent} does not exist")
         if self.path.exists() and not self.path.is_dir():
             raise SinkError(f"{self.target}: {self.path} is not a directory")
+        self._lock.acquire(job.job_id)
+        try:
+            self._open(job)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, job: SinkJob) -> None:
+        import lancedb
+
+        self.job = job
         self._schema = table_schema(job.dim, job.dtype)
         try:
             self.db = lancedb.connect(str(self.path))
@@ -192,8 +204,17 @@ class LanceDBSink:
             found.setdefault(h, Stored(vectors[i].copy(), int(c), bool(t)))
         return found
 
+    def release(self) -> None:
+        self._lock.release()
+
     def close(self, complete: bool) -> None:
         """Compact the per-batch fragments and build the requested index once the job is complete."""
+        try:
+            self._close(complete)
+        finally:
+            self._lock.release()
+
+    def _close(self, complete: bool) -> None:
         if self.table is None or not complete:
             return
         try:
@@ -204,8 +225,14 @@ class LanceDBSink:
             self.build_index()
 
     def build_index(self) -> None:
-        """A cosine vector index: IVF_HNSW_SQ for ``hnsw`` (any size), IVF_PQ (needs training rows)."""
-        from lancedb.index import HnswSq, IvfPq
+        """A cosine vector index: IVF_HNSW_FLAT for ``hnsw`` (any size), IVF_PQ (needs training rows).
+
+        Why HNSW over full vectors and not HNSW_SQ: LanceDB's scalar-quantized HNSW with the
+        cosine metric reports the squared L2 distance of the normalized vectors (twice the
+        cosine distance) as ``_distance``, so a query through it would not print the cosine
+        distance it asked for; the flat HNSW reports the cosine distance itself.
+        """
+        from lancedb.index import HnswFlat, IvfPq
 
         rows = self.table.count_rows()
         partitions = max(1, rows // 100_000)  # few large partitions: HNSW does the searching
@@ -216,7 +243,7 @@ class LanceDBSink:
                 return
             config: Any = IvfPq(distance_type="cosine", num_partitions=max(1, int(rows ** 0.5)))
         else:
-            config = HnswSq(distance_type="cosine", num_partitions=partitions)
+            config = HnswFlat(distance_type="cosine", num_partitions=partitions)
         kind = type(config).__name__
         started = time.monotonic()
         print(f"building {kind} index on {self.name} ({rows:,} rows)...", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ Layout for ``--out embeddings.parquet``::
     embeddings.parquet.parts/job.json                 job id, dim, dtype, model sha256
     embeddings.parquet.parts/b0000012.<digest>.parquet one per committed batch
     embeddings.parquet                                the merged output (written at close)
+    .embeddings.parquet.lock                          held by the one producer writing there
 
 The merged file's metadata keeps the job id and every batch's digest, so re-running a
 finished command is a no-op even after the parts directory has been removed.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 
 from deposium.producer.schema import output_schema
 from deposium.producer.sinks import SinkError, SinkJob, Stored
+from deposium.producer.sinks.lock import OutputLock
 
 META_KEY = b"deposium"
 
@@ -59,6 +62,27 @@ class ParquetSink:
         self.target = str(self.out)
         self.job: SinkJob | None = None
         self._final_done: dict[str, str] = {}
+        self._lock = OutputLock(self.out.with_name(f".{self.out.name}.lock"), str(self.out))
+        self._check_target()
+
+    def _check_target(self) -> None:
+        """Refuse an output this sink could only fail on at the end, after all the embedding."""
+        if self.out.is_dir():
+            raise SinkError(f"{self.out} is a directory; name the .parquet file to write")
+        if self.out.suffix.lower() != ".parquet":
+            raise SinkError(f"{self.out}: the file output is Parquet and its name must end in .parquet "
+                            "(or use postgresql:// or lancedb:// for a database)")
+        if self.out.exists() and not self.out.is_file():
+            raise SinkError(f"{self.out} exists and is not a regular file")
+        if not self.out.parent.is_dir():
+            raise SinkError(f"output directory {self.out.parent} does not exist")
+        try:  # what the process may really do there (read-only mounts, ACLs, root): try it
+            fd, probe = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".probe", dir=self.out.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise SinkError(f"cannot write the output {self.out}: {exc.strerror or exc} in "
+                            f"{self.out.parent}") from None
 
     # -- helpers ------------------------------------------------------------------------------
     def _describe(self, job: SinkJob) -> dict[str, object]:
@@ -77,29 +101,35 @@ class ParquetSink:
 
     # -- protocol -----------------------------------------------------------------------------
     def open(self, job: SinkJob) -> None:
+        self._lock.acquire(job.job_id)
+        try:
+            self._open(job)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, job: SinkJob) -> None:
         self.job = job
         mine = self._describe(job)
-        if not self.out.parent.is_dir():
-            raise SinkError(f"output directory {self.out.parent} does not exist")
-        if self.parts.is_dir():
+        if job.replace:  # start over: whatever job the parts or the output hold, this one included
+            shutil.rmtree(self.parts, ignore_errors=True)
+        elif self.parts.is_dir():
             meta_path = self.parts / "job.json"
             try:
                 theirs = json.loads(meta_path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 theirs = None
             if theirs is not None and theirs != mine:
-                if not job.replace:
-                    raise SinkError(
-                        f"{self.parts} holds unfinished job {theirs.get('job_id')} "
-                        f"(dim {theirs.get('dim')}, {theirs.get('dtype')}, model "
-                        f"{str(theirs.get('model_sha256'))[:12]}); resume that job, or pass --replace")
-                shutil.rmtree(self.parts)
-        if self.out.exists() and not self.parts.is_dir():
+                raise SinkError(
+                    f"{self.parts} holds unfinished job {theirs.get('job_id')} "
+                    f"(dim {theirs.get('dim')}, {theirs.get('dtype')}, model "
+                    f"{str(theirs.get('model_sha256'))[:12]}); resume that job, or pass --replace")
+        if self.out.exists() and not self.parts.is_dir() and not job.replace:
             theirs = self._final_meta()
             same = theirs is not None and {k: theirs.get(k) for k in mine} == mine
             if same:
                 self._final_done = dict(theirs.get("batches", {}))
-            elif not job.replace:
+            else:
                 who = f"job {theirs.get('job_id')}" if theirs else "a file not written by this job"
                 raise SinkError(f"{self.out} already exists and holds {who}; pass --replace to overwrite it")
         if self._final_done:
@@ -163,7 +193,16 @@ class ParquetSink:
                     wanted.discard(h)
         return found
 
+    def release(self) -> None:
+        self._lock.release()
+
     def close(self, complete: bool) -> None:
+        try:
+            self._close(complete)
+        finally:
+            self._lock.release()
+
+    def _close(self, complete: bool) -> None:
         if self.job is None or self._final_done:
             return
         parts = self._part_files()

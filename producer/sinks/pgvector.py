@@ -29,6 +29,11 @@ import pyarrow as pa
 from deposium.producer.sinks import SinkError, SinkJob, Stored
 from deposium.worker.config import mask_url
 
+#: First key of the table's advisory lock (the second is the table name's hash): one producer per table.
+LOCK_CLASS = 0x64657073
+#: Seconds a refused lock is tried again: the backend of a producer killed a moment ago may
+#: still be ending, its session lock with it.
+LOCK_GRACE_S = 2.0
 #: Query parameters this sink reads itself; every other one goes to libpq (sslmode, ...).
 OWN_PARAMS = {"table", "index"}
 INDEX_KINDS = {"hnsw"}
@@ -77,6 +82,35 @@ def parse_target(target: str) -> tuple[str, str | None, str, str | None]:
     return conninfo, schema or None, name, index
 
 
+def lock_table(conn: Any, quoted_name: str, qualified_name: str) -> None:
+    """One producer per table: a session advisory lock, dropped by PostgreSQL when ``conn``
+    ends, however its process ends (``kill -9`` included). Jobs and syncs take the same lock."""
+    key = (LOCK_CLASS, quoted_name)
+    give_up = time.monotonic() + LOCK_GRACE_S
+    with conn.cursor() as cur:
+        while True:
+            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", key)
+            if cur.fetchone()[0]:
+                break
+            if time.monotonic() >= give_up:
+                cur.execute(
+                    "SELECT a.application_name, a.pid, a.client_addr::text FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                    "AND l.granted AND l.classid = %s::oid AND l.objid = hashtext(%s)::oid "
+                    "AND l.objsubid = 2", key)
+                row = cur.fetchone()
+                holder = "another producer"
+                if row is not None:
+                    name, pid, addr = row
+                    who = f"job {name.split()[-1]}" if (name or "").startswith("deposium-submit j") \
+                        else "another producer"
+                    holder = f"{who} (PostgreSQL backend pid {pid}, client {addr or 'local socket'})"
+                raise SinkError(f"table {qualified_name} is being written by {holder}; wait "
+                                "for it to end, or stop it, then re-run this command to resume")
+            time.sleep(0.2)
+    conn.commit()
+
+
 class PgVectorSink:
     """Rows into a pgvector table; done-marks into ``<table>_deposium_batches`` (same schema)."""
 
@@ -109,11 +143,11 @@ class PgVectorSink:
         return f"{self.schema}.{name}" if self.schema else name
 
     # -- connection ---------------------------------------------------------------------------
-    def _connect(self) -> Any:
+    def _connect(self, job_id: str = "") -> Any:
         import psycopg
 
         try:
-            return psycopg.connect(self.conninfo)
+            return psycopg.connect(self.conninfo, application_name=f"deposium-submit {job_id}".strip())
         except psycopg.OperationalError as exc:
             raise SinkError(f"cannot connect to PostgreSQL at {self.target}: {_short(exc)}") from None
 
@@ -128,8 +162,9 @@ class PgVectorSink:
         self.job = job
         if job.dim > 16000:
             raise SinkError(f"pgvector stores at most 16000 dimensions, the job has {job.dim}")
-        self.conn = self._connect()
+        self.conn = self._connect(job.job_id)
         try:
+            self._lock(job)
             self._open(job)
         except psycopg.Error as exc:
             self.conn.rollback()
@@ -141,6 +176,9 @@ class PgVectorSink:
             self.conn.close()
             self.conn = None
             raise
+
+    def _lock(self, job: SinkJob) -> None:
+        lock_table(self.conn, self._quoted_name(), self._qualified(self.name))
 
     def _open(self, job: SinkJob) -> None:
         from pgvector.psycopg import register_vector
@@ -324,6 +362,12 @@ class PgVectorSink:
                 found[h] = Stored(np.asarray(arr), int(count), bool(trunc))
         self.conn.commit()
         return found
+
+    def release(self) -> None:
+        """Close the connection: its advisory lock and temporary table go with it."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def close(self, complete: bool) -> None:
         """Build the requested index once every batch is in (an index is cheaper built once)."""

@@ -12,9 +12,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from deposium.producer.backends import Backend, LocalBackend, QueueBackend, Request
-from deposium.producer.batching import Limits
-from deposium.producer.job import plan_job, without_password
+from deposium.producer.backends import Backend
+from deposium.producer.job import limits, make_backend, plan_job
 from deposium.producer.model import InputError
 from deposium.producer.progress import Progress
 from deposium.producer.readers import Source
@@ -22,8 +21,7 @@ from deposium.producer.runner import JobOptions
 from deposium.producer.sync.engine import Embedding, SyncOptions, SyncRunner, SyncSummary
 from deposium.producer.sync.store import SYNC_FORMAT, dumps, open_sync_store
 from deposium.producer.tokens import TokenCounter
-from deposium.worker.artifact import read_manifest
-from deposium.worker.config import Settings
+from deposium.worker.config import Settings, mask_url
 
 
 def run_sync(sources: Iterable[Source | InputError], *, sources_key: list[str], target: str, options: JobOptions,
@@ -34,26 +32,16 @@ def run_sync(sources: Iterable[Source | InputError], *, sources_key: list[str], 
     """Sync ``target`` with ``sources``; raises SinkError / ValueError before any work when refused."""
     plan = plan_job(inputs=sources_key, target=target, options=options, settings=settings, local=local,
                     artifact_dir=artifact_dir, errors_path=errors_path)
-    manifest = read_manifest(plan.artifact_dir)
     opts = plan.options
-    dim = opts.dim or manifest.dim
-    identity = {"format": SYNC_FORMAT, "model": manifest.model_sha256, "task": opts.task, "dim": dim,
+    identity = {"format": SYNC_FORMAT, "model": plan.manifest.model_sha256, "task": opts.task, "dim": plan.dim,
                 "dtype": opts.dtype, "max_tokens": opts.max_tokens, "min_chars": opts.min_chars}
-    counter = TokenCounter.from_artifact(plan.artifact_dir, task=opts.task, max_tokens=opts.max_tokens)
+    counter = TokenCounter(plan.tokenizer, task=opts.task, max_tokens=opts.max_tokens)
     store = open_sync_store(plan.target)
     backend: Backend | None = None
     if not dry_run:
-        job_id = "s" + hashlib.sha256(dumps([without_password(plan.target), identity]).encode()).hexdigest()[:15]
-        request = Request(job_id=job_id, task=opts.task, dim=opts.dim, dtype=opts.dtype)
-        if plan.local:
-            backend = LocalBackend(plan.artifact_dir, settings, request)
-        else:
-            backend = QueueBackend(settings, request, model_sha256=manifest.model_sha256,
-                                   batch_timeout_s=settings.batch_timeout_s or None,
-                                   reconnect_timeout_s=float(settings.redis_reconnect_timeout_s))
-    limits = Limits(tokens=opts.batch_tokens, paragraphs=settings.max_batch_paragraphs,
-                    nbytes=max(settings.max_batch_bytes - 4096, 1))
-    embedding = Embedding(counter=counter, backend=backend, limits=limits, dim=dim, dtype=opts.dtype)
+        stored_target = mask_url(plan.target, drop_password=True)
+        backend = make_backend(plan, "s" + hashlib.sha256(dumps([stored_target, identity]).encode()).hexdigest()[:15])
+    embedding = Embedding(counter=counter, backend=backend, limits=limits(plan), dim=plan.dim, dtype=opts.dtype)
     runner = SyncRunner(store, embedding, identity=identity, sources_key=sources_key, progress=progress,
                         options=SyncOptions(keep_missing=keep_missing, delete_missing=delete_missing,
                                             dry_run=dry_run, replace=replace,

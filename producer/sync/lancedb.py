@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from deposium.producer.sinks import SinkError, Stored
 from deposium.producer.sinks.lancedb import _lit, parse_target
-from deposium.producer.sync.locks import FileLock
+from deposium.producer.sinks.lock import OutputLock
 from deposium.producer.sync.store import SyncIndex, dumps, identity_mismatch
 
 _DOCS = "_deposium_documents"
@@ -41,7 +41,8 @@ class LanceSyncStore:
         self.table: Any = None
         self.docs: Any = None
         self._identity: dict[str, Any] = {}
-        self._lock = FileLock(self.path.with_name(f".{self.path.name}.{self.name}.lock"), target)
+        self._lock = OutputLock(self.path.parent / f".{self.path.name}.{self.name}.lock",
+                                f"LanceDB table {self.name} in {self.path}")
 
     def _tables(self) -> set[str]:
         listed = self.db.list_tables()
@@ -54,7 +55,7 @@ class LanceSyncStore:
         if not self.path.parent.is_dir():
             raise SinkError(f"{self.target}: directory {self.path.parent} does not exist")
         if create:
-            self._lock.acquire()
+            self._lock.acquire("sync")
         index = SyncIndex()
         try:
             self.db = lancedb.connect(str(self.path))

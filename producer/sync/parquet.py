@@ -26,19 +26,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deposium.producer.sinks import SinkError, Stored
-from deposium.producer.sync.locks import FileLock
+from deposium.producer.sinks.lock import OutputLock
+from deposium.producer.sinks.parquet import _fsync_dir
 from deposium.producer.sync.store import SYNC_FORMAT, SyncIndex, identity_mismatch
 
 META_KEY = b"deposium-sync"
 JOB_META_KEY = b"deposium"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -72,7 +65,7 @@ class ParquetSyncStore:
         self._identity: dict[str, Any] = {}
         self._run = f"{os.getpid()}"
         self._staging_ready = False
-        self._lock = FileLock(self.out.with_name(f".{self.out.name}.lock"), self.target)
+        self._lock = OutputLock(self.out.with_name(f".{self.out.name}.lock"), self.target)
 
     # -- opening --------------------------------------------------------------------------------
     def open(self, identity: Mapping[str, Any], *, replace: bool, create: bool) -> SyncIndex:
@@ -85,7 +78,7 @@ class ParquetSyncStore:
             raise SinkError(f"{self.out}: directory {self.out.parent} does not exist")
         index = SyncIndex()
         if create:
-            self._lock.acquire()
+            self._lock.acquire("sync")
         if self.out.exists():
             try:
                 meta = pq.read_schema(self.out).metadata or {}

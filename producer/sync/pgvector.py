@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from deposium.producer.sinks import SinkError, Stored
-from deposium.producer.sinks.pgvector import _short, parse_target
+from deposium.producer.sinks.pgvector import _short, lock_table, parse_target
 from deposium.producer.sync.store import SyncIndex, dumps, identity_mismatch
 from deposium.worker.config import mask_url
 
@@ -57,11 +57,12 @@ class PgSyncStore:
         name = self.name + suffix
         return sql.Identifier(self.schema, name) if self.schema else sql.Identifier(name)
 
-    def _regclass(self, cur: Any, suffix: str = "") -> bool:
+    def _quoted(self, suffix: str = "") -> str:
         name = '"' + (self.name + suffix).replace('"', '""') + '"'
-        if self.schema:
-            name = '"' + self.schema.replace('"', '""') + '".' + name
-        cur.execute("SELECT to_regclass(%s)", (name,))
+        return '"' + self.schema.replace('"', '""') + '".' + name if self.schema else name
+
+    def _regclass(self, cur: Any, suffix: str = "") -> bool:
+        cur.execute("SELECT to_regclass(%s)", (self._quoted(suffix),))
         return cur.fetchone()[0] is not None
 
     def open(self, identity: Mapping[str, Any], *, replace: bool, create: bool) -> SyncIndex:
@@ -70,17 +71,15 @@ class PgSyncStore:
 
         self._identity = dict(identity)
         try:
-            self.conn = psycopg.connect(self.conninfo)
+            self.conn = psycopg.connect(self.conninfo, application_name="deposium-submit --sync")
         except psycopg.OperationalError as exc:
             raise SinkError(f"cannot connect to PostgreSQL at {self.target}: {_short(exc)}") from None
         index = SyncIndex()
         try:
             with self.conn.cursor() as cur:
                 if create:
-                    cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"deposium:{self.target}",))
-                    if not cur.fetchone()[0]:
-                        raise SinkError(f"{self.target} is being written by another producer (a PostgreSQL "
-                                        "advisory lock is held); wait for it to finish or stop it")
+                    lock_table(self.conn, self._quoted(), self.name if not self.schema else
+                               f"{self.schema}.{self.name}")
                 has_rows, has_sync = self._regclass(cur), self._regclass(cur, "_deposium_sync")
                 stored = None
                 if has_sync:

@@ -1,0 +1,86 @@
+"""One producer per output: an exclusive lock file beside a file-based target.
+
+Why ``fcntl.flock`` on a lock file, by hand: the kernel drops the lock when its process
+ends, however it ends (``kill -9`` included), so a crashed producer never blocks the resume,
+while a second live producer is refused before it reads a paragraph. The lock file also
+says who holds it, so the refusal names the running job; the ``filelock`` library takes the
+same kind of lock but neither records nor reports its holder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from deposium.producer.sinks import SinkError
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from what it wrote into the lock file (best effort)."""
+    try:
+        raw = os.pread(fd, 4096, 0)
+        info = json.loads(raw) if raw else {}
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or not info.get("job_id"):
+        return "another producer"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))
+    return f"job {info['job_id']} (pid {info.get('pid')} on {info.get('host')}, since {since})"
+
+
+class OutputLock:
+    """``acquire`` or raise :class:`SinkError` naming the holder; ``release`` removes the file."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, job_id: str) -> None:
+        if self._fd is not None:
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise SinkError(f"{self.what}: cannot create the lock file {self.path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise SinkError(f"{self.what} is being written by {holder}; wait for it to end, or stop "
+                                "it, then re-run this command to resume") from None
+            # A holder that just finished unlinks the file before it unlocks: the inode locked here
+            # may be one nobody else will ever look at. Lock the file at the path, or try again.
+            try:
+                current = os.stat(self.path)
+                mine = os.fstat(fd)
+                same = (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"job_id": job_id, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file while still holding it (see :meth:`acquire`), then unlock."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
