@@ -81,7 +81,7 @@ def session_options(settings: Settings, unsigned_kernel: bool = False,
     sequential execution, every graph optimisation but :data:`DISABLED_OPTIMIZERS`. Arena and
     memory pattern come from settings: both cache buffers per shape, so with length-packed
     batches (a new shape nearly every call) they make RSS ratchet upwards; measurements in
-    BENCHMARKS.md. Without the arena every buffer a call needs is allocated afresh, which is
+    docs/benchmarks.md (worker memory). Without the arena every buffer a call needs is allocated afresh, which is
     why ``token_budget`` must stay small (see :func:`pack_batches`). ``unsigned_kernel``: run int8
     GEMMs through the u8 x u8 kernel where u8 x s8 would saturate (worker/variant.py).
     ``kernel_library``: the custom-op library an ``int8-fused`` graph calls (worker/kernels), on the
