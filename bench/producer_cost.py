@@ -70,6 +70,7 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
     ("deposium.worker.wire", "EmbedRequest.to_wire", "packing and encoding"),
     ("deposium.producer.backends", "QueueBackend._send", "Redis round trips: sending"),
     ("deposium.producer.backends", "QueueBackend._poll_one", "Redis round trips: polling and fetching"),
+    ("deposium.producer.backends", "QueueBackend._finished_ids", "Redis round trips: polling and fetching"),
     ("deposium.worker.wire", "EmbedResponse.from_wire", "result decoding"),
     ("deposium.producer.runner", "rows_table", "sink writes"),
     ("deposium.producer.sinks.parquet", "ParquetSink.write_batch", "sink writes"),

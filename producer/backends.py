@@ -145,6 +145,11 @@ class _Pending:
     next_locate: float = 0.0
 
 
+#: Longest wait between two polls of the results while nothing finishes. A batch takes far longer
+#: than this to embed, so the pickup delay it adds is small against a batch's run time, while
+#: several batches in flight keep every worker busy meanwhile.
+POLL_BACKOFF_MAX_S = 0.2
+
 #: Kombu's Redis transport keeps each delivered, unacknowledged message in this hash (by delivery
 #: tag) and the delivery time in this sorted set (its defaults; celery_config does not change them).
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
@@ -326,10 +331,28 @@ class QueueBackend:
         self._send(p.batch, p.attempts + 1)
         return None
 
+    def _finished_ids(self) -> set[str]:
+        """Batches in flight whose result key exists: one MGET for all of them.
+
+        Why not ask each ``AsyncResult`` for its state: that is one round trip and one trip
+        through Celery's result machinery per batch in flight per poll, and the polling loop was
+        the producer's largest CPU cost (docs/benchmarks.md, producer cost).
+        """
+        backend = self.app.backend
+        ids = list(self._pending)
+        keys = [backend.get_key_for_task(self._task_id(self._pending[b])) for b in ids]
+        values = self._retrying(lambda: backend.client.mget(keys)) if keys else []
+        return {b for b, v in zip(ids, values, strict=True) if v is not None}
+
     def completed(self, block: bool) -> list[Outcome]:
+        interval = self.poll_interval_s
         while True:
             done: list[Outcome] = []
+            finished = self._finished_ids()
+            now = time.monotonic()
             for batch_id, p in list(self._pending.items()):
+                if batch_id not in finished and now <= p.deadline:
+                    continue
                 outcome = self._poll_one(p)
                 if outcome is not None:
                     del self._pending[batch_id]
@@ -344,7 +367,9 @@ class QueueBackend:
                 done = self._watch(now)
             if done or not block or not self._pending:
                 return done
-            time.sleep(self.poll_interval_s)
+            time.sleep(interval)
+            # nothing finished: look again less often, up to POLL_BACKOFF_MAX_S (a batch takes longer)
+            interval = min(interval * 2, max(self.poll_interval_s, POLL_BACKOFF_MAX_S))
 
     # -- watching what Redis holds for the batches in flight ------------------------------------
     def _watch(self, now: float) -> list[Outcome]:
