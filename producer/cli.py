@@ -39,8 +39,10 @@ def parser() -> argparse.ArgumentParser:
         description="Split documents into paragraphs and embed them into a sink (Parquet by default). "
                     "In-process with --local or when REDIS_URL is unset; through Celery workers otherwise. "
                     "Re-running the same command resumes the job.",
-        epilog="Inputs: .txt/.md files (paragraphs = blank-line separated blocks), .jsonl files with "
-               "'id' and 'text' per line, directories (recursively), quoted globs, '-' for stdin. "
+        epilog="Inputs: PDF, HTML, Word .docx, Markdown and text files (recognised by content; text in "
+               "UTF-8, UTF-16 or a legacy code page), .jsonl files with 'id' and 'text' per line, .csv/.parquet "
+               "tables (one document per row), directories (recursively; other files are listed as "
+               "unsupported), quoted globs, '-' for stdin. Rich formats need the 'documents' extra. "
                "Exit: 0 ok, 1 finished with failures, 2 could not run, 130 interrupted.")
     p.add_argument("paths", nargs="*", help="files, directories, globs, or - for stdin")
     p.add_argument("--out", "--sink", dest="out", default=None,
@@ -70,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
                    help="artifact directory (default DEPOSIUM_ARTIFACT)")
     p.add_argument("--errors", type=Path, default=None, help="errors file (default OUT.errors.jsonl)")
     p.add_argument("--stdin-format", choices=["txt", "jsonl"], default="txt")
+    p.add_argument("--text-column", default="text", help="column holding the text in .csv/.parquet inputs")
+    p.add_argument("--id-column", default="id",
+                   help="column holding the document id in .csv/.parquet inputs (default id; FILE:ROW without it)")
     p.add_argument("--replace", action="store_true", help="overwrite an output that holds another job")
     p.add_argument("--index", choices=["hnsw", "ivf_pq"], default=None,
                    help="build a cosine vector index once the job is complete (pgvector: hnsw; "
@@ -140,6 +145,8 @@ def _main(args: argparse.Namespace) -> int:
             if "-" in spec["inputs"] or any(i.startswith("stdin:") for i in spec["inputs"]):
                 return _fail("a job that read stdin is resumed by re-running it with the same stdin")
             paths, target = spec.get("paths", spec["inputs"]), spec["target"]
+            args.text_column = spec.get("text_column", args.text_column)
+            args.id_column = spec.get("id_column", args.id_column)
             if spec.get("cwd"):
                 os.chdir(spec["cwd"])  # document ids are the paths as first given, relative to this
             options = JobOptions(**spec["options"])  # final: the task it started with, resolved
@@ -157,10 +164,12 @@ def _main(args: argparse.Namespace) -> int:
             else:
                 identity_inputs.append(os.path.join(os.getcwd(), raw))
         options = with_in_flight(options, settings, args.max_in_flight)
+        columns = {"text_column": args.text_column, "id_column": args.id_column}
         plan = plan_job(inputs=identity_inputs, target=target, options=options, settings=settings,
                         local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
-                        errors_path=errors, resolve_task=not args.resume)
-        plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format)
+                        errors_path=errors, resolve_task=not args.resume,
+                        extra_identity={k: v for k, v in columns.items() if v != k.split("_")[0]})
+        plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format, **columns)
         meter = Meter()
         progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),
                             read_bytes=lambda: meter.nbytes)
@@ -169,7 +178,7 @@ def _main(args: argparse.Namespace) -> int:
         runner = build_runner(plan, progress=progress, replace=args.replace)
         configure_sink(runner.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
         summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
-                                         meter=meter))
+                                         meter=meter, max_chars=settings.max_document_chars, **columns))
         if stdin_path is not None:
             stdin_path.unlink(missing_ok=True)
     except (BackendError, SinkError, JobError, ArtifactError, ConfigError, EmbedRequestError,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
-from deposium.producer.model import Paragraph, content_hash
+from deposium.producer.model import Block, Paragraph, content_hash
 from deposium.producer.tokens import TokenCounter
 
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|\n+")
@@ -61,49 +62,111 @@ def fit(block: str, counter: TokenCounter, tokens: int | None = None) -> list[tu
     return out
 
 
-def split_blocks(document: str, blocks: Iterable[str], counter: TokenCounter,
-                 *, min_chars: int = 20) -> Iterator[Paragraph]:
-    """Yield the document's paragraphs with consecutive indices from 0.
+@dataclass(frozen=True)
+class _Piece:
+    text: str
+    tokens: int
+    start: int | None
+    end: int | None
+    page: int | None
+    heading: str | None
+    is_heading: bool
+
+
+def _spans(block: Block, pieces: list[tuple[str, int]]) -> list[_Piece]:
+    """Give each piece cut from ``block`` its span: found word by word, in order, in the block."""
+    if len(pieces) == 1 or block.char_start is None:
+        start, end = block.char_start, block.char_end
+        return [_Piece(t, n, start if len(pieces) == 1 else None, end if len(pieces) == 1 else None,
+                       block.page, block.heading, block.is_heading) for t, n in pieces]
+    out = []
+    cursor = 0
+    for text, n in pieces:
+        first = None
+        for word in text.split():
+            at = block.text.find(word, cursor)
+            if at < 0:
+                continue
+            first = at if first is None else first
+            cursor = at + len(word)
+        lo = block.char_start + (first if first is not None else cursor)
+        out.append(_Piece(text, n, lo, block.char_start + cursor, block.page, block.heading, block.is_heading))
+    return out
+
+
+def _merge(a: _Piece, b: _Piece, counter: TokenCounter, *, heading_from: _Piece) -> _Piece | None:
+    """``a`` then ``b`` as one piece, or None when the result would not fit the window."""
+    merged = f"{a.text}\n\n{b.text}"
+    n = counter.count([merged])[0]
+    if n > counter.max_tokens:
+        return None
+    start = a.start if a.start is not None and b.start is not None else None
+    end = b.end if start is not None else None
+    return _Piece(merged, n, start, end, a.page if a.page is not None else b.page, heading_from.heading, False)
+
+
+def _within(piece: _Piece, carry: _Piece) -> bool:
+    """``piece`` belongs to ``carry``'s section (same heading path, or a subsection of it)."""
+    if piece.heading == carry.heading:
+        return True
+    return carry.heading is not None and (piece.heading or "").startswith(carry.heading + " > ")
+
+
+def _may_close(prev: _Piece, carry: _Piece) -> bool:
+    """A fragment may join the previous paragraph only in its own section, and never a heading."""
+    return not carry.is_heading and prev.heading == carry.heading
+
+
+def split_blocks(document: str, blocks: Iterable[Block | str], counter: TokenCounter,
+                 *, min_chars: int = 20, title: str | None = None) -> Iterator[Paragraph]:
+    """Yield the document's paragraphs with consecutive indices from 0, with their provenance.
 
     A fragment shorter than ``min_chars`` characters (a heading, a lone "Note:") is merged
     into the next paragraph, or into the previous one at the end of the document, when the
-    result still fits the window.
+    result still fits the window. A fragment joins the next paragraph only within its section
+    (or a subsection of it), and a heading never joins the previous section's paragraph.
     """
     index = 0
-    prev: tuple[str, int] | None = None
-    carry: tuple[str, int] | None = None
+    prev: _Piece | None = None
+    carry: _Piece | None = None
 
-    def emit(piece: tuple[str, int]) -> Paragraph:
+    def emit(piece: _Piece) -> Paragraph:
         nonlocal index
-        p = Paragraph(document=document, index=index, text=piece[0], tokens=piece[1],
-                      hash=content_hash(piece[0]))
+        p = Paragraph(document=document, index=index, text=piece.text, tokens=piece.tokens,
+                      hash=content_hash(piece.text), page=piece.page, heading=piece.heading,
+                      char_start=piece.start, char_end=piece.end, title=title)
         index += 1
         return p
 
-    for block in blocks:
-        for piece in fit(block, counter):
+    for raw in blocks:
+        block = raw if isinstance(raw, Block) else Block(text=raw)
+        for piece in _spans(block, fit(block.text, counter)):
             if carry is not None:
-                merged = f"{carry[0]}\n\n{piece[0]}"
-                n = counter.count([merged])[0]
-                if n <= counter.max_tokens:
-                    piece = (merged, n)
+                merged = _merge(carry, piece, counter, heading_from=piece) if _within(piece, carry) else None
+                if merged is not None:
+                    piece = merged
                 else:
-                    if prev is not None:
-                        yield emit(prev)
-                    prev = carry
+                    back = None
+                    if prev is not None and _may_close(prev, carry) and carry.heading != piece.heading:
+                        back = _merge(prev, carry, counter, heading_from=prev)
+                    if back is not None:
+                        prev = back
+                    else:
+                        if prev is not None:
+                            yield emit(prev)
+                        prev = carry
                 carry = None
-            if len(piece[0]) < min_chars:
+            if len(piece.text) < min_chars:
                 carry = piece
                 continue
             if prev is not None:
                 yield emit(prev)
             prev = piece
     if carry is not None:
-        if prev is not None:
-            merged = f"{prev[0]}\n\n{carry[0]}"
-            n = counter.count([merged])[0]
-            if n <= counter.max_tokens:
-                prev, carry = (merged, n), None
+        if prev is not None and _may_close(prev, carry):
+            merged = _merge(prev, carry, counter, heading_from=prev)
+            if merged is not None:
+                prev, carry = merged, None
         if carry is not None:
             if prev is not None:
                 yield emit(prev)

@@ -150,6 +150,9 @@ class Settings:
     #: Seconds the producer keeps retrying a lost Redis connection mid-job (a Redis restart)
     #: before it stops; the job then resumes with the same command.
     redis_reconnect_timeout_s: int = 120
+    #: Most characters of extracted text one document may yield (PDF, HTML, DOCX, text, a JSON
+    #: line or table row); a larger document gets a per-document error and the job goes on.
+    max_document_chars: int = 50_000_000
 
     # --- tests only ----------------------------------------------------------------------------
     #: Fault injection for the reliability tests (tests/test_faults.py). Empty = off; never set it
@@ -193,6 +196,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_BATCH_TOKENS": "batch_tokens",
     "DEPOSIUM_BATCH_TIMEOUT": "batch_timeout_s",
     "DEPOSIUM_REDIS_RECONNECT_TIMEOUT": "redis_reconnect_timeout_s",
+    "DEPOSIUM_MAX_DOCUMENT_CHARS": "max_document_chars",
     "DEPOSIUM_TEST_FAULT": "test_fault",
 }
 
