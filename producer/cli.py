@@ -68,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_at_least(1), default=None,
                    help="split paragraphs longer than this (default: the model's max sequence length)")
     p.add_argument("--min-chars", type=_at_least(0), default=20, help="merge fragments shorter than this")
+    p.add_argument("--chunk-tokens", type=_at_least(8), default=None,
+                   help="embed token-counted chunks of at most N tokens (cut at sentences, never across a "
+                        "heading) instead of paragraphs")
+    p.add_argument("--chunk-overlap", type=_at_least(0), default=0,
+                   help="with --chunk-tokens: tokens of the previous chunk's last sentences repeated at the "
+                        "start of the next (default 0)")
     p.add_argument("--artifact", type=Path, default=None,
                    help="artifact directory (default DEPOSIUM_ARTIFACT)")
     p.add_argument("--errors", type=Path, default=None, help="errors file (default OUT.errors.jsonl)")
@@ -101,6 +107,15 @@ def _input_bytes(paths: list[str], stdin_path: Path | None) -> int | None:
     return total or None
 
 
+def _identity_extras(columns: dict[str, str], options: object) -> dict[str, object]:
+    """Options of the document readers that shape paragraphs, only when not the default
+    (so a job started before they existed keeps its id)."""
+    extras: dict[str, object] = {k: v for k, v in columns.items() if v != k.split("_")[0]}
+    if getattr(options, "chunk_tokens", 0):
+        extras.update(chunk_tokens=options.chunk_tokens, chunk_overlap=options.chunk_overlap)  # type: ignore[attr-defined]
+    return extras
+
+
 def _fail(message: str) -> int:
     print(f"deposium-submit: error: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -129,8 +144,13 @@ def _main(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
+        if args.chunk_overlap and not args.chunk_tokens:
+            return _fail("--chunk-overlap needs --chunk-tokens")
+        if args.chunk_tokens and args.chunk_overlap >= args.chunk_tokens:
+            return _fail(f"--chunk-overlap {args.chunk_overlap} must be less than --chunk-tokens {args.chunk_tokens}")
         options = JobOptions(task=NO_PROMPT if args.no_prompt else args.task, dim=args.dim, dtype=args.dtype,
-                             batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, min_chars=args.min_chars)
+                             batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, min_chars=args.min_chars,
+                             chunk_tokens=args.chunk_tokens or 0, chunk_overlap=args.chunk_overlap)
         paths = list(args.paths)
         target = args.out
         local = True if args.local else None
@@ -168,7 +188,7 @@ def _main(args: argparse.Namespace) -> int:
         plan = plan_job(inputs=identity_inputs, target=target, options=options, settings=settings,
                         local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
                         errors_path=errors, resolve_task=not args.resume,
-                        extra_identity={k: v for k, v in columns.items() if v != k.split("_")[0]})
+                        extra_identity=_identity_extras(columns, options))
         plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format, **columns)
         meter = Meter()
         progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),

@@ -27,7 +27,7 @@ from deposium.producer.progress import Progress
 from deposium.producer.readers import Source
 from deposium.producer.schema import rows_table
 from deposium.producer.sinks import Sink, SinkJob
-from deposium.producer.split import split_blocks
+from deposium.producer.split import chunk_blocks, split_blocks
 from deposium.producer.tokens import TokenCounter
 
 
@@ -46,6 +46,8 @@ class JobOptions:
     max_tokens: int | None = None
     min_chars: int = 20
     max_in_flight: int = 8
+    chunk_tokens: int = 0  # 0 = paragraphs; N = token-counted chunks (split.chunk_blocks)
+    chunk_overlap: int = 0
 
 
 @dataclass
@@ -215,8 +217,7 @@ class JobRunner:
                 continue
             n = 0
             try:
-                for p in split_blocks(item.id, item.blocks(), self.counter, min_chars=self.options.min_chars,
-                                      title=item.title):
+                for p in self._split(item):
                     n += 1
                     size = len(p.text.encode("utf-8"))
                     if size > self.max_paragraph_bytes:
@@ -231,6 +232,13 @@ class JobRunner:
                 continue
             if n == 0:
                 self._input_error(InputError(origin=item.origin, document=item.id, reason="empty document"))
+
+    def _split(self, item: Source) -> Iterator[Paragraph]:
+        o = self.options
+        if o.chunk_tokens:
+            return chunk_blocks(item.id, item.blocks(), self.counter, chunk_tokens=o.chunk_tokens,
+                                overlap=o.chunk_overlap, title=item.title)
+        return split_blocks(item.id, item.blocks(), self.counter, min_chars=o.min_chars, title=item.title)
 
     def _input_error(self, err: InputError) -> None:
         self.summary.input_errors += 1

@@ -173,3 +173,99 @@ def split_blocks(document: str, blocks: Iterable[Block | str], counter: TokenCou
             prev = carry
     if prev is not None:
         yield emit(prev)
+
+
+class _Window:
+    """A :class:`TokenCounter` seen through a smaller window (the chunk size), for :func:`fit`."""
+
+    def __init__(self, counter: TokenCounter, max_tokens: int) -> None:
+        self._counter = counter
+        self.base = counter.base
+        self.max_tokens = max(min(max_tokens, counter.max_tokens), counter.base + 1)
+
+    def count(self, texts: list[str]) -> list[int]:
+        return self._counter.count(texts)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A sentence (or a whole code block / table) of one block, with its span and block number."""
+
+    text: str
+    tokens: int  # content tokens (without the prompt and special tokens)
+    start: int | None
+    end: int | None
+    block: int
+    page: int | None
+
+
+def _units(block: Block, number: int, window: _Window) -> list[_Unit]:
+    if block.whole:
+        texts = [t for t, _ in fit(block.text, window)]
+    else:
+        texts = [t for t in _SENTENCE_END.split(block.text) if t.strip()]
+        texts = [piece for t in texts for piece, _ in fit(t.strip(), window)]
+    counts = window.count(texts)
+    pieces = _spans(block, list(zip(texts, counts, strict=True)))
+    return [_Unit(p.text, n - window.base, p.start, p.end, number, block.page)
+            for p, n in zip(pieces, counts, strict=True)]
+
+
+def _sections(blocks: Iterable[Block]) -> Iterator[list[tuple[int, Block]]]:
+    """Consecutive blocks under one heading path; a heading block always opens a new section."""
+    section: list[tuple[int, Block]] = []
+    for number, block in enumerate(blocks):
+        if section and (block.is_heading or block.heading != section[-1][1].heading):
+            yield section
+            section = []
+        section.append((number, block))
+    if section:
+        yield section
+
+
+def chunk_blocks(document: str, blocks: Iterable[Block | str], counter: TokenCounter, *, chunk_tokens: int,
+                 overlap: int = 0, title: str | None = None) -> Iterator[Paragraph]:
+    """Token-counted chunks of at most ``chunk_tokens`` tokens, cut at sentences, never across a heading.
+
+    Each chunk after the first of a section starts with the last sentences of the previous one,
+    up to ``overlap`` tokens, so a fact cut at a boundary is still whole in one chunk. Code
+    blocks and tables (``Block.whole``) are one unit: cut only when longer than a chunk.
+    """
+    window = _Window(counter, chunk_tokens)
+    limit = window.max_tokens - window.base
+    index = 0
+    as_blocks = (b if isinstance(b, Block) else Block(text=b) for b in blocks)
+    for section in _sections(as_blocks):
+        units = [u for number, block in section for u in _units(block, number, window)]
+        chunk: list[_Unit] = []
+        fresh = 0  # units of ``chunk`` not carried over from the previous chunk
+        for unit in units:
+            if chunk and fresh and sum(u.tokens for u in chunk) + unit.tokens > limit:
+                yield _chunk(document, index, chunk, counter, section[0][1].heading, title)
+                index += 1
+                carried: list[_Unit] = []
+                for u in reversed(chunk):
+                    if sum(c.tokens for c in carried) + u.tokens > overlap:
+                        break
+                    carried.insert(0, u)
+                while carried and sum(c.tokens for c in carried) + unit.tokens > limit:
+                    carried.pop(0)
+                chunk, fresh = carried, 0
+            chunk.append(unit)
+            fresh += 1
+        if chunk:
+            yield _chunk(document, index, chunk, counter, section[0][1].heading, title)
+            index += 1
+
+
+def _chunk(document: str, index: int, units: list[_Unit], counter: TokenCounter, heading: str | None,
+           title: str | None) -> Paragraph:
+    parts = [units[0].text]
+    for prev, unit in zip(units, units[1:], strict=False):
+        parts.append((" " if unit.block == prev.block else "\n\n") + unit.text)
+    text = "".join(parts)
+    spans = units[0].start is not None and units[-1].end is not None
+    return Paragraph(document=document, index=index, text=text, tokens=counter.count([text])[0],
+                     hash=content_hash(text), page=units[0].page, heading=heading,
+                     char_start=units[0].start if spans else None, char_end=units[-1].end if spans else None,
+                     title=title)

@@ -22,7 +22,7 @@ from deposium.producer.documents.pdf import _join, extract_pdf
 from deposium.producer.documents.sniff import sniff
 from deposium.producer.model import InputError, InputWarning
 from deposium.producer.readers import Source, read_inputs
-from deposium.producer.split import split_blocks
+from deposium.producer.split import chunk_blocks, split_blocks
 from deposium.producer.tokens import TokenCounter
 from deposium.worker.tokenize import ParagraphTokenizer
 
@@ -351,3 +351,26 @@ def test_a_heading_never_joins_the_previous_section(counter: TokenCounter):
     paragraphs = list(split_blocks("d", extracted.blocks, counter))
     assert [(p.heading, p.text) for p in paragraphs] == [
         ("A", "# A\n\nFirst section text that is long enough."), ("B", "# B\n\nShort.")]
+
+
+# -- token chunks -----------------------------------------------------------------------------------
+def test_token_chunks_fit_overlap_at_sentences_and_stop_at_headings(counter: TokenCounter):
+    sentences = [f"Sentence {i} says something about topic {i * 3} here." for i in range(12)]
+    text = "# Alpha\n\n" + " ".join(sentences) + "\n\n```\ncode line one\ncode line two\n```\n\n# Beta\n\nTiny."
+    extracted = extract_markdown(text)
+    chunks = list(chunk_blocks("d", extracted.blocks, counter, chunk_tokens=40, overlap=15))
+    alpha = [c for c in chunks if c.heading == "Alpha"]
+    assert [c.heading for c in chunks] == ["Alpha"] * len(alpha) + ["Beta"]
+    assert chunks[-1].text == "# Beta\n\nTiny."  # never merged into the previous section's chunk
+    assert len(alpha) >= 3 and all(c.tokens <= 40 for c in chunks)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    body = [c for c in alpha if "Sentence" in c.text]
+    for prev, nxt in zip(body, body[1:], strict=False):
+        last = re.findall(r"Sentence \d+ [^.]*\.", prev.text)[-1]
+        assert nxt.text.startswith(last) or nxt.text.startswith("```"), (prev.text, nxt.text)
+        assert counter.count([last])[0] - counter.base <= 15
+    assert any(c.text.endswith("```\ncode line one\ncode line two\n```") for c in alpha)  # whole, uncut
+    joined = " ".join(c.text for c in chunks)
+    assert all(s in joined for s in sentences)
+    full = "\n\n".join(b.text for b in extracted.blocks)
+    assert all(_WORD.findall(full[c.char_start:c.char_end]) == _WORD.findall(c.text) for c in chunks)
