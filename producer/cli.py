@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -78,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
                    help="artifact directory (default DEPOSIUM_ARTIFACT)")
     p.add_argument("--errors", type=Path, default=None, help="errors file (default OUT.errors.jsonl)")
     p.add_argument("--stdin-format", choices=["txt", "jsonl"], default="txt")
+    p.add_argument("--readers", type=_at_least(1), default=None,
+                   help="processes reading and splitting documents (default: the CPUs available); "
+                        "the output is the same whatever the number")
     p.add_argument("--text-column", default="text", help="column holding the text in .csv/.parquet inputs")
     p.add_argument("--id-column", default="id",
                    help="column holding the document id in .csv/.parquet inputs (default id; FILE:ROW without it)")
@@ -114,6 +118,19 @@ def _identity_extras(columns: dict[str, str], options: object) -> dict[str, obje
     if getattr(options, "chunk_tokens", 0):
         extras.update(chunk_tokens=options.chunk_tokens, chunk_overlap=options.chunk_overlap)  # type: ignore[attr-defined]
     return extras
+
+
+def _reader_pool(readers: int | None, paths: list[str], plan: Any) -> Any:
+    """The reader processes for this job, or None to read in this process (one reader, or stdin)."""
+    from deposium.producer.documents.pool import ReaderPool, SplitSpec, available_cpus
+
+    n = readers or available_cpus()
+    if n < 2 or "-" in paths:
+        return None
+    o = plan.options
+    return ReaderPool(n, SplitSpec(artifact_dir=str(plan.artifact_dir), task=o.task, max_tokens=o.max_tokens,
+                                   min_chars=o.min_chars, chunk_tokens=o.chunk_tokens,
+                                   chunk_overlap=o.chunk_overlap))
 
 
 def _fail(message: str) -> int:
@@ -197,8 +214,14 @@ def _main(args: argparse.Namespace) -> int:
             plan.errors_path.parent.mkdir(parents=True, exist_ok=True)
         runner = build_runner(plan, progress=progress, replace=args.replace)
         configure_sink(runner.sink, index=args.index, model_id=str(plan.spec.get("model_source", "")))
-        summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
-                                         meter=meter, max_chars=settings.max_document_chars, **columns))
+        pool = _reader_pool(args.readers, paths, plan)
+        try:
+            summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
+                                             meter=meter, max_chars=settings.max_document_chars, pool=pool,
+                                             **columns))
+        finally:
+            if pool is not None:
+                pool.close()
         if stdin_path is not None:
             stdin_path.unlink(missing_ok=True)
     except (BackendError, SinkError, JobError, ArtifactError, ConfigError, EmbedRequestError,

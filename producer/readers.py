@@ -19,24 +19,36 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from deposium.producer.documents import DocumentError, Extracted
+from deposium.producer.documents.pool import ReaderPool, SplitDocument
 from deposium.producer.documents.sniff import Unsupported, sniff
 from deposium.producer.documents.text import detect_encoding, line_blocks, read_text, text_lines
-from deposium.producer.model import Block, InputError, InputWarning
+from deposium.producer.model import Block, InputError, InputWarning, Paragraph
 
 _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class Source:
-    """A readable document: its id, a re-startable stream of blocks and its title if it has one."""
+    """A readable document: its id, a re-startable stream of blocks and its title if it has one.
+
+    A document read by a reader process arrives already split: ``paragraphs`` holds them and
+    ``failure`` says why reading stopped early, if it did.
+    """
 
     id: str
     origin: str
     blocks: Callable[[], Iterator[Block]]
     title: str | None = None
+    paragraphs: tuple[Paragraph, ...] | None = None
+    failure: str | None = None
+
+    def presplit(self) -> Iterator[Paragraph]:
+        yield from self.paragraphs or ()
+        if self.failure:
+            raise OSError(self.failure)
 
 
 Item = Source | InputError | InputWarning
@@ -301,28 +313,88 @@ def file_sources(path: Path, doc_id: str, *, explicit: bool, meter: Meter | None
 def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
                 stdin_format: str = "txt", stdin_path: Path | None = None,
                 meter: Meter | None = None, max_chars: int | None = None, text_column: str = "text",
-                id_column: str = "id") -> Iterator[Item]:
+                id_column: str = "id", pool: ReaderPool | None = None) -> Iterator[Item]:
     """Every document of ``inputs`` in a stable order, or an error for what cannot be read.
 
     ``stdin_path`` is an already spooled copy of stdin (see :func:`spool`). Warnings
-    (replaced bytes) come just before the document they concern.
+    (replaced bytes) come just before the document they concern. With a ``pool``, documents
+    are read and split by its processes and arrive split (:attr:`Source.paragraphs`), in the
+    same order.
     """
+    kw: dict[str, Any] = {"max_chars": max_chars, "text_column": text_column, "id_column": id_column}
+    items = _pooled(inputs, pool, meter, kw) if pool is not None else _serial(inputs, stdin, stdin_format,
+                                                                              stdin_path, meter, kw)
     seen: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, Source):
+            first = seen.get(item.id)
+            if first is not None:
+                yield InputError(origin=item.origin, document=item.id,
+                                 reason=f"duplicate document id (first seen at {first})")
+                continue
+            seen[item.id] = item.origin
+        yield item
+
+
+def _serial(inputs: Iterable[str], stdin: BinaryIO | None, stdin_format: str, stdin_path: Path | None,
+            meter: Meter | None, kw: dict[str, Any]) -> Iterator[Item]:
     for doc_id, path, explicit in expand_found(inputs):
         if path is None:
             if stdin_path is None:
                 stdin_path, _ = spool(stdin or sys.stdin.buffer)
-            items = jsonl_sources(stdin_path, meter, max_chars=max_chars) if stdin_format == "jsonl" else \
-                text_file_sources(stdin_path, "<stdin>", meter, max_chars=max_chars)
+            if stdin_format == "jsonl":
+                yield from jsonl_sources(stdin_path, meter, max_chars=kw["max_chars"])
+            else:
+                yield from text_file_sources(stdin_path, "<stdin>", meter, max_chars=kw["max_chars"])
         else:
-            items = file_sources(path, doc_id, explicit=explicit, meter=meter, max_chars=max_chars,
-                                 text_column=text_column, id_column=id_column)
-        for item in items:
-            if isinstance(item, Source):
-                first = seen.get(item.id)
-                if first is not None:
-                    yield InputError(origin=item.origin, document=item.id,
-                                     reason=f"duplicate document id (first seen at {first})")
-                    continue
-                seen[item.id] = item.origin
-            yield item
+            yield from file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
+
+
+_RECORD_KINDS = {"jsonl", "csv", "parquet"}
+
+
+def _in_pool(path: Path | None, explicit: bool) -> bool:
+    """Whether a reader process takes this file: one document per file (records stream here)."""
+    if path is None or not path.is_file():
+        return False
+    try:
+        return sniff(path, explicit=explicit) not in _RECORD_KINDS
+    except (DocumentError, OSError):
+        return False  # its error is recorded here, cheaply
+
+
+def _pooled(inputs: Iterable[str], pool: ReaderPool, meter: Meter | None, kw: dict[str, Any]) -> Iterator[Item]:
+    found = iter(expand_found(inputs))
+    held: list[tuple[str, Path | None, bool]] = []
+
+    def run() -> Iterator[tuple[str, str, bool, dict[str, Any]]]:
+        for doc_id, path, explicit in found:
+            if not _in_pool(path, explicit):
+                held.append((doc_id, path, explicit))
+                return
+            yield doc_id, str(path), explicit, kw
+
+    while True:
+        tasks = run()
+        for results in pool.map(_metered(tasks, meter)):
+            for result in results:
+                if isinstance(result, SplitDocument):
+                    yield Source(id=result.id, origin=result.origin, blocks=lambda: iter(()),
+                                 paragraphs=result.paragraphs, failure=result.failure)
+                else:
+                    yield result
+        if not held:
+            return
+        doc_id, path, explicit = held.pop()
+        if path is None:  # stdin is spooled and read by the caller's serial path (see the CLI)
+            yield InputError(origin="-", reason="stdin cannot be read with --readers above 1")
+        else:
+            yield from file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
+
+
+def _metered(tasks: Iterator[tuple[str, str, bool, dict[str, Any]]],
+             meter: Meter | None) -> Iterator[tuple[str, str, bool, dict[str, Any]]]:
+    for task in tasks:
+        if meter is not None:
+            meter.nbytes += _size(Path(task[1]))
+        yield task

@@ -235,6 +235,8 @@ class JobRunner:
 
     def _split(self, item: Source) -> Iterator[Paragraph]:
         o = self.options
+        if item.paragraphs is not None:  # split by a reader process (--readers)
+            return item.presplit()
         if o.chunk_tokens:
             return chunk_blocks(item.id, item.blocks(), self.counter, chunk_tokens=o.chunk_tokens,
                                 overlap=o.chunk_overlap, title=item.title)
