@@ -38,11 +38,20 @@ def check_zip(path: Path, *, fmt: str = "DOCX") -> None:
                                 f"(limit {MAX_RATIO}x); refused as a zip bomb")
 
 
-def _heading_level(paragraph: Any) -> int | None:
-    try:
-        name = (paragraph.style.name or "") if paragraph.style is not None else ""
-    except (KeyError, AttributeError):
-        return None
+def _style_names(document: Any) -> dict[str, str]:
+    """Style id → style name, read once: python-docx's ``paragraph.style`` rescans every style per call."""
+    names: dict[str, str] = {}
+    for style in document.styles:
+        try:
+            names[style.style_id] = style.name or ""
+        except (KeyError, AttributeError, ValueError):
+            continue
+    return names
+
+
+def _heading_level(paragraph: Any, names: dict[str, str]) -> int | None:
+    style_id = paragraph._p.style  # the pStyle id, or None for the default paragraph style
+    name = names.get(style_id, "") if style_id else ""
     if name.lower() == "title":
         return 0
     match = _HEADING_STYLE.match(name)
@@ -74,13 +83,14 @@ def extract_docx(path: Path, *, max_chars: int | None = None) -> Extracted:
         raise DocumentError(f"corrupt DOCX: {type(exc).__name__}: {exc}") from None
     title = (document.core_properties.title or "").strip() or None
     out = TextBuilder(max_chars)
+    names = _style_names(document)
     body = document.element.body
     for child in body.iterchildren():
         tag = child.tag.rsplit("}", 1)[-1]
         if tag == "p":
             paragraph = Paragraph(child, document)
             text = paragraph.text
-            level = _heading_level(paragraph)
+            level = _heading_level(paragraph, names)
             if level is not None and text.strip():
                 if level == 0:
                     title = title or text.strip()
