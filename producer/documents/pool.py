@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -79,9 +82,19 @@ def split_source(source: Source, spec: SplitSpec, counter: TokenCounter) -> Spli
 _state: dict[str, Any] = {}
 
 
-def _start(spec: SplitSpec) -> None:
+def _orphan_watch(parent: int) -> None:
+    """Exit once the producer is gone (killed with -9, it cannot shut its readers down)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _start(spec: SplitSpec, parent: int) -> None:
     from deposium.producer.tokens import TokenCounter
 
+    # Ctrl-C is the producer's to handle (it stops the pool); readers must not each print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_orphan_watch, args=(parent,), daemon=True, name="orphan-watch").start()
     _state["spec"] = spec
     _state["counter"] = TokenCounter.from_artifact(Path(spec.artifact_dir), task=spec.task,
                                                    max_tokens=spec.max_tokens)
@@ -111,7 +124,7 @@ class ReaderPool:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.readers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start, initargs=(self.spec,))
+                                             initializer=_start, initargs=(self.spec, os.getpid()))
         return self._pool
 
     def map(self, tasks: Iterable[Task]) -> Iterator[list[InputError | InputWarning | SplitDocument]]:
