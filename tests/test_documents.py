@@ -170,6 +170,12 @@ def test_html_main_content_only_with_heading_paths(tmp_path: Path):
     assert extracted.title == "Guide"
 
 
+def test_html_line_breaks_stay_inside_their_paragraph(tmp_path: Path):
+    page = tmp_path / "address.html"
+    page.write_text("<html><body><p>12 Main Street<br>Springfield</p><p>Next paragraph.</p></body></html>")
+    assert [b.text for b in extract_html(page).blocks] == ["12 Main Street Springfield", "Next paragraph."]
+
+
 # -- DOCX -----------------------------------------------------------------------------------------
 def test_docx_paragraphs_headings_and_table_rows(tmp_path: Path):
     extracted = extract_docx(make_docx(tmp_path / "guide.docx"))

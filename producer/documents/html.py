@@ -22,7 +22,7 @@ HEADINGS = {f"h{i}": i for i in range(1, 7)}
 #: Elements that start a block of their own.
 BLOCKS = {"p", "div", "section", "article", "main", "li", "ul", "ol", "dl", "dt", "dd", "blockquote", "pre",
           "table", "tr", "figure", "figcaption", "caption", "address", "details", "summary", "header", "body",
-          "hr", "br", "center", *HEADINGS}
+          "hr", "center", *HEADINGS}
 _SPACES = re.compile(r"[ \t\r\n\f\v\u00a0]+")
 
 
@@ -70,6 +70,8 @@ class _Walker:
                         rows.append(" | ".join(cells))
             caption = next((self.text_of(c) for c in el if _tag(c) == "caption"), "")
             self.out.add("\n".join(([caption] if caption else []) + rows), whole=True)
+        elif tag == "br":
+            self.inline.append(" ")  # a line break inside a paragraph (an address, a verse) is not a new block
         elif tag in BLOCKS:
             self.flush()
             if el.text:
