@@ -302,6 +302,17 @@ def test_bad_documents_each_get_one_error_and_the_rest_is_read(tmp_path: Path):
     assert len(errors) == 5
 
 
+def test_a_pdf_with_some_scanned_pages_is_read_with_a_warning(tmp_path: Path):
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(PDF))
+    writer.merge(len(writer.pages), str(make_scanned_pdf(tmp_path / "scan.pdf")))
+    writer.write(str(tmp_path / "mixed.pdf"))
+    docs, errors, warnings = _items([tmp_path / "mixed.pdf"])
+    assert not errors and len(docs) == 1
+    assert [w.reason for w in warnings] == ["1 of 18 pages without a text layer (scanned; no OCR): pages 18"]
+
+
 def test_documents_over_the_character_limit_are_refused_alone(tmp_path: Path):
     (tmp_path / "big.txt").write_text("word " * 400)
     (tmp_path / "small.txt").write_text("tiny")

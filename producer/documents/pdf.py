@@ -113,6 +113,9 @@ def extract_pdf(path: Path, *, max_chars: int | None = None) -> Extracted:
     if not any(pages):
         raise DocumentError(f"PDF without a text layer ({len(pages)} pages; scanned; no OCR)")
     running = _running_lines(pages)
+    blank = [n for n, lines in enumerate(pages, start=1) if not lines]
+    warnings = [f"{len(blank)} of {len(pages)} pages without a text layer (scanned; no OCR): pages "
+                f"{', '.join(map(str, blank[:10]))}{', ...' if len(blank) > 10 else ''}"] if blank else []
     out = TextBuilder(max_chars)
     for number, lines in enumerate(pages, start=1):
         body = list(lines)
@@ -122,4 +125,4 @@ def extract_pdf(path: Path, *, max_chars: int | None = None) -> Extracted:
             body.pop()
         for paragraph in _paragraphs(body):
             out.add(paragraph, page=number)
-    return out.result(title=title)
+    return out.result(title=title, warnings=warnings)
