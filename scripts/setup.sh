@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with every extra (convert, producer, monitor, bench, sinks, dev,
+# Create .venv and install the project with every extra (convert, producer, documents, monitor, bench, sinks, dev,
 # openvino: the bench's OpenVINO peer, so the suite tests it instead of skipping it).
 # torch is pinned to 2.13.0: on these machines that is a CPU wheel from local disk; an unpinned
 # torch would pull a multi-GB CUDA build.
@@ -13,7 +13,7 @@ fi
 .venv/bin/python -m pip install -q torch==2.13.0
 # DEPOSIUM_REQUIRE_KERNELS=1: if the fused kernels (worker/kernels, built by setup.py) fail to build,
 # the setup fails, loudly, instead of leaving a worker without the int8-fused recipe.
-DEPOSIUM_REQUIRE_KERNELS=1 .venv/bin/python -m pip install -q -e '.[producer,convert,monitor,bench,sinks,dev,openvino]'
+DEPOSIUM_REQUIRE_KERNELS=1 .venv/bin/python -m pip install -q -e '.[producer,documents,convert,monitor,bench,sinks,dev,openvino]'
 # pgvector for the machine's PostgreSQL (tests start their own cluster with it). A no-op when
 # installed; builds Debian's source package through a temporary apt source list otherwise.
 if ! scripts/install-pgvector.sh --check 2>/dev/null; then
