@@ -9,7 +9,7 @@ splitting (token counting) and embedding with the worker's own :class:`Embedder`
 
 Usage::
 
-    python -m deposium.bench.extract_speed [--pdf FILE] [--html FILE] [--artifact DIR] [--repeats 5]
+    python -m deposium.bench.extract_speed [--pdf FILE] [--html FILE] [--artifact DIR] [--trafilatura] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -83,7 +83,30 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     result["docx"] = {"mb": docx_mb, "cpu_s": docx_s, "mb_per_s": docx_mb / docx_s}
     if args.artifact is not None:
         result["job_share"] = _job_share(args, pdf.blocks, pdf_s, kw)
+    if args.trafilatura:
+        result["html_trafilatura"] = _trafilatura(args.html, kw)
     return result
+
+
+def _trafilatura(path: Path, kw: dict) -> dict[str, object]:
+    """The readability peer on the same page: speed and whether its output keeps the headings.
+
+    Why measured: it was the alternative to the lxml walker (producer/documents/html.py); the
+    walker was chosen on these figures. Needs ``pip install trafilatura lxml_html_clean``.
+    """
+    import trafilatura
+
+    html = path.read_text(encoding="utf-8", errors="replace")
+
+    def call() -> str:
+        return trafilatura.extract(html, output_format="markdown", include_formatting=True,
+                                   include_tables=True) or ""
+
+    text = call()
+    mb = len(html.encode()) / 1e6
+    cpu = cpu_per_call(call, **kw)
+    return {"version": trafilatura.__version__, "mb_per_s": mb / cpu, "cpu_s": cpu,
+            "headings_kept": sum(1 for line in text.splitlines() if line.startswith("#"))}
 
 
 def _job_share(args: argparse.Namespace, blocks: list, pdf_s: float, kw: dict) -> dict[str, float]:
@@ -119,6 +142,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, default=DATA / "libffi-closure-api.html")
     p.add_argument("--artifact", type=Path, default=None,
                    help="artifact directory: also measure the share of extraction in a job's CPU")
+    p.add_argument("--trafilatura", action="store_true",
+                   help="also measure trafilatura on the HTML page (must be installed)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--min-seconds", type=float, default=0.5, help="CPU seconds per measurement at least")
     return p
