@@ -351,6 +351,9 @@ def _serial(inputs: Iterable[str], stdin: BinaryIO | None, stdin_format: str, st
 
 
 _RECORD_KINDS = {"jsonl", "csv", "parquet"}
+#: Plain text files larger than this stream here, block by block, instead of being split whole
+#: in a reader process (which holds a document's paragraphs until it is done).
+POOL_MAX_TEXT_BYTES = 8 << 20
 
 
 def _in_pool(path: Path | None, explicit: bool) -> bool:
@@ -358,9 +361,12 @@ def _in_pool(path: Path | None, explicit: bool) -> bool:
     if path is None or not path.is_file():
         return False
     try:
-        return sniff(path, explicit=explicit) not in _RECORD_KINDS
+        kind = sniff(path, explicit=explicit)
     except (DocumentError, OSError):
         return False  # its error is recorded here, cheaply
+    if kind == "text" and _size(path) > POOL_MAX_TEXT_BYTES:
+        return False
+    return kind not in _RECORD_KINDS
 
 
 def _pooled(inputs: Iterable[str], pool: ReaderPool, meter: Meter | None, kw: dict[str, Any]) -> Iterator[Item]:

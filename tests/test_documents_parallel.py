@@ -36,3 +36,38 @@ def test_one_and_two_readers_give_identical_batches_ids_and_vectors(tmp_path: Pa
     meta = [json.loads(t.schema.metadata[b"deposium"]) for t in (one, two)]
     assert meta[0]["batches"] == meta[1]["batches"] and len(meta[0]["batches"]) > 1  # batch ids and digests
     assert max(one.column("token_count").to_pylist()) <= 64
+
+
+def test_reader_processes_split_exactly_as_the_calling_process(tmp_path: Path, minilm_artifact: Path,
+                                                               monkeypatch):
+    from deposium.producer import readers
+    from deposium.producer.documents.pool import ReaderPool, SplitSpec
+    from deposium.producer.model import InputError
+    from deposium.producer.split import split_blocks
+    from deposium.producer.tokens import TokenCounter
+
+    docs = _folder(tmp_path)
+    (docs / "big.txt").write_text("\n\n".join(f"Paragraph {i} of a long plain text file." for i in range(400)))
+    monkeypatch.setattr(readers, "POOL_MAX_TEXT_BYTES", 10_000)  # big.txt streams here, in its place
+    pool = ReaderPool(2, SplitSpec(artifact_dir=str(minilm_artifact), task=None, max_tokens=None, min_chars=20))
+    try:
+        pooled = list(readers.read_inputs([str(docs)], pool=pool))
+    finally:
+        pool.close()
+    serial = list(readers.read_inputs([str(docs)]))
+    counter = TokenCounter.from_artifact(minilm_artifact)
+
+    def flat(items: list, presplit: bool) -> list:
+        out = []
+        for item in items:
+            if isinstance(item, InputError):
+                out.append((item.origin, item.reason))
+            elif presplit and item.paragraphs is not None:
+                out.append((item.id, list(item.presplit())))
+            else:
+                out.append((item.id, list(split_blocks(item.id, item.blocks(), counter, title=item.title))))
+        return out
+
+    assert flat(pooled, True) == flat(serial, False)
+    split_here = {Path(i.id).name for i in pooled if not isinstance(i, InputError) and i.paragraphs is None}
+    assert split_here == {"big.txt"}

@@ -5,8 +5,9 @@ native code holding the GIL for long stretches; one process per core is the only
 producer keeps up with a fleet of workers. Why a sliding window of futures rather than
 ``Pool.imap``: results must come back in input order (ids, batches and so vectors do not
 depend on N), and at most ``2 x N`` documents may be held at once whatever the job's size.
-Record files (.jsonl, .csv, .parquet) stream in the calling process instead: they hold many
-small documents, and shipping them one by one would cost more than splitting them.
+Record files (.jsonl, .csv, .parquet) and large text files stream in the calling process instead:
+they hold many small documents (shipping them one by one would cost more than splitting them),
+or stream block by block in bounded memory.
 Reader processes are spawned, never forked: the caller may hold an ONNX Runtime session.
 """
 
