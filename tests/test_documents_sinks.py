@@ -182,3 +182,19 @@ def test_old_layout_pgvector_table_gets_the_columns_and_resumes(pg: PgCluster):
         got = [dict(zip(cols, r, strict=True)) for r in conn.execute(
             "SELECT " + ", ".join(cols) + " FROM old_docs").fetchall()]
     _check_resumed(got)
+
+
+def test_old_layout_pgvector_table_the_user_may_not_alter_is_refused_clearly(pg: PgCluster):
+    from deposium.producer.sinks import SinkError
+
+    sink = PgVectorSink(pg.url("locked_docs"))
+    sink.open(_job())
+    sink.conn.close()
+    pg.sql("ALTER TABLE locked_docs " + ", ".join(f"DROP COLUMN {c}" for c in PROVENANCE_COLUMNS), db="vectors")
+    pg.sql("GRANT SELECT, INSERT, UPDATE, DELETE ON locked_docs TO stranger", db="vectors")
+    stranger = PgVectorSink(pg.url("locked_docs", user="stranger", password="other"))
+    with pytest.raises(SinkError) as refused:
+        stranger.open(_job())
+    message = str(refused.value)
+    assert "predates the provenance columns (page, heading, char_start, char_end, title)" in message
+    assert "ALTER TABLE" in message and "--replace" in message and "\n" not in message
