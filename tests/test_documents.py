@@ -141,6 +141,12 @@ def test_html_keeps_title_headings_and_text_but_no_markup_or_scripts():
     assert "<" not in text.replace("<=", "") and "text/css" not in text and "{" not in text.split("ffi_")[0]
     body = [b for b in extracted.blocks if b.heading]
     assert body and all(b.heading == "2.5 The Closure API" for b in body)
+    import lxml.html  # reference: every word of the page's body, scripts and styles aside
+
+    root = lxml.html.parse(str(HTML)).getroot()
+    for element in root.xpath("//script|//style|//head"):
+        element.drop_tree()
+    assert coverage(root.text_content(), text) >= 0.95
     assert any(b.text.startswith("Allocate a chunk of memory holding size bytes") for b in body)
 
 
