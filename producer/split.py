@@ -1,4 +1,5 @@
-"""Documents → paragraphs: blank-line blocks, over-long ones cut at sentences, tiny ones merged.
+"""Documents → paragraphs (blocks, over-long ones cut at sentences, tiny ones merged), or
+token-counted chunks with overlap (``--chunk-tokens``), each carrying its provenance.
 
 Why here and not in the worker: the paragraph is the unit of identity (``document#index``),
 of deduplication and of output rows, so it must be fixed before anything is sent; and a
