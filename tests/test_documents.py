@@ -156,7 +156,8 @@ def test_html_main_content_only_with_heading_paths(tmp_path: Path):
 <script>var secret = "tracking";</script></head><body>
 <nav><a href="/">Home</a> | <a href="/docs">Docs</a></nav>
 <main><h1>Installation</h1><p>Install it with <b>pip</b> in a fresh virtual environment.</p>
-<h2>Docker</h2><p>Build the image and run it.</p><script>alert("inline")</script>
+<h2>Docker<a class="headerlink" href="#docker">¶</a></h2><div role="navigation">Prev | Next</div>
+<p>Build the image and run it.</p><script>alert("inline")</script>
 <table><tr><th>Variable</th><th>Meaning</th></tr><tr><td>REDIS_URL</td><td>broker</td></tr></table>
 <h1>Usage</h1><ul><li>First step of the usage list.</li><li>Second step.</li></ul></main>
 <footer>Copyright footer text</footer></body></html>""", encoding="utf-8")

@@ -18,6 +18,10 @@ from deposium.producer.documents import DocumentError, Extracted, TextBuilder, r
 #: Never content: removed with everything inside them.
 DROP = {"script", "style", "noscript", "template", "nav", "footer", "aside", "form", "iframe", "svg",
         "button", "select", "head", "object", "embed", "canvas", "menu", "dialog"}
+#: Landmark roles that are never content (site navigation, search box, page footer).
+DROP_ROLES = {"navigation", "search", "contentinfo", "banner", "complementary"}
+#: Permalink anchors generators put in headings (Sphinx, MkDocs, Hugo): a glyph, not a word.
+PERMALINK_CLASSES = {"headerlink", "anchor", "anchorjs-link", "heading-anchor"}
 HEADINGS = {f"h{i}": i for i in range(1, 7)}
 #: Elements that start a block of their own.
 BLOCKS = {"p", "div", "section", "article", "main", "li", "ul", "ol", "dl", "dt", "dd", "blockquote", "pre",
@@ -47,7 +51,7 @@ class _Walker:
             self.out.add(text)
 
     def text_of(self, el: Any) -> str:
-        return _clean(" ".join(t for t in el.itertext() if t))
+        return _clean(" ".join(_texts(el)))
 
     def walk(self, el: Any) -> None:
         tag = _tag(el)
@@ -87,10 +91,26 @@ class _Walker:
         return None
 
     def child(self, child: Any) -> None:
-        if isinstance(child.tag, str) and _tag(child) not in DROP:
+        if isinstance(child.tag, str) and _keep(child):
             self.walk(child)
         if child.tail:
             self.inline.append(child.tail)
+
+
+def _texts(el: Any) -> list[str]:
+    """The element's text without what :func:`_keep` drops (a heading's permalink glyph, a script)."""
+    out = [el.text or ""]
+    for child in el:
+        if isinstance(child.tag, str) and _keep(child):
+            out.extend(_texts(child))
+        out.append(child.tail or "")
+    return out
+
+
+def _keep(el: Any) -> bool:
+    if _tag(el) in DROP or (el.get("role") or "").lower() in DROP_ROLES:
+        return False
+    return not PERMALINK_CLASSES & set((el.get("class") or "").split())
 
 
 def _main_content(root: Any) -> Any:
