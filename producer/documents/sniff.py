@@ -85,6 +85,6 @@ def sniff(path: Path, *, explicit: bool) -> str:
     nul = -1 if utf16 else head.find(b"\0")
     if suffix in TEXT_SUFFIXES or explicit:
         if nul >= 0 and not explicit:
-            raise Unsupported(f"binary file (NUL byte at offset {nul})", f"unsupported format: {suffix or 'binary'}")
+            raise Unsupported(f"binary file (NUL byte at offset {nul})", "binary file")
         return "text"
     raise Unsupported(f"unsupported format: {suffix}", f"unsupported format: {suffix}")
