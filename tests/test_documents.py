@@ -119,6 +119,18 @@ def test_pdf_text_matches_pdftotext_and_each_paragraph_is_on_its_page():
     assert all(text[b.char_start:b.char_end] == b.text for b in extracted.blocks)
 
 
+def test_pdf_outline_gives_heading_paths():
+    extracted = extract_pdf(PDF)
+    headings = [b.text for b in extracted.blocks if b.is_heading]
+    assert headings[:4] == ["1. Introduction", "1.1. Version", "1.3. Language used in this specification",
+                            "2. Unified system"]
+    xdg = next(b for b in extracted.blocks if b.text.startswith("This specification uses the XDG Base Directory"))
+    assert (xdg.page, xdg.heading) == (2, "2. Unified system > 2.1. Directory layout")
+    # a title run together with the text below it is cut off into a heading block of its own
+    version = next(b for b in extracted.blocks if b.text.startswith("This is version 0.21"))
+    assert version.heading == "1. Introduction > 1.1. Version"
+
+
 def test_pdf_running_header_and_page_numbers_are_dropped():
     extracted = extract_pdf(PDF)
     assert not any(b.text == "Shared MIME-info Database" for b in extracted.blocks)

@@ -22,6 +22,8 @@ _SPACES = re.compile(r"\s+")
 _HYPHEN_END = re.compile(r"[^\W\d_][-\u00ad\u2010\x02\ufffe]$")
 #: A line opening a list item starts a paragraph of its own whatever the gap.
 _BULLET = re.compile(r"^(?:[\u2022\u25e6\u25aa\u2023\u2043*\u2013-]|\d{1,3}[.)])\s")
+#: A section number in front of a heading's text ("2.1 ", "A.3. ", "IV. ").
+_SECTION_NUMBER = re.compile(r"(?:\d{1,3}|[A-Z]|[IVX]{1,5})(?:\.\d{1,3})*\.?\s+")
 #: A paragraph break is a vertical gap wider than this many typical line pitches.
 _GAP = 1.45
 
@@ -49,14 +51,15 @@ def _page_lines(textpage: Any) -> list[tuple[str, float, float]]:
 
 
 def _running_lines(pages: list[list[tuple[str, float, float]]]) -> set[str]:
-    """Normalised first/last lines repeated on most pages (headers, footers, page numbers)."""
+    """Normalised first/last lines repeated on a quarter of the pages or more (three at least):
+    headers, footers, page numbers; a chapter's running header lasts only as long as its chapter."""
     if len(pages) < 3:
         return set()
     seen: dict[str, int] = {}
     for lines in pages:
         for key in {_norm(line[0]) for line in lines[:1] + lines[-1:]}:
             seen[key] = seen.get(key, 0) + 1
-    need = max(3, (len(pages) + 1) // 2)
+    need = max(3, (len(pages) + 3) // 4)
     return {k for k, n in seen.items() if n >= need}
 
 
@@ -106,6 +109,7 @@ def extract_pdf(path: Path, *, max_chars: int | None = None) -> Extracted:
             textpage.close()
             page.close()
         title = (doc.get_metadata_dict().get("Title") or "").strip() or None
+        outline = _outline(doc)
     except pdfium.PdfiumError as exc:
         raise DocumentError(f"corrupt or truncated PDF: {exc}") from None
     finally:
@@ -123,6 +127,56 @@ def extract_pdf(path: Path, *, max_chars: int | None = None) -> Extracted:
             body.pop(0)
         while body and _norm(body[-1][0]) in running:
             body.pop()
+        marks = outline.get(number, [])
         for paragraph in _paragraphs(body):
-            out.add(paragraph, page=number)
+            _add_with_headings(out, paragraph, number, marks)
+        for level, heading in marks:  # not found in the page's text: the section still starts here
+            out.open_heading(level, heading)
     return out.result(title=title, warnings=warnings)
+
+
+def _title_end(paragraph: str, heading: str) -> int | None:
+    """Where ``heading`` ends if it starts ``paragraph``, after an optional section number that
+    the text shows and the outline omits ("2.1 ASN.1 syntax" for the bookmark "ASN.1 syntax")."""
+    for start in (0, m.end() if (m := _SECTION_NUMBER.match(paragraph)) else 0):
+        end = start + len(heading)
+        if paragraph[start:end].casefold() == heading.casefold() and (end == len(paragraph)
+                                                                     or not paragraph[end].isalnum()):
+            return end
+    return None
+
+
+def _outline(doc: Any) -> dict[int, list[tuple[int, str]]]:
+    """The PDF's bookmarks by 1-based page: (level, title), in order. Empty without an outline."""
+    marks: dict[int, list[tuple[int, str]]] = {}
+    for bookmark in doc.get_toc(max_depth=8):
+        dest = bookmark.get_dest()
+        heading = _SPACES.sub(" ", bookmark.get_title() or "").strip()
+        if dest is None or dest.get_index() is None or not heading:
+            continue
+        marks.setdefault(dest.get_index() + 1, []).append((bookmark.level + 1, heading))
+    return marks
+
+
+def _add_with_headings(out: TextBuilder, paragraph: str, page: int, marks: list[tuple[int, str]]) -> None:
+    """Add a paragraph, opening the outline's sections whose titles start it (and cutting them off).
+
+    Why: the outline is the one reliable heading structure a PDF carries; its titles sit at the
+    start of a paragraph (alone, or run together with the first lines below them when the gap
+    above the text is small), so a title found there opens its section at that very point.
+    """
+    while marks:
+        found = next(((k, end) for k, (_, heading) in enumerate(marks)
+                      if (end := _title_end(paragraph, heading)) is not None), None)
+        if found is None:
+            break
+        k, end = found
+        for level, heading in marks[:k]:  # earlier sections of this page whose titles were not seen
+            out.open_heading(level, heading)
+        level, heading = marks[k]
+        del marks[:k + 1]
+        out.open_heading(level, heading)
+        out.add(paragraph[:end], page=page, is_heading=True)
+        paragraph = paragraph[end:].lstrip()
+    if paragraph:
+        out.add(paragraph, page=page)
