@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tests.test_documents import make_encrypted_pdf
 from tests.test_documents_sinks import _folder
 from tests.test_producer_support import submit_cmd
 
@@ -18,16 +19,24 @@ def test_one_and_two_readers_give_identical_batches_ids_and_vectors(tmp_path: Pa
     # a record file between the documents: read in the calling process, in its place in the order
     (docs / "m-records.jsonl").write_text(json.dumps({"id": "r1", "text": "A record among documents."}) + "\n")
     (docs / "z-second.md").write_text("# Z\n\nA last Markdown file after the records.\n")
+    make_encrypted_pdf(docs / "locked.pdf")  # bad documents: one error each, read in the reader processes
+    (docs / "cut.docx").write_bytes((docs / "guide.docx").read_bytes()[:1500])
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(DEPOSIUM_ARTIFACT=str(minilm_artifact), DEPOSIUM_CACHE_DIR=str(tmp_path / "cache"))
     tables = {}
     for n in (1, 2):
         out = tmp_path / f"r{n}.parquet"
+        errors = tmp_path / f"r{n}.errors.jsonl"
         r = subprocess.run(submit_cmd("docs", "--local", "--out", str(out), "--no-progress", "--readers", str(n),
-                                      "--chunk-tokens", "64", "--chunk-overlap", "16", "--batch-tokens", "600"),
+                                      "--chunk-tokens", "64", "--chunk-overlap", "16", "--batch-tokens", "600",
+                                      "--errors", str(errors)),
                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # 1: the unsupported file
-        assert "skipped files: 1 unsupported format: .xyz" in r.stdout
+        assert "skipped files: 1 unsupported format: .xyz" in r.stdout and "3 input errors" in r.stdout
+        listed = {Path(e["origin"]).name: e["reason"] for e in map(json.loads, errors.read_text().splitlines())}
+        assert listed["locked.pdf"] == "encrypted PDF (password required); not read"
+        assert listed["cut.docx"].startswith("corrupt or truncated DOCX")
+        assert listed["photo.xyz"] == "unsupported format: .xyz" and len(listed) == 3
         tables[n] = pq.read_table(out)
     one, two = tables[1], tables[2]
     assert one.num_rows > 40 and "r1#0" in one.column("id").to_pylist()
