@@ -27,7 +27,7 @@ from deposium.producer.progress import Progress
 from deposium.producer.readers import Source
 from deposium.producer.schema import rows_table
 from deposium.producer.sinks import Sink, SinkJob
-from deposium.producer.split import chunk_blocks, split_blocks
+from deposium.producer.split import split_document
 from deposium.producer.tokens import TokenCounter
 
 
@@ -237,10 +237,8 @@ class JobRunner:
         o = self.options
         if item.paragraphs is not None:  # split by a reader process (--readers)
             return item.presplit()
-        if o.chunk_tokens:
-            return chunk_blocks(item.id, item.blocks(), self.counter, chunk_tokens=o.chunk_tokens,
-                                overlap=o.chunk_overlap, title=item.title)
-        return split_blocks(item.id, item.blocks(), self.counter, min_chars=o.min_chars, title=item.title)
+        return split_document(item.id, item.blocks(), self.counter, min_chars=o.min_chars,
+                              chunk_tokens=o.chunk_tokens, chunk_overlap=o.chunk_overlap, title=item.title)
 
     def _input_error(self, err: InputError) -> None:
         self.summary.input_errors += 1

@@ -270,3 +270,15 @@ def _chunk(document: str, index: int, units: list[_Unit], counter: TokenCounter,
                      hash=content_hash(text), page=units[0].page, heading=heading,
                      char_start=units[0].start if spans else None, char_end=units[-1].end if spans else None,
                      title=title)
+
+
+def split_document(document: str, blocks: Iterable[Block | str], counter: TokenCounter, *, min_chars: int = 20,
+                   chunk_tokens: int = 0, chunk_overlap: int = 0, title: str | None = None) -> Iterator[Paragraph]:
+    """The job's units for one document: token chunks when ``chunk_tokens`` is set, else paragraphs.
+
+    The one entry point the runner and the reader processes share, so both split alike.
+    """
+    if chunk_tokens:
+        return chunk_blocks(document, blocks, counter, chunk_tokens=chunk_tokens, overlap=chunk_overlap,
+                            title=title)
+    return split_blocks(document, blocks, counter, min_chars=min_chars, title=title)

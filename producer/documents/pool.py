@@ -63,13 +63,10 @@ def available_cpus() -> int:
 
 def split_source(source: Source, spec: SplitSpec, counter: TokenCounter) -> SplitDocument:
     """Split one source the way the job's runner would (the same functions, the same options)."""
-    from deposium.producer.split import chunk_blocks, split_blocks
+    from deposium.producer.split import split_document
 
-    if spec.chunk_tokens:
-        parts = chunk_blocks(source.id, source.blocks(), counter, chunk_tokens=spec.chunk_tokens,
-                             overlap=spec.chunk_overlap, title=source.title)
-    else:
-        parts = split_blocks(source.id, source.blocks(), counter, min_chars=spec.min_chars, title=source.title)
+    parts = split_document(source.id, source.blocks(), counter, min_chars=spec.min_chars,
+                           chunk_tokens=spec.chunk_tokens, chunk_overlap=spec.chunk_overlap, title=source.title)
     out: list[Paragraph] = []
     try:
         for p in parts:
