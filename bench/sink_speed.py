@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from deposium.producer.schema import output_schema
+from deposium.producer.schema import PROVENANCE, output_schema
 from deposium.producer.sinks import SinkJob, open_sink
 
 
@@ -50,7 +50,8 @@ def synthetic_rows(n: int, dim: int, offset: int = 0, seed: int = 0) -> pa.Table
         pa.array([(offset + i) % 8 for i in range(n)], pa.int32()),
         pa.array([uuid.uuid4().hex for _ in range(n)]), pa.array([text] * n),
         pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), dim),
-        pa.array([80] * n, pa.int32()), pa.array([False] * n)], schema=schema)
+        pa.array([80] * n, pa.int32()), pa.array([False] * n),
+        *(pa.nulls(n, f.type) for f in PROVENANCE)], schema=schema)
 
 
 def sink_rate(target: str, rows: int, dim: int, batch_rows: int) -> float:

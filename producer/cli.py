@@ -52,8 +52,10 @@ def parser() -> argparse.ArgumentParser:
         description="Split documents into paragraphs and embed them into a sink (Parquet by default). "
                     "In-process with --local or when REDIS_URL is unset; through Celery workers otherwise. "
                     "Re-running the same command resumes the job.",
-        epilog="Inputs: .txt/.md files (paragraphs = blank-line separated blocks), .jsonl files with "
-               "'id' and 'text' per line, directories (recursively), quoted globs, '-' for stdin. "
+        epilog="Inputs: PDF, HTML, Word .docx, Markdown and text files (recognised by content; text in "
+               "UTF-8, UTF-16 or a legacy code page), .jsonl files with 'id' and 'text' per line, .csv/.parquet "
+               "tables (one document per row), directories (recursively; other files are listed as "
+               "unsupported), quoted globs, '-' for stdin. Rich formats need the 'documents' extra. "
                "Exit: 0 ok, 1 finished with failures, 2 could not run, 3 stopped mid-job (resume with the "
                "same command), 130 interrupted.")
     p.add_argument("paths", nargs="*", help="files, directories, globs, or - for stdin")
@@ -80,10 +82,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_at_least(1), default=None,
                    help="split paragraphs longer than this (default: the model's max sequence length)")
     p.add_argument("--min-chars", type=_at_least(0), default=20, help="merge fragments shorter than this")
+    p.add_argument("--chunk-tokens", type=_at_least(8), default=None,
+                   help="embed token-counted chunks of at most N tokens (cut at sentences, never across a "
+                        "heading) instead of paragraphs")
+    p.add_argument("--chunk-overlap", type=_at_least(0), default=0,
+                   help="with --chunk-tokens: tokens of the previous chunk's last sentences repeated at the "
+                        "start of the next (default 0)")
     p.add_argument("--artifact", type=Path, default=None,
                    help="artifact directory (default DEPOSIUM_ARTIFACT)")
     p.add_argument("--errors", type=Path, default=None, help="errors file (default OUT.errors.jsonl)")
     p.add_argument("--stdin-format", choices=["txt", "jsonl"], default="txt")
+    p.add_argument("--readers", type=_at_least(1), default=None,
+                   help="processes reading and splitting documents (default: the CPUs available); "
+                        "the output is the same whatever the number")
+    p.add_argument("--text-column", default="text", help="column holding the text in .csv/.parquet inputs")
+    p.add_argument("--id-column", default="id",
+                   help="column holding the document id in .csv/.parquet inputs (default id; FILE:ROW without it)")
     p.add_argument("--replace", action="store_true", help="overwrite an output that holds another job")
     p.add_argument("--index", choices=["hnsw", "ivf_pq"], default=None,
                    help="build a cosine vector index once the job is complete (pgvector: hnsw; "
@@ -151,6 +165,28 @@ def missing_inputs(paths: list[str]) -> list[str]:
     return missing
 
 
+def _identity_extras(columns: dict[str, str], options: object) -> dict[str, object]:
+    """Options of the document readers that shape paragraphs, only when not the default
+    (so a job started before they existed keeps its id)."""
+    extras: dict[str, object] = {k: v for k, v in columns.items() if v != k.split("_")[0]}
+    if getattr(options, "chunk_tokens", 0):
+        extras.update(chunk_tokens=options.chunk_tokens, chunk_overlap=options.chunk_overlap)  # type: ignore[attr-defined]
+    return extras
+
+
+def _reader_pool(readers: int | None, paths: list[str], plan: Any) -> Any:
+    """The reader processes for this job, or None to read in this process (one reader, or stdin)."""
+    from deposium.producer.documents.pool import ReaderPool, SplitSpec, available_cpus
+
+    n = readers or available_cpus()
+    if n < 2 or "-" in paths:
+        return None
+    o = plan.options
+    return ReaderPool(n, SplitSpec(artifact_dir=str(plan.artifact_dir), task=o.task, max_tokens=o.max_tokens,
+                                   min_chars=o.min_chars, chunk_tokens=o.chunk_tokens,
+                                   chunk_overlap=o.chunk_overlap))
+
+
 def _fail(message: str) -> int:
     print(f"deposium-submit: error: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -191,8 +227,13 @@ def _main(args: argparse.Namespace) -> int:
         settings = load_settings()
         if args.wait_for_workers is not None:
             settings = dataclasses.replace(settings, wait_for_workers_s=args.wait_for_workers)
+        if args.chunk_overlap and not args.chunk_tokens:
+            return _fail("--chunk-overlap needs --chunk-tokens")
+        if args.chunk_tokens and args.chunk_overlap >= args.chunk_tokens:
+            return _fail(f"--chunk-overlap {args.chunk_overlap} must be less than --chunk-tokens {args.chunk_tokens}")
         options = JobOptions(task=NO_PROMPT if args.no_prompt else args.task, dim=args.dim, dtype=args.dtype,
-                             batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, min_chars=args.min_chars)
+                             batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, min_chars=args.min_chars,
+                             chunk_tokens=args.chunk_tokens or 0, chunk_overlap=args.chunk_overlap)
         paths = list(args.paths)
         target = args.out
         local = True if args.local else None
@@ -207,6 +248,8 @@ def _main(args: argparse.Namespace) -> int:
             if "-" in spec["inputs"] or any(i.startswith("stdin:") for i in spec["inputs"]):
                 return _fail("a job that read stdin is resumed by re-running it with the same stdin")
             paths, target = spec.get("paths", spec["inputs"]), spec["target"]
+            args.text_column = spec.get("text_column", args.text_column)
+            args.id_column = spec.get("id_column", args.id_column)
             if spec.get("cwd"):
                 os.chdir(spec["cwd"])  # document ids are the paths as first given, relative to this
             options = JobOptions(**spec["options"])  # final: the task it started with, resolved
@@ -230,12 +273,15 @@ def _main(args: argparse.Namespace) -> int:
             else:
                 identity_inputs.append(os.path.join(os.getcwd(), raw))
         options = with_in_flight(options, settings, args.max_in_flight)
+        columns = {"text_column": args.text_column, "id_column": args.id_column}
         if args.sync:
-            return _sync(args, settings, options, paths, identity_inputs, target, local, artifact, errors)
+            return _sync(args, settings, options, paths, identity_inputs, target, local, artifact, errors,
+                         columns)
         plan = plan_job(inputs=identity_inputs, target=target, options=options, settings=settings,
                         local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
-                        errors_path=errors, resolve_task=not args.resume)
-        plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format)
+                        errors_path=errors, resolve_task=not args.resume,
+                        extra_identity=_identity_extras(columns, options))
+        plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format, **columns)
         meter = Meter()
         progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),
                             read_bytes=lambda: meter.nbytes)
@@ -245,12 +291,17 @@ def _main(args: argparse.Namespace) -> int:
         runner = build_runner(plan, progress=progress, replace=args.replace)
         if isinstance(runner.backend, QueueBackend):
             runner.backend.fraction_done = _share_done(progress)
+        pool = _reader_pool(args.readers, paths, plan)
         try:
             summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
-                                             meter=meter))
+                                             meter=meter, max_chars=settings.max_document_chars, pool=pool,
+                                             **columns))
         except redis_lost as exc:  # the job record's Redis, gone mid-job for its whole retry time
             raise JobStopped(f"lost Redis at {mask_url(settings.redis_url)} ({exc}); the job can be "
                              "resumed") from None
+        finally:
+            if pool is not None:
+                pool.close()
     except JobStopped as exc:
         print(f"deposium-submit: stopped: {exc}", file=sys.stderr)
         return EXIT_STOPPED
@@ -269,7 +320,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace, settings: Settings, options: JobOptions, paths: list[str],
           sources_key: list[str], target: str, local: bool | None, artifact: Path | None,
-          errors: Path | None) -> int:
+          errors: Path | None, columns: dict[str, str]) -> int:
     """``--sync``: the same inputs and options as a job, applied to the output as a synced store."""
     from deposium.producer.progress import Progress
     from deposium.producer.readers import Meter, read_inputs
@@ -278,10 +329,12 @@ def _sync(args: argparse.Namespace, settings: Settings, options: JobOptions, pat
     meter = Meter()
     progress = Progress(enabled=args.progress and not args.dry_run, total_bytes=_input_bytes(paths, None),
                         read_bytes=lambda: meter.nbytes)
-    summary = run_sync(read_inputs(paths, meter=meter), sources_key=sources_key, target=target,
+    # read in this process: a sync hashes each document's blocks and splits only the changed ones
+    sources = read_inputs(paths, meter=meter, max_chars=settings.max_document_chars, **columns)
+    summary = run_sync(sources, sources_key=sources_key, target=target,
                        options=options, settings=settings, local=local, artifact_dir=artifact,
                        keep_missing=args.keep_missing, delete_missing=args.delete_missing, dry_run=args.dry_run,
-                       replace=args.replace, errors_path=errors, progress=progress)
+                       replace=args.replace, errors_path=errors, progress=progress, columns=columns)
     print(json.dumps(summary.to_json()) if args.json else summary.line())
     return EXIT_OK if summary.ok else EXIT_FAILED
 

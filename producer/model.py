@@ -22,15 +22,53 @@ class Document:
 
 
 @dataclass(frozen=True)
+class Block:
+    """One unit of a document's extracted text, with where it sits in that text.
+
+    ``char_start``/``char_end`` are offsets into the document's extracted text (for a plain
+    text file: its decoded characters, newlines normalised to ``\n``). ``heading`` is the
+    heading path the block sits under (``Installation > Docker``); a heading block carries
+    the path it opens. ``whole`` blocks (a code block, a table) are never cut nor merged
+    with a neighbour unless they exceed the model's window.
+    """
+
+    text: str
+    char_start: int | None = None
+    char_end: int | None = None
+    page: int | None = None
+    heading: str | None = None
+    is_heading: bool = False
+    whole: bool = False
+
+
+@dataclass(frozen=True)
 class InputError:
-    """A document, file or line that could not be read; recorded, the job goes on."""
+    """A document, file or line that could not be read; recorded, the job goes on.
+
+    ``skipped`` names the reason class for the job summary (``unsupported format: .xyz``)
+    when the file was deliberately left out rather than broken.
+    """
+
+    origin: str
+    reason: str
+    document: str | None = None
+    skipped: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": "input", "origin": self.origin, "document": self.document, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class InputWarning:
+    """A document that was read, but not exactly as written (replaced bytes); it is embedded."""
 
     origin: str
     reason: str
     document: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": "input", "origin": self.origin, "document": self.document, "reason": self.reason}
+        return {"kind": "input", "level": "WARNING", "origin": self.origin, "document": self.document,
+                "reason": self.reason}
 
 
 def content_hash(text: str) -> str:
@@ -47,6 +85,13 @@ class Paragraph:
     text: str
     tokens: int
     hash: str
+    #: Provenance (None where the format has no such notion): 1-based PDF page, heading path,
+    #: span in the document's extracted text, document title.
+    page: int | None = None
+    heading: str | None = None
+    char_start: int | None = None
+    char_end: int | None = None
+    title: str | None = None
 
     @property
     def id(self) -> str:

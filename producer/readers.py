@@ -1,14 +1,15 @@
 """Turn command-line inputs (files, directories, globs, stdin) into streamed documents.
 
-Why two passes per file: a file is first checked (NUL bytes, invalid UTF-8, unreadable) in
-1 MiB chunks, then read line by line into blank-line separated blocks. A broken file is
-therefore rejected whole, as one recorded error, instead of contributing half its paragraphs;
-and neither pass holds more than one block of text in memory, whatever the input size.
+Why a check pass before the read pass for text files: the encoding, the size limit and binary
+content are settled for the whole file first (see :mod:`deposium.producer.documents.text`), so
+a broken file is rejected whole, as one recorded error, instead of contributing half its
+paragraphs; and neither pass holds more than one block of text in memory, whatever the input
+size. Rich formats (PDF, HTML, DOCX, Markdown) are recognised by content
+(:mod:`deposium.producer.documents.sniff`) and extracted one document at a time.
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
 import hashlib
 import json
@@ -18,62 +19,44 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from deposium.producer.model import InputError
+from deposium.producer.documents import DocumentError, Extracted
+from deposium.producer.documents.pool import ReaderPool, SplitDocument
+from deposium.producer.documents.sniff import Unsupported, sniff
+from deposium.producer.documents.text import detect_encoding, line_blocks, read_text, text_lines
+from deposium.producer.model import Block, InputError, InputWarning, Paragraph
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class Source:
-    """A readable document: its id and a re-startable stream of raw text blocks."""
+    """A readable document: its id, a re-startable stream of blocks and its title if it has one.
+
+    A document read by a reader process arrives already split: ``paragraphs`` holds them and
+    ``failure`` says why reading stopped early, if it did.
+    """
 
     id: str
     origin: str
-    blocks: Callable[[], Iterator[str]]
+    blocks: Callable[[], Iterator[Block]]
+    title: str | None = None
+    paragraphs: tuple[Paragraph, ...] | None = None
+    failure: str | None = None
+
+    def presplit(self) -> Iterator[Paragraph]:
+        yield from self.paragraphs or ()
+        if self.failure:
+            raise OSError(self.failure)
 
 
-def blocks_of_lines(lines: Iterable[str]) -> Iterator[str]:
-    """Group lines into blocks separated by blank (whitespace-only) lines, stripped."""
-    buf: list[str] = []
-    for line in lines:
-        if line.strip():
-            buf.append(line.rstrip())
-        elif buf:
-            yield "\n".join(buf).strip()
-            buf = []
-    if buf:
-        yield "\n".join(buf).strip()
+Item = Source | InputError | InputWarning
 
 
-def blocks_of_text(text: str) -> Iterator[str]:
-    return blocks_of_lines(text.splitlines())
-
-
-def check_text_file(path: Path) -> str | None:
-    """Return why ``path`` cannot be used as UTF-8 text, or None when it is fine."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                nul = chunk.find(b"\0")
-                if nul >= 0:
-                    return f"binary file (NUL byte at offset {offset + nul})"
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as exc:
-                    return f"invalid UTF-8 at byte {offset + exc.start}"
-                offset += len(chunk)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        return f"invalid UTF-8 at byte {offset + exc.start} (truncated character at end of file)"
-    except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}"
-    return None
+def blocks_of_text(text: str) -> Iterator[Block]:
+    """Blank-line separated blocks of an in-memory text, with their offsets in it."""
+    return line_blocks(text.splitlines(keepends=True))
 
 
 class Meter:
@@ -82,23 +65,8 @@ class Meter:
     def __init__(self) -> None:
         self.nbytes = 0
 
-
-def _text_lines(path: Path, meter: Meter | None = None) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        for line in fh:
-            if meter is not None:
-                meter.nbytes += len(line)
-            yield line
-
-
-def text_file_sources(path: Path, doc_id: str, meter: Meter | None = None) -> Iterator[Source | InputError]:
-    problem = check_text_file(path)
-    if problem:
-        if meter is not None:
-            meter.nbytes += _size(path)
-        yield InputError(origin=str(path), reason=problem, document=doc_id)
-        return
-    yield Source(id=doc_id, origin=str(path), blocks=lambda: blocks_of_lines(_text_lines(path, meter)))
+    def add(self, n: int) -> None:
+        self.nbytes += n
 
 
 def _size(path: Path) -> int:
@@ -106,6 +74,30 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"unreadable: {exc.strerror or exc}"
+
+
+def text_file_sources(path: Path, doc_id: str, meter: Meter | None = None, *,
+                      max_chars: int | None = None) -> Iterator[Item]:
+    try:
+        encoding = detect_encoding(path, max_chars=max_chars)
+    except DocumentError as exc:
+        problem = str(exc)
+    except OSError as exc:
+        problem = _unreadable(exc)
+    else:
+        if encoding.warning():
+            yield InputWarning(origin=str(path), document=doc_id, reason=encoding.warning() or "")
+        on_bytes = meter.add if meter is not None else None
+        yield Source(id=doc_id, origin=str(path),
+                     blocks=lambda: line_blocks(text_lines(path, encoding, on_bytes)))
+        return
+    if meter is not None:
+        meter.nbytes += _size(path)
+    yield InputError(origin=str(path), reason=problem, document=doc_id)
 
 
 def _check_record_text(text: str) -> str | None:
@@ -116,12 +108,18 @@ def _check_record_text(text: str) -> str | None:
     return None
 
 
-def jsonl_sources(path: Path, meter: Meter | None = None) -> Iterator[Source | InputError]:
+def _too_long(text: str, max_chars: int | None) -> str | None:
+    if max_chars is not None and len(text) > max_chars:
+        return f"text over DEPOSIUM_MAX_DOCUMENT_CHARS ({len(text):,} > {max_chars:,} characters)"
+    return None
+
+
+def jsonl_sources(path: Path, meter: Meter | None = None, *, max_chars: int | None = None) -> Iterator[Item]:
     """One document per line: ``{"id": ..., "text": ...}``. A bad line is an error of its own."""
     try:
         fh = open(path, "rb")
     except OSError as exc:
-        yield InputError(origin=str(path), reason=f"unreadable: {exc.strerror or exc}")
+        yield InputError(origin=str(path), reason=_unreadable(exc))
         return
     with fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -151,11 +149,81 @@ def jsonl_sources(path: Path, meter: Meter | None = None) -> Iterator[Source | I
             if not isinstance(text, str):
                 yield InputError(origin=origin, reason="missing or non-string 'text'", document=doc_id)
                 continue
-            problem = _check_record_text(text) or _check_record_text(doc_id)
+            problem = _check_record_text(text) or _check_record_text(doc_id) or _too_long(text, max_chars)
             if problem:
                 yield InputError(origin=origin, reason=problem, document=doc_id)
                 continue
             yield Source(id=doc_id, origin=origin, blocks=lambda t=text: blocks_of_text(t))
+
+
+def table_sources(path: Path, doc_id: str, kind: str, *, text_column: str, id_column: str,
+                  max_chars: int | None = None, meter: Meter | None = None) -> Iterator[Item]:
+    """One document per row of a .csv or .parquet table (see :mod:`deposium.producer.documents.tables`)."""
+    from deposium.producer.documents.tables import csv_rows, parquet_rows
+
+    rows = csv_rows if kind == "csv" else parquet_rows
+    try:
+        for row in rows(path, text_column, id_column):
+            origin = f"{path}:{row.number}"
+            rid = row.id if row.id not in (None, "") else f"{doc_id}:{row.number}"
+            if not isinstance(row.text, str):
+                yield InputError(origin=origin, document=rid, reason=f"missing or non-string {text_column!r}")
+                continue
+            problem = _check_record_text(row.text) or _check_record_text(rid) or _too_long(row.text, max_chars)
+            if problem:
+                yield InputError(origin=origin, document=rid, reason=problem)
+                continue
+            yield Source(id=rid, origin=origin, blocks=lambda t=row.text: blocks_of_text(t))
+    except DocumentError as exc:
+        yield InputError(origin=str(path), document=doc_id, reason=str(exc))
+    except OSError as exc:
+        yield InputError(origin=str(path), document=doc_id, reason=_unreadable(exc))
+    if meter is not None:
+        meter.nbytes += _size(path)
+
+
+def extract(path: Path, kind: str, *, max_chars: int | None = None) -> Extracted:
+    """Extract a rich document (pdf, html, docx, markdown); DocumentError says why it cannot be."""
+    if kind == "pdf":
+        from deposium.producer.documents.pdf import extract_pdf
+
+        return extract_pdf(path, max_chars=max_chars)
+    if kind == "html":
+        from deposium.producer.documents.html import extract_html
+
+        return extract_html(path, max_chars=max_chars)
+    if kind == "docx":
+        from deposium.producer.documents.docx import extract_docx
+
+        return extract_docx(path, max_chars=max_chars)
+    if kind == "markdown":
+        from deposium.producer.documents.markdown import extract_markdown
+
+        encoding = detect_encoding(path, max_chars=max_chars)
+        extracted = extract_markdown(read_text(path, encoding), max_chars=max_chars)
+        if encoding.warning():
+            extracted.warnings.append(encoding.warning() or "")
+        return extracted
+    raise DocumentError(f"no extractor for {kind}")
+
+
+def document_sources(path: Path, doc_id: str, kind: str, *, max_chars: int | None = None,
+                     meter: Meter | None = None) -> Iterator[Item]:
+    try:
+        extracted = extract(path, kind, max_chars=max_chars)
+    except DocumentError as exc:
+        yield InputError(origin=str(path), document=doc_id, reason=str(exc))
+        return
+    except OSError as exc:
+        yield InputError(origin=str(path), document=doc_id, reason=_unreadable(exc))
+        return
+    finally:
+        if meter is not None:
+            meter.nbytes += _size(path)
+    for warning in extracted.warnings:
+        yield InputWarning(origin=str(path), document=doc_id, reason=warning)
+    blocks = extracted.blocks
+    yield Source(id=doc_id, origin=str(path), blocks=lambda: iter(blocks), title=extracted.title)
 
 
 def spool(stream: BinaryIO, directory: Path | None = None) -> tuple[Path, str]:
@@ -178,60 +246,161 @@ def expand(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None]]:
 
     ``("-", None)`` stands for stdin. A path matching nothing becomes an error downstream.
     """
+    for doc_id, path, _ in expand_found(inputs):
+        yield doc_id, path
+
+
+def expand_found(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None, bool]]:
+    """Like :func:`expand`, plus whether the file was named explicitly (not found in a directory)."""
     for raw in inputs:
         if raw == "-":
-            yield "-", None
+            yield "-", None, True
             continue
         if glob.has_magic(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             if not matches:
-                yield os.path.normpath(raw), Path(raw)
+                yield os.path.normpath(raw), Path(raw), True
             for m in matches:
                 if os.path.isdir(m):
                     yield from _walk(m)
                 else:
-                    yield os.path.normpath(m), Path(m)
+                    yield os.path.normpath(m), Path(m), True
         elif os.path.isdir(raw):
             yield from _walk(raw)
         else:
-            yield os.path.normpath(raw), Path(raw)
+            yield os.path.normpath(raw), Path(raw), True
 
 
-def _walk(directory: str) -> Iterator[tuple[str, Path]]:
+def _walk(directory: str) -> Iterator[tuple[str, Path, bool]]:
+    """Every non-hidden file: those no reader takes become listed errors, never silently skipped."""
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if Path(name).suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES:
+            if not name.startswith("."):
                 full = os.path.join(root, name)
-                yield os.path.normpath(full), Path(full)
+                yield os.path.normpath(full), Path(full), False
+
+
+def file_sources(path: Path, doc_id: str, *, explicit: bool, meter: Meter | None = None,
+                 max_chars: int | None = None, text_column: str = "text",
+                 id_column: str = "id") -> Iterator[Item]:
+    """The documents of one file, whatever its format, or the error saying why there are none."""
+    if not path.exists():
+        yield InputError(origin=str(path), reason="no such file or directory")
+        return
+    try:
+        kind = sniff(path, explicit=explicit)
+    except Unsupported as exc:
+        yield InputError(origin=str(path), document=doc_id, reason=str(exc), skipped=exc.kind)
+        return
+    except DocumentError as exc:
+        yield InputError(origin=str(path), document=doc_id, reason=str(exc))
+        return
+    except OSError as exc:
+        yield InputError(origin=str(path), document=doc_id, reason=_unreadable(exc))
+        return
+    if kind == "jsonl":
+        yield from jsonl_sources(path, meter, max_chars=max_chars)
+    elif kind in {"csv", "parquet"}:
+        yield from table_sources(path, doc_id, kind, text_column=text_column, id_column=id_column,
+                                 max_chars=max_chars, meter=meter)
+    elif kind == "text":
+        yield from text_file_sources(path, doc_id, meter, max_chars=max_chars)
+    else:
+        yield from document_sources(path, doc_id, kind, max_chars=max_chars, meter=meter)
 
 
 def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
                 stdin_format: str = "txt", stdin_path: Path | None = None,
-                meter: Meter | None = None) -> Iterator[Source | InputError]:
+                meter: Meter | None = None, max_chars: int | None = None, text_column: str = "text",
+                id_column: str = "id", pool: ReaderPool | None = None) -> Iterator[Item]:
     """Every document of ``inputs`` in a stable order, or an error for what cannot be read.
 
-    ``stdin_path`` is an already spooled copy of stdin (see :func:`spool`).
+    ``stdin_path`` is an already spooled copy of stdin (see :func:`spool`). Warnings
+    (replaced bytes) come just before the document they concern. With a ``pool``, documents
+    are read and split by its processes and arrive split (:attr:`Source.paragraphs`), in the
+    same order.
     """
+    kw: dict[str, Any] = {"max_chars": max_chars, "text_column": text_column, "id_column": id_column}
+    items = _pooled(inputs, pool, meter, kw) if pool is not None else _serial(inputs, stdin, stdin_format,
+                                                                              stdin_path, meter, kw)
     seen: dict[str, str] = {}
-    for doc_id, path in expand(inputs):
+    for item in items:
+        if isinstance(item, Source):
+            first = seen.get(item.id)
+            if first is not None:
+                yield InputError(origin=item.origin, document=item.id,
+                                 reason=f"duplicate document id (first seen at {first})")
+                continue
+            seen[item.id] = item.origin
+        yield item
+
+
+def _serial(inputs: Iterable[str], stdin: BinaryIO | None, stdin_format: str, stdin_path: Path | None,
+            meter: Meter | None, kw: dict[str, Any]) -> Iterator[Item]:
+    for doc_id, path, explicit in expand_found(inputs):
         if path is None:
             if stdin_path is None:
                 stdin_path, _ = spool(stdin or sys.stdin.buffer)
-            items = jsonl_sources(stdin_path, meter) if stdin_format == "jsonl" else \
-                text_file_sources(stdin_path, "<stdin>", meter)
-        elif not path.exists():
-            items = iter([InputError(origin=str(path), reason="no such file or directory")])
-        elif path.suffix.lower() in JSONL_SUFFIXES:
-            items = jsonl_sources(path, meter)
+            if stdin_format == "jsonl":
+                yield from jsonl_sources(stdin_path, meter, max_chars=kw["max_chars"])
+            else:
+                yield from text_file_sources(stdin_path, "<stdin>", meter, max_chars=kw["max_chars"])
         else:
-            items = text_file_sources(path, doc_id, meter)
-        for item in items:
-            if isinstance(item, Source):
-                first = seen.get(item.id)
-                if first is not None:
-                    yield InputError(origin=item.origin, document=item.id,
-                                     reason=f"duplicate document id (first seen at {first})")
-                    continue
-                seen[item.id] = item.origin
-            yield item
+            yield from file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
+
+
+_RECORD_KINDS = {"jsonl", "csv", "parquet"}
+#: Plain text files larger than this stream here, block by block, instead of being split whole
+#: in a reader process (which holds a document's paragraphs until it is done).
+POOL_MAX_TEXT_BYTES = 8 << 20
+
+
+def _in_pool(path: Path | None, explicit: bool) -> bool:
+    """Whether a reader process takes this file: one document per file (records stream here)."""
+    if path is None or not path.is_file():
+        return False
+    try:
+        kind = sniff(path, explicit=explicit)
+    except (DocumentError, OSError):
+        return False  # its error is recorded here, cheaply
+    if kind == "text" and _size(path) > POOL_MAX_TEXT_BYTES:
+        return False
+    return kind not in _RECORD_KINDS
+
+
+def _pooled(inputs: Iterable[str], pool: ReaderPool, meter: Meter | None, kw: dict[str, Any]) -> Iterator[Item]:
+    found = iter(expand_found(inputs))
+    held: list[tuple[str, Path | None, bool]] = []
+
+    def run() -> Iterator[tuple[str, str, bool, dict[str, Any]]]:
+        for doc_id, path, explicit in found:
+            if not _in_pool(path, explicit):
+                held.append((doc_id, path, explicit))
+                return
+            yield doc_id, str(path), explicit, kw
+
+    while True:
+        tasks = run()
+        for results in pool.map(_metered(tasks, meter)):
+            for result in results:
+                if isinstance(result, SplitDocument):
+                    yield Source(id=result.id, origin=result.origin, blocks=lambda: iter(()),
+                                 paragraphs=result.paragraphs, failure=result.failure)
+                else:
+                    yield result
+        if not held:
+            return
+        doc_id, path, explicit = held.pop()
+        if path is None:  # stdin is spooled and read by the caller's serial path (see the CLI)
+            yield InputError(origin="-", reason="stdin cannot be read with --readers above 1")
+        else:
+            yield from file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
+
+
+def _metered(tasks: Iterator[tuple[str, str, bool, dict[str, Any]]],
+             meter: Meter | None) -> Iterator[tuple[str, str, bool, dict[str, Any]]]:
+    for task in tasks:
+        if meter is not None:
+            meter.nbytes += _size(Path(task[1]))
+        yield task

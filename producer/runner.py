@@ -22,12 +22,12 @@ import numpy as np
 from deposium.producer.backends import Backend, Outcome
 from deposium.producer.batching import Limits, make_batches
 from deposium.producer.jobstore import JobStore
-from deposium.producer.model import Batch, InputError, Paragraph
+from deposium.producer.model import Batch, InputError, InputWarning, Paragraph
 from deposium.producer.progress import Progress
 from deposium.producer.readers import Source
 from deposium.producer.schema import rows_table
 from deposium.producer.sinks import Sink
-from deposium.producer.split import split_blocks
+from deposium.producer.split import split_document
 from deposium.producer.tokens import TokenCounter
 
 
@@ -46,6 +46,8 @@ class JobOptions:
     max_tokens: int | None = None
     min_chars: int = 20
     max_in_flight: int = 8
+    chunk_tokens: int = 0  # 0 = paragraphs; N = token-counted chunks (split.chunk_blocks)
+    chunk_overlap: int = 0
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Summary:
     duplicates: int = 0          # rows that reused the vector of an identical paragraph
     failed_paragraphs: int = 0
     input_errors: int = 0
+    warnings: int = 0            # documents read with a warning (replaced bytes), embedded anyway
+    skipped: dict[str, int] = field(default_factory=dict)  # files left out, by reason
     batches: int = 0
     batches_skipped: int = 0     # committed by an earlier run, not sent again
     batches_sent: int = 0        # tasks sent by this run (re-sends included)
@@ -90,6 +94,10 @@ class Summary:
             f"{self.seconds:.1f}s, {self.rate:,.0f} paragraphs/s,",
             f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s -> {self.target}",
         ]
+        if self.skipped:
+            parts[-1] += "; skipped files: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+        if self.warnings:
+            parts[-1] += f"; {self.warnings:,} warnings"
         if self.errors_path:
             parts[-1] += f"; errors: {self.errors_path}"
         return " ".join(parts)
@@ -233,14 +241,18 @@ class JobRunner:
                          sent=self.backend.sent, force=force)
 
     # -- input --------------------------------------------------------------------------------
-    def _paragraphs(self, sources: Iterable[Source | InputError]) -> Iterator[Paragraph]:
+    def _paragraphs(self, sources: Iterable[Source | InputError | InputWarning]) -> Iterator[Paragraph]:
         for item in sources:
             if isinstance(item, InputError):
                 self._input_error(item)
                 continue
+            if isinstance(item, InputWarning):
+                self.summary.warnings += 1
+                self.errors.add(item.to_json())
+                continue
             n = 0
             try:
-                for p in split_blocks(item.id, item.blocks(), self.pipeline.counter, min_chars=self.options.min_chars):
+                for p in self._split(item):
                     n += 1
                     size = len(p.text.encode("utf-8"))
                     if size > self.pipeline.max_paragraph_bytes:
@@ -256,8 +268,17 @@ class JobRunner:
             if n == 0:
                 self._input_error(InputError(origin=item.origin, document=item.id, reason="empty document"))
 
+    def _split(self, item: Source) -> Iterator[Paragraph]:
+        o = self.options
+        if item.paragraphs is not None:  # split by a reader process (--readers)
+            return item.presplit()
+        return split_document(item.id, item.blocks(), self.pipeline.counter, min_chars=o.min_chars,
+                              chunk_tokens=o.chunk_tokens, chunk_overlap=o.chunk_overlap, title=item.title)
+
     def _input_error(self, err: InputError) -> None:
         self.summary.input_errors += 1
+        if err.skipped:
+            self.summary.skipped[err.skipped] = self.summary.skipped.get(err.skipped, 0) + 1
         self.errors.add(err.to_json())
 
     # -- outcomes -----------------------------------------------------------------------------

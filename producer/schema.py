@@ -13,7 +13,18 @@ import pyarrow as pa
 
 from deposium.producer.model import Paragraph
 
-COLUMNS = ("id", "document", "index", "content_hash", "text", "embedding", "token_count", "truncated")
+#: Provenance columns, nullable (a format without pages or headings leaves them empty). Tables
+#: written before they existed lack them; sinks add them (null) when such a job is resumed.
+PROVENANCE = (
+    pa.field("page", pa.int32(), nullable=True),
+    pa.field("heading", pa.string(), nullable=True),
+    pa.field("char_start", pa.int64(), nullable=True),
+    pa.field("char_end", pa.int64(), nullable=True),
+    pa.field("title", pa.string(), nullable=True),
+)
+PROVENANCE_COLUMNS = tuple(f.name for f in PROVENANCE)
+COLUMNS = ("id", "document", "index", "content_hash", "text", "embedding", "token_count", "truncated",
+           *PROVENANCE_COLUMNS)
 
 
 def output_schema(dim: int, dtype: str = "float32") -> pa.Schema:
@@ -27,6 +38,7 @@ def output_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         pa.field("embedding", pa.list_(pa.field("item", value, nullable=False), dim), nullable=False),
         pa.field("token_count", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
+        *PROVENANCE,
     ])
 
 
@@ -47,4 +59,16 @@ def rows_table(paragraphs: Sequence[Paragraph], vectors: np.ndarray, token_count
         embedding,
         pa.array(list(token_counts), pa.int32()),
         pa.array(list(truncated), pa.bool_()),
+        *(pa.array([getattr(p, f.name) for p in paragraphs], f.type) for f in PROVENANCE),
     ], schema=schema)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s layout; provenance columns it lacks (rows written before those
+    columns existed) are added as nulls, so an old job's rows resume into the new layout."""
+    for f in schema:
+        if f.name not in table.column_names:
+            if not f.nullable:
+                raise ValueError(f"rows lack the required column {f.name!r}")
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)

@@ -30,7 +30,7 @@ def counter(minilm_dir: Path) -> TokenCounter:
 
 def _items(inputs, **kw):
     items = list(read_inputs([str(i) for i in inputs], **kw))
-    docs = {i.id: list(i.blocks()) for i in items if isinstance(i, Source)}
+    docs = {i.id: [b.text for b in i.blocks()] for i in items if isinstance(i, Source)}
     errors = [i for i in items if isinstance(i, InputError)]
     return docs, errors
 
@@ -58,10 +58,10 @@ def test_bad_inputs_each_become_one_error_and_the_rest_is_read(tmp_path: Path):
                            tmp_path / "unreadable.txt", tmp_path / "docs.jsonl", tmp_path / "missing.txt"])
     assert docs[str(good)] == ["First paragraph here.\nStill first.", "Second paragraph."]
     assert docs["a"] == ["Alpha text."] and docs["7"] == ["Integer ids are fine."]
+    assert docs[str(tmp_path / "latin1.md")] == ["caf\xe9 au lait"]  # Windows-1252, decoded, not dropped
     assert docs[str(tmp_path / "empty.txt")] == []  # empty: the runner records it (see local tests)
     reasons = {e.origin.replace(str(tmp_path) + "/", ""): e.reason for e in errors}
     assert reasons["binary.txt"].startswith("binary file")
-    assert reasons["latin1.md"] == "invalid UTF-8 at byte 3"
     assert reasons["unreadable.txt"].startswith("unreadable")
     assert reasons["missing.txt"] == "no such file or directory"
     assert reasons["docs.jsonl:2"].startswith("malformed JSON")
@@ -70,7 +70,7 @@ def test_bad_inputs_each_become_one_error_and_the_rest_is_read(tmp_path: Path):
     assert "surrogate" in reasons["docs.jsonl:5"]
     assert reasons["docs.jsonl:6"].startswith("duplicate document id")
     assert reasons["docs.jsonl:8"].startswith("invalid UTF-8")
-    assert len(errors) == 10
+    assert len(errors) == 9
 
 
 def test_directories_and_globs_expand_in_a_stable_order(tmp_path: Path):
@@ -79,7 +79,10 @@ def test_directories_and_globs_expand_in_a_stable_order(tmp_path: Path):
         (tmp_path / name).write_text(f"text of {name}", encoding="utf-8")
     docs, errors = _items([tmp_path])
     assert list(docs) == [str(tmp_path / n) for n in ["a.txt", "b/1.txt", "b/2.md"]]
-    docs, _ = _items([f"{tmp_path}/b/*"])
+    # a file no reader takes is listed, never skipped in silence; hidden ones are not inputs
+    assert [(e.origin, e.reason, e.skipped) for e in errors] == [
+        (str(tmp_path / "skip.bin"), "unsupported format: .bin", "unsupported format: .bin")]
+    docs, errors = _items([f"{tmp_path}/b/*"])
     assert list(docs) == [str(tmp_path / "b/1.txt"), str(tmp_path / "b/2.md")]
     assert not errors
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from deposium.producer.api import documents_to_sources
 from deposium.producer.model import InputError
-from deposium.producer.readers import Source, check_text_file, jsonl_sources
+from deposium.producer.readers import Source, jsonl_sources, text_file_sources
 from deposium.worker.config import Settings
 from deposium.worker.embedder import Embedder, EmbedRequestError
 from deposium.worker.wire import REQUEST_FIELDS, TASK_NAME, EmbedRequest, EmbedResponse, WireError
@@ -195,7 +195,7 @@ def test_jsonl_reader_gives_one_item_per_line_and_never_raises(tmp_path_factory,
         assert isinstance(item, Source | InputError)
         if isinstance(item, Source):
             for block in item.blocks():
-                block.encode("utf-8")  # never a lone surrogate past the reader
+                block.text.encode("utf-8")  # never a lone surrogate past the reader
             item.id.encode("utf-8")
         else:
             assert item.reason
@@ -206,16 +206,27 @@ def test_jsonl_reader_gives_one_item_per_line_and_never_raises(tmp_path_factory,
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=300) | st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")))
-def test_text_file_check_matches_strict_utf8_without_nul(tmp_path_factory, data):
+def test_a_text_file_is_read_whole_unless_it_holds_nul_bytes(tmp_path_factory, data):
+    """No byte sequence drops a text file except NUL bytes (binary); what cannot be decoded is
+    replaced and counted in a warning, never silently."""
     path = tmp_path_factory.mktemp("txt") / "f.txt"
     path.write_bytes(data)
-    problem = check_text_file(path)
+    items = list(text_file_sources(path, "f"))
+    utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))
+    if b"\0" in data and not utf16:
+        assert len(items) == 1 and items[0].reason.startswith("binary file"), (data, items)
+        return
+    sources = [i for i in items if isinstance(i, Source)]
+    assert len(sources) == 1, (data, items)
+    text = "\n".join(b.text for b in sources[0].blocks())
+    text.encode("utf-8")
     try:
-        data.decode("utf-8")
-        fine = b"\0" not in data
+        clean = data.decode("utf-8")
     except UnicodeDecodeError:
-        fine = False
-    assert (problem is None) == fine, (data, problem)
+        clean = None
+    if clean is not None and not utf16:
+        assert len(items) == 1, "valid UTF-8 gets no warning"
+        assert text.split() == clean.lstrip("\ufeff").split()
 
 
 @settings(max_examples=200, deadline=None)

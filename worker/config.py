@@ -170,6 +170,9 @@ class Settings:
     #: finish; then it stops them and returns them to the queue for other replicas. Keep it under the
     #: platform's drain time (railway.json ``drainingSeconds``). 0 = wait for them however long.
     drain_s: int = 100
+    #: Most characters of extracted text one document may yield (PDF, HTML, DOCX, text, a JSON
+    #: line or table row); a larger document gets a per-document error and the job goes on.
+    max_document_chars: int = 50_000_000
 
     # --- tests only ----------------------------------------------------------------------------
     #: Fault injection for the reliability tests (tests/test_faults.py). Empty = off; never set it
@@ -218,6 +221,7 @@ ENVIRONMENT: dict[str, str] = {
     "DEPOSIUM_WAIT_FOR_WORKERS": "wait_for_workers_s",
     "DEPOSIUM_HOLD_TTL": "hold_ttl_s",
     "DEPOSIUM_DRAIN_SECONDS": "drain_s",
+    "DEPOSIUM_MAX_DOCUMENT_CHARS": "max_document_chars",
     "DEPOSIUM_TEST_FAULT": "test_fault",
 }
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import pyarrow as pa
 
-from deposium.producer.schema import output_schema
+from deposium.producer.schema import PROVENANCE, output_schema
 from deposium.producer.sinks import SinkError, SinkJob, Stored
 from deposium.producer.sinks.lock import OutputLock
 
@@ -124,12 +124,19 @@ class LanceDBSink:
                         self.db.open_table(self._marks_name()).delete(f"job_id = {_lit(job.job_id)}")
             if self.table is None:
                 self.table = self.db.create_table(self.name, schema=self._schema)
+            self._add_provenance()
             self._done = self._read_done()
         except SinkError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"{self.target}: cannot open the LanceDB table: {' '.join(str(exc).split())[:300]}") \
                 from None
+
+    def _add_provenance(self) -> None:
+        """A table written before the provenance columns existed gets them, null for its old rows."""
+        missing = [f for f in PROVENANCE if f.name not in self.table.schema.names]
+        if missing:
+            self.table.add_columns(pa.schema(missing))
 
     def _mismatch(self, job: SinkJob) -> str | None:
         schema = self.table.schema
@@ -178,7 +185,8 @@ class LanceDBSink:
                      "batch_id": batch_id, "batch_digest": digest}
             columns = [rows.column(c) for c in output_schema(job.dim, job.dtype).names]
             columns += [pa.array([extra[c]] * n, pa.string()) for c in EXTRA]
-            self.table.add(pa.Table.from_arrays(columns, schema=self._schema))
+            batch = pa.Table.from_arrays(columns, schema=self._schema)
+            self.table.add(batch.select(self.table.schema.names))
         else:
             marks = pa.table({"job_id": [job.job_id], "batch_id": [batch_id], "batch_digest": [digest]})
             if self._marks_name() in self._tables():

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deposium.producer.schema import output_schema
+from deposium.producer.schema import conform, output_schema
 from deposium.producer.sinks import SinkError, SinkJob, Stored
 from deposium.producer.sinks.lock import OutputLock
 
@@ -213,7 +213,7 @@ class ParquetSink:
         tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for _, _, path in parts:
-                writer.write_table(pq.read_table(path).cast(schema))
+                writer.write_table(conform(pq.read_table(path), schema))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.out)

@@ -39,8 +39,12 @@ OWN_PARAMS = {"table", "index"}
 INDEX_KINDS = {"hnsw"}
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _TRAILER = struct.pack(">h", -1)
-_COLUMNS = ("id", "document", "index", "content_hash", "text", "token_count", "truncated", "job_id",
-            "model_id", "model_sha256", "embedding")
+_CORE = ("id", "document", "index", "content_hash", "text", "token_count", "truncated", "job_id",
+         "model_id", "model_sha256", "embedding")
+#: Provenance columns (nullable) and their SQL types; a table made before they existed gets them added.
+_PROVENANCE = {"page": "integer", "heading": "text", "char_start": "bigint", "char_end": "bigint", "title": "text"}
+_COLUMNS = _CORE + tuple(_PROVENANCE)
+_NULL = struct.pack(">i", -1)
 
 
 def _short(exc: BaseException) -> str:
@@ -209,7 +213,7 @@ class PgVectorSink:
                         "may not write to it (needs SELECT, INSERT, UPDATE, DELETE); choose another "
                         "table or have its owner GRANT those privileges")
                 mismatch = None
-                missing = [c for c in _COLUMNS if c not in columns]
+                missing = [c for c in _CORE if c not in columns]
                 if coltype is not None and coltype != want:
                     mismatch = f"stores {coltype}, this job writes {want}"
                 elif missing:
@@ -234,14 +238,19 @@ class PgVectorSink:
                     if cur.fetchone()[0] is not None:
                         cur.execute(sql.SQL("DELETE FROM {} WHERE job_id = %s").format(self._batches),
                                     (job.job_id,))
+            provenance = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t))
+                                            for c, t in _PROVENANCE.items())
             if existing is None:
                 cur.execute(sql.SQL(
                     "CREATE TABLE {} (id text PRIMARY KEY, document text NOT NULL, \"index\" integer NOT NULL, "
                     "content_hash text NOT NULL, text text NOT NULL, token_count integer NOT NULL, "
                     "truncated boolean NOT NULL, job_id text NOT NULL, model_id text NOT NULL, "
-                    "model_sha256 text NOT NULL, embedding {} NOT NULL)").format(self._table, sql.SQL(want)))
+                    "model_sha256 text NOT NULL, embedding {} NOT NULL, {})").format(
+                        self._table, sql.SQL(want), provenance))
                 cur.execute(sql.SQL("CREATE INDEX {} ON {} (content_hash)").format(
                     sql.Identifier(f"{self.name}_content_hash_idx"), self._table))
+            else:
+                self._add_provenance(cur, existing[3])
             cur.execute(sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (job_id text NOT NULL, batch_id text NOT NULL, "
                 "digest text NOT NULL, model_sha256 text NOT NULL, rows integer NOT NULL, "
@@ -254,6 +263,24 @@ class PgVectorSink:
             self._done = {b: d for b, d in cur.fetchall()}
         conn.commit()
         register_vector(conn)
+
+    def _add_provenance(self, cur: Any, columns: set[str]) -> None:
+        """A table made before the provenance columns existed gets them (null for its old rows)."""
+        import psycopg
+        from psycopg import sql
+
+        missing = [c for c in _PROVENANCE if c not in columns]
+        if not missing:
+            return
+        try:
+            for c in missing:
+                cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    self._table, sql.Identifier(c), sql.SQL(_PROVENANCE[c])))
+        except psycopg.errors.InsufficientPrivilege:
+            raise SinkError(
+                f"table {self._qualified(self.name)} predates the provenance columns ({', '.join(missing)}) and "
+                "the current user may not add them; have its owner run ALTER TABLE ... ADD COLUMN "
+                "(nullable), or pass --replace") from None
 
     def _describe_table(self, cur: Any) -> tuple[str, str | None, bool, set[str]] | None:
         """(owner, embedding column type, may write, column names) of the existing table, or None."""
@@ -307,7 +334,22 @@ class PgVectorSink:
         texts = rows.column("text").to_pylist()
         counts = rows.column("token_count").to_pylist()
         truncs = rows.column("truncated").to_pylist()
+        provenance = [rows.column(c).to_pylist() if c in rows.column_names else [None] * n for c in _PROVENANCE]
         pack_text = struct.Struct(">i").pack
+        pack_int = struct.Struct(">ii").pack
+        pack_big = struct.Struct(">iq").pack
+
+        def optional(kind: str, value: Any) -> bytes:
+            if value is None:
+                return _NULL
+            if kind == "integer":
+                return pack_int(4, value)
+            if kind == "bigint":
+                return pack_big(8, value)
+            raw = value.encode()
+            return pack_text(len(raw)) + raw
+
+        kinds = list(_PROVENANCE.values())
         int_field = struct.Struct(">ii").pack
         nfields = struct.pack(">h", len(_COLUMNS))
         out = [_HEADER]
@@ -317,6 +359,7 @@ class PgVectorSink:
                     pack_text(len(h_b)), h_b, pack_text(len(t_b)), t_b, int_field(4, counts[r]),
                     b"\x00\x00\x00\x01\x01" if truncs[r] else b"\x00\x00\x00\x01\x00", consts, vprefix,
                     vbytes[r * vsize:(r + 1) * vsize]]
+            out += [optional(k, col[r]) for k, col in zip(kinds, provenance, strict=True)]
         out.append(_TRAILER)
         return b"".join(out)
 

@@ -20,12 +20,12 @@ import pyarrow as pa
 
 from deposium.producer.backends import Backend, Outcome
 from deposium.producer.batching import Limits, make_batches
-from deposium.producer.model import InputError, Paragraph
+from deposium.producer.model import InputError, InputWarning, Paragraph
 from deposium.producer.progress import Progress
 from deposium.producer.readers import Source
 from deposium.producer.schema import rows_table
 from deposium.producer.sinks import SinkError, Stored
-from deposium.producer.split import split_blocks
+from deposium.producer.split import split_document
 from deposium.producer.sync.ids import document_hash, stable_ids
 from deposium.producer.sync.store import SyncIndex, SyncStore
 from deposium.producer.tokens import TokenCounter
@@ -48,6 +48,9 @@ class SyncSummary:
     paragraphs_written: int = 0
     paragraph_errors: int = 0
     input_errors: int = 0
+    warnings: int = 0
+    #: files not read, by reason (``unsupported format: .xyz``)
+    skipped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
     errors_path: str | None = None
@@ -63,6 +66,8 @@ class SyncSummary:
                 f"{self.documents_changed:,} changed, {self.documents_new:,} new, "
                 f"{self.documents_deleted:,} deleted; paragraphs {self.paragraphs_embedded:,} {verb}, "
                 f"{self.paragraphs_reused:,} reused, {self.paragraphs_deleted:,} deleted")
+        if self.skipped:
+            text += "; skipped " + ", ".join(f"{n:,} ({why})" for why, n in sorted(self.skipped.items()))
         if self.documents_kept_missing:
             text += f"; {self.documents_kept_missing:,} missing documents kept"
         failures = self.documents_failed + self.input_errors
@@ -107,6 +112,8 @@ class SyncOptions:
     group_paragraphs: int = 4096
     max_in_flight: int = 8
     min_chars: int = 20
+    chunk_tokens: int = 0
+    chunk_overlap: int = 0
 
 
 @dataclass
@@ -144,7 +151,7 @@ class SyncRunner:
                 "--delete-missing to delete them")
 
     # -- run --------------------------------------------------------------------------------------
-    def run(self, sources: Iterable[Source | InputError]) -> SyncSummary:
+    def run(self, sources: Iterable[Source | InputError | InputWarning]) -> SyncSummary:
         s = self.summary
         started = time.monotonic()
         try:
@@ -155,8 +162,14 @@ class SyncRunner:
             group: list[_Doc] = []
             pending = 0
             for item in sources:
+                if isinstance(item, InputWarning):
+                    s.warnings += 1
+                    s.errors.append(item.to_json())
+                    continue
                 if isinstance(item, InputError):
                     s.input_errors += 1
+                    if item.skipped:
+                        s.skipped[item.skipped] = s.skipped.get(item.skipped, 0) + 1
                     s.errors.append(item.to_json())
                     failed.add(item.document or item.origin)
                     continue
@@ -167,12 +180,14 @@ class SyncRunner:
                     continue
                 seen.add(item.id)
                 blocks = list(item.blocks())
-                digest = document_hash(blocks)
+                digest = document_hash(blocks, item.title)
                 if index.documents.get(item.id) == digest:
                     s.documents_unchanged += 1
                     continue
-                paragraphs = list(split_blocks(item.id, blocks, self.embedding.counter,
-                                               min_chars=self.options.min_chars))
+                o = self.options
+                paragraphs = list(split_document(item.id, blocks, self.embedding.counter, min_chars=o.min_chars,
+                                                 chunk_tokens=o.chunk_tokens, chunk_overlap=o.chunk_overlap,
+                                                 title=item.title))
                 group.append(_Doc(item.id, digest, item.id not in index.documents, paragraphs))
                 pending += len(paragraphs)
                 if pending >= self.options.group_paragraphs:

@@ -10,9 +10,10 @@ the same text inside one document takes a ``~k`` suffix so ids stay unique.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 
-from deposium.producer.model import Paragraph
+from deposium.producer.model import Block, Paragraph
 
 #: Hex digits of the content hash kept in an id: 64 bits, unique among any document's paragraphs.
 ID_HASH_CHARS = 16
@@ -31,10 +32,16 @@ def stable_ids(paragraphs: Sequence[Paragraph]) -> list[str]:
     return ids
 
 
-def document_hash(blocks: Iterable[str]) -> str:
-    """sha256 of a document's extracted text (its blocks, in order): "unchanged" means equal."""
+def document_hash(blocks: Iterable[Block | str], title: str | None = None) -> str:
+    """sha256 of a document's extracted text and its structure (blocks in order, with their page,
+    heading and kind, and the title): "unchanged" means every row would be written the same."""
     h = hashlib.sha256()
+    h.update(json.dumps(title).encode())
     for block in blocks:
-        h.update(block.encode("utf-8", "surrogatepass"))
+        if isinstance(block, str):
+            block = Block(block)
+        meta = [block.page, block.heading, block.is_heading, block.whole, block.char_start, block.char_end]
+        h.update(json.dumps(meta).encode())
+        h.update(block.text.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()

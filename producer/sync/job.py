@@ -27,14 +27,15 @@ from deposium.worker.config import Settings, mask_url
 def run_sync(sources: Iterable[Source | InputError], *, sources_key: list[str], target: str, options: JobOptions,
              settings: Settings, local: bool | None = None, artifact_dir: Path | None = None,
              keep_missing: bool = False, delete_missing: bool = False, dry_run: bool = False,
-             replace: bool = False, errors_path: Path | None = None,
-             progress: Progress | None = None) -> SyncSummary:
+             replace: bool = False, errors_path: Path | None = None, progress: Progress | None = None,
+             columns: dict[str, str] | None = None) -> SyncSummary:
     """Sync ``target`` with ``sources``; raises SinkError / ValueError before any work when refused."""
     plan = plan_job(inputs=sources_key, target=target, options=options, settings=settings, local=local,
                     artifact_dir=artifact_dir, errors_path=errors_path)
     opts = plan.options
     identity = {"format": SYNC_FORMAT, "model": plan.manifest.model_sha256, "task": opts.task, "dim": plan.dim,
-                "dtype": opts.dtype, "max_tokens": opts.max_tokens, "min_chars": opts.min_chars}
+                "dtype": opts.dtype, "max_tokens": opts.max_tokens, "min_chars": opts.min_chars,
+                "chunk_tokens": opts.chunk_tokens, "chunk_overlap": opts.chunk_overlap, **(columns or {})}
     counter = TokenCounter(plan.tokenizer, task=opts.task, max_tokens=opts.max_tokens)
     store = open_sync_store(plan.target)
     backend: Backend | None = None
@@ -46,7 +47,8 @@ def run_sync(sources: Iterable[Source | InputError], *, sources_key: list[str], 
                         options=SyncOptions(keep_missing=keep_missing, delete_missing=delete_missing,
                                             dry_run=dry_run, replace=replace,
                                             group_paragraphs=settings.sync_group_paragraphs,
-                                            max_in_flight=opts.max_in_flight, min_chars=opts.min_chars))
+                                            max_in_flight=opts.max_in_flight, min_chars=opts.min_chars,
+                                            chunk_tokens=opts.chunk_tokens, chunk_overlap=opts.chunk_overlap))
     try:
         summary = runner.run(sources)
     finally:
