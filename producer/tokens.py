@@ -10,6 +10,7 @@ are counted the way the model will see them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from deposium.worker.tokenize import ParagraphTokenizer
 
@@ -28,6 +29,13 @@ class TokenCounter:
         self.base = self.count([""])[0]
         if self.max_tokens <= self.base:
             raise ValueError(f"max tokens {self.max_tokens} leaves no room after the prompt ({self.base})")
+
+    @classmethod
+    def from_artifact(cls, artifact_dir: Path, *, task: str | None = None,
+                      max_tokens: int | None = None) -> TokenCounter:
+        """A counter with its own tokenizer, for a process that holds no job plan (a reader
+        process); within a job the plan's one parsed tokenizer is shared instead."""
+        return cls(ParagraphTokenizer.from_artifact(Path(artifact_dir)), task=task, max_tokens=max_tokens)
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if not texts:
