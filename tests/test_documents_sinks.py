@@ -150,6 +150,7 @@ def test_old_layout_parquet_job_resumes_with_null_provenance(tmp_path: Path):
     sink = ParquetSink(out)
     sink.open(_job())
     sink.write_batch("b0000000", "d0", _batch("old", provenance=False))  # a part written before the change
+    sink.release()  # that producer ends (its lock with it)
     resumed = ParquetSink(out)
     resumed.open(_job())
     assert resumed.done_batches() == {"b0000000": "d0"}
