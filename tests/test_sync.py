@@ -341,3 +341,41 @@ def test_queued_sync_sends_only_new_text_to_the_workers(redis_server, minilm_art
         assert len(stored) == sum(len(v) for v in new.values())
     finally:
         stop(proc)
+
+
+# -- documents with provenance -------------------------------------------------------------------------
+def test_a_changed_pdf_page_re_embeds_that_pages_paragraphs_only(env: dict, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    """A PDF whose page 4 was replaced: only text of the new page is embedded, the other pages'
+    rows keep their ids and vectors, and every row still names its page."""
+    from pypdf import PdfReader, PdfWriter
+
+    source = Path(__file__).parent / "data" / "shared-mime-info-spec.pdf"
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    pdf = folder / "spec.pdf"
+
+    def write(pages: list[int]) -> None:
+        reader, writer = PdfReader(source), PdfWriter()
+        for n in pages:
+            writer.add_page(reader.pages[n - 1])
+        with open(pdf, "wb") as fh:
+            writer.write(fh)
+
+    write([1, 2, 3, 4, 5, 6])
+    out = tmp_path / "pdf.parquet"
+    code, first = sync(capsys, str(folder), "--out", str(out))
+    assert code == 0 and first["documents_new"] == 1, first
+    before = pq.read_table(out).to_pylist()
+    write([1, 2, 3, 9, 5, 6])
+    code, second = sync(capsys, str(folder), "--out", str(out))
+    assert code == 0 and second["documents_changed"] == 1, second
+    after = pq.read_table(out).to_pylist()
+    old_hashes = {r["content_hash"] for r in before}
+    new_rows = [r for r in after if r["content_hash"] not in old_hashes]
+    assert second["paragraphs_embedded"] == len({r["content_hash"] for r in new_rows}) > 0
+    assert {r["page"] for r in new_rows} <= {3, 4, 5}, "text outside the changed page was re-embedded"
+    assert second["paragraphs_embedded"] < len(after) / 3
+    kept = {r["id"]: r for r in before if r["page"] in {1, 2, 6}}
+    assert kept and all(i in {r["id"] for r in after} for i in kept), "ids of untouched pages changed"
+    assert all(r["page"] is not None for r in after)
