@@ -98,7 +98,7 @@ def test_minilm_int8_is_smaller_and_quantized(minilm_artifact: Path, minilm_fp32
 
 
 def test_every_tensor_has_a_named_shape(minilm_artifact: Path):
-    """Unknown dims (``unk__``) stop ORT from planning buffer reuse (3x slower batches, issue 7)."""
+    """Unknown dims (``unk__``) stop ORT from planning buffer reuse (batches several times slower: docs/design.md)."""
     graph = onnx.load(str(minilm_artifact / "model.onnx"), load_external_data=False).graph
     shapes = [v for v in graph.value_info if v.type.HasField("tensor_type")]
     assert len(shapes) > 100

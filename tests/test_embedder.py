@@ -148,7 +148,7 @@ def test_batch_invariance(which, request, results, paragraphs):
 
 
 def test_default_budget_keeps_each_call_under_the_mmap_threshold(minilm_fp32_artifact):
-    """Why the default token budget is small (issue 7): with the ORT arena off, every activation of
+    """Why the default token budget is small (docs/design.md): with the ORT arena off, every activation of
     a call is allocated afresh for every op, and one above glibc's mmap threshold is a new mapping
     the kernel zero-fills page by page; at budget 4096 that was over half the CPU time and packed
     batches ran 3x slower than batch 1. The widest activation of a full call (budget x widest

@@ -24,7 +24,7 @@ from deposium.worker.embedder import Embedder
 from deposium.worker.variant import EXACT_U8S8, kernel_label, u8s8_saturates
 
 REFERENCE = Path(__file__).parent / "data" / "reference-vectors-minilm.json"
-#: The project's batch-invariance bar (issue 10): a vector that moves less than this is the same vector.
+#: The project's batch-invariance bar (the gate's --min-batch-invariance): a vector moving less is the same.
 SAME_VECTOR = 0.9999
 
 
