@@ -102,7 +102,7 @@ FROM ${ARTIFACT_FROM} AS artifact
 
 # ------------------------------------------------------------------------------------------------
 FROM venv AS producer-venv
-RUN python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml producer > /tmp/producer.txt \
+RUN python3 /usr/local/lib/deposium-build/requirements.py /src/pyproject.toml producer documents > /tmp/producer.txt \
  && sh /usr/local/lib/deposium-build/pip-install.sh /opt/venv -r /tmp/producer.txt \
  && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools wheel
 

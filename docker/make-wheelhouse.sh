@@ -13,7 +13,7 @@ PY=${1:-${PYTHON:-python3}}
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-reqs = project["dependencies"] + extras["convert"] + extras["monitor"] + extras["producer"]
+reqs = project["dependencies"] + extras["convert"] + extras["monitor"] + extras["producer"] + extras["documents"]
 # setuptools/wheel: the project's build backend (pip builds /src offline). async-timeout: redis needs
 # it on Python < 3.11.3 (Debian bookworm ships 3.11.2) but the host's newer Python skips it.
 print("\n".join(reqs + ["setuptools>=68", "wheel", "async-timeout>=4.0.3"]))

@@ -132,7 +132,7 @@ def test_runtime_image_contents(docker: dict, image: str):
     probe = (
         "import importlib.util as u, json, os, shutil;"
         "print(json.dumps({'modules': [m for m in ('torch', 'transformers', 'optimum', 'onnx',"
-        " 'sentence_transformers', 'pip', 'deposium.convert', 'deposium.bench') if u.find_spec(m)],"
+        " 'sentence_transformers', 'pip', 'deposium.convert', 'deposium.bench', 'pypdfium2', 'docx', 'lxml') if u.find_spec(m)],"
         " 'tools': [t for t in ('gcc', 'cc', 'g++', 'make', 'deposium-convert') if shutil.which(t)],"
         " 'uid': os.getuid(), 'gid': os.getgid(), 'artifact': sorted(os.listdir(os.environ['DEPOSIUM_ARTIFACT'])),"
         " 'kernels': bool(u.find_spec('deposium.worker.kernels._rowq')),"
@@ -363,12 +363,14 @@ def producer_image(docker: dict, image: str) -> str:
 
 
 def _input_dir(root: Path) -> Path:
-    """Two documents in a directory any uid may read (the producer does not run as root)."""
+    """Three documents, one a PDF (the producer image carries the documents extra), in a directory
+    any uid may read (the producer does not run as root)."""
     directory = root / "input"
     directory.mkdir(parents=True)
     (directory / "one.txt").write_text("A first paragraph about container images and who owns their files.\n\n"
                                        "A second paragraph, about the directory the Parquet file lands in.\n")
     (directory / "two.md").write_text("# Title\n\nA paragraph in a Markdown file, long enough to stand alone.\n")
+    shutil.copyfile(ROOT / "tests" / "data" / "shared-mime-info-spec.pdf", directory / "spec.pdf")
     for path in (root, directory, *directory.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
     return directory
@@ -390,7 +392,9 @@ def test_producer_writes_as_the_owner_of_the_output_directory(docker: dict, prod
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
         written = out / "embeddings.parquet"
         assert (written.stat().st_uid, written.stat().st_gid) == owner
-        assert pq.read_table(written).num_rows >= 3
+        table = pq.read_table(written)
+        assert table.num_rows >= 3
+        assert {p for p in table.column("page").to_pylist() if p is not None} >= {1, 2}, "the PDF was not read"
 
 
 def _compose_command(docker: dict) -> list[str]:
@@ -480,7 +484,9 @@ def test_compose_as_documented(docker: dict, image: str, producer_image: str, re
         print(f"[docker report] compose run producer: {time.monotonic() - began:.0f} s")
         written = out / "embeddings.parquet"
         assert (written.stat().st_uid, written.stat().st_gid) == (4321, 4321), run.stderr[-2000:]
-        assert pq.read_table(written).num_rows >= 3
+        table = pq.read_table(written)
+        assert table.num_rows >= 3
+        assert {p for p in table.column("page").to_pylist() if p is not None} >= {1, 2}, "the PDF was not read"
 
         redis_id = compose("ps", "-q", "redis").stdout.strip()
         state = json.loads(_run(docker, "inspect", redis_id).stdout)[0]
