@@ -132,7 +132,8 @@ def test_runtime_image_contents(docker: dict, image: str):
     probe = (
         "import importlib.util as u, json, os, shutil;"
         "print(json.dumps({'modules': [m for m in ('torch', 'transformers', 'optimum', 'onnx',"
-        " 'sentence_transformers', 'pip', 'deposium.convert', 'deposium.bench', 'pypdfium2', 'docx', 'lxml') if u.find_spec(m)],"
+        " 'sentence_transformers', 'pip', 'deposium.convert', 'deposium.bench', 'pypdfium2', 'docx', 'lxml')"
+        " if u.find_spec(m)],"
         " 'tools': [t for t in ('gcc', 'cc', 'g++', 'make', 'deposium-convert') if shutil.which(t)],"
         " 'uid': os.getuid(), 'gid': os.getgid(), 'artifact': sorted(os.listdir(os.environ['DEPOSIUM_ARTIFACT'])),"
         " 'kernels': bool(u.find_spec('deposium.worker.kernels._rowq')),"
