@@ -156,7 +156,9 @@ def test_a_replica_killed_whole_mid_job_delays_its_batches_by_under_a_minute(
     assert rc == 0, err
     rerun = _received_at(second, task)
     assert rerun, f"{task} lost with w1 never reached w2"
-    assert (rerun[0] - killed).total_seconds() <= 60, (killed, rerun)
+    delay = (rerun[0] - killed).total_seconds()
+    print(f"lost batch re-run {delay:.1f} s after the replica was killed")  # pytest -s shows it
+    assert delay <= 60, (killed, rerun)
     assert re.search(r"worker w1@\S+ stopped answering \(no heartbeat for 20s\) holding \d+ batches; re-sending",
                      err), err
     found, dups, missing = exactly_once(tmp_path / "out.parquet", _expected(texts))
