@@ -60,6 +60,22 @@ def parse_target(target: str) -> tuple[Path, str, str | None]:
     return Path(path).expanduser(), table, index
 
 
+def lookup_vectors(table: Any, content_hashes: Collection[str]) -> dict[str, Stored]:
+    """Stored vectors of these texts (the first row holding each hash) in a LanceDB table."""
+    cond = "content_hash IN (" + ", ".join(_lit(h) for h in content_hashes) + ")"
+    got = (table.search().where(cond).select(["content_hash", "embedding", "token_count", "truncated"])
+           .limit(None).to_arrow())
+    found: dict[str, Stored] = {}
+    if got.num_rows == 0:
+        return found
+    flat = got.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = np.asarray(flat).reshape(got.num_rows, -1)
+    for i, (h, c, t) in enumerate(zip(got.column("content_hash").to_pylist(), got.column("token_count").to_pylist(),
+                                      got.column("truncated").to_pylist(), strict=True)):
+        found.setdefault(h, Stored(vectors[i].copy(), int(c), bool(t)))
+    return found
+
+
 class LanceDBSink:
     """Rows appended to a LanceDB table, one commit per batch (see module docstring)."""
 
@@ -198,19 +214,7 @@ class LanceDBSink:
     def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
         if not content_hashes or self.table is None or self.job is None:
             return {}
-        cond = "content_hash IN (" + ", ".join(_lit(h) for h in content_hashes) + ")"
-        got = (self.table.search().where(cond).select(["content_hash", "embedding", "token_count", "truncated"])
-               .limit(None).to_arrow())
-        found: dict[str, Stored] = {}
-        if got.num_rows == 0:
-            return found
-        flat = got.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vectors = np.asarray(flat).reshape(got.num_rows, self.job.dim)
-        for i, (h, c, t) in enumerate(zip(got.column("content_hash").to_pylist(),
-                                          got.column("token_count").to_pylist(),
-                                          got.column("truncated").to_pylist(), strict=True)):
-            found.setdefault(h, Stored(vectors[i].copy(), int(c), bool(t)))
-        return found
+        return lookup_vectors(self.table, content_hashes)
 
     def release(self) -> None:
         self._lock.release()

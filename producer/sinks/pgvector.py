@@ -115,6 +115,21 @@ def lock_table(conn: Any, quoted_name: str, qualified_name: str) -> None:
     conn.commit()
 
 
+def lookup_vectors(conn: Any, table: Any, content_hashes: Collection[str]) -> dict[str, Stored]:
+    """Stored vectors of these texts (any row holding each hash), through the content_hash index."""
+    from psycopg import sql
+
+    found: dict[str, Stored] = {}
+    with conn.cursor(binary=True) as cur:
+        cur.execute(sql.SQL("SELECT DISTINCT ON (content_hash) content_hash, embedding, token_count, truncated "
+                            "FROM {} WHERE content_hash = ANY(%s)").format(table), (list(content_hashes),))
+        for h, vec, count, trunc in cur.fetchall():
+            arr = vec.to_numpy() if hasattr(vec, "to_numpy") else np.asarray(vec)
+            found[h] = Stored(np.asarray(arr), int(count), bool(trunc))
+    conn.commit()
+    return found
+
+
 class PgVectorSink:
     """Rows into a pgvector table; done-marks into ``<table>_deposium_batches`` (same schema)."""
 
@@ -391,20 +406,9 @@ class PgVectorSink:
 
     def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
         """Vectors of already committed identical texts, via the content_hash index."""
-        from psycopg import sql
-
         if not content_hashes or self.conn is None:
             return {}
-        found: dict[str, Stored] = {}
-        with self.conn.cursor(binary=True) as cur:
-            cur.execute(sql.SQL("SELECT DISTINCT ON (content_hash) content_hash, embedding, token_count, truncated "
-                                "FROM {} WHERE content_hash = ANY(%s)").format(self._table),
-                        (list(content_hashes),))
-            for h, vec, count, trunc in cur.fetchall():
-                arr = vec.to_numpy() if hasattr(vec, "to_numpy") else np.asarray(vec)
-                found[h] = Stored(np.asarray(arr), int(count), bool(trunc))
-        self.conn.commit()
-        return found
+        return lookup_vectors(self.conn, self._table, content_hashes)
 
     def release(self) -> None:
         """Close the connection: its advisory lock and temporary table go with it."""

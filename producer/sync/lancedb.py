@@ -14,12 +14,11 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from deposium.producer.sinks import SinkError, Stored
-from deposium.producer.sinks.lancedb import _lit, parse_target
+from deposium.producer.sinks.lancedb import _lit, lookup_vectors, parse_target
 from deposium.producer.sinks.lock import OutputLock
 from deposium.producer.sync.store import SyncIndex, dumps, identity_mismatch
 
@@ -101,17 +100,7 @@ class LanceSyncStore:
     def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
         if not content_hashes or self.table is None:
             return {}
-        got = (self.table.search().where(_in("content_hash", content_hashes))
-               .select(["content_hash", "embedding", "token_count", "truncated"]).limit(None).to_arrow())
-        found: dict[str, Stored] = {}
-        if got.num_rows == 0:
-            return found
-        flat = got.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vectors = np.asarray(flat).reshape(got.num_rows, -1)
-        for i, (h, c, t) in enumerate(zip(got.column("content_hash").to_pylist(), got.column("token_count").to_pylist(),
-                                          got.column("truncated").to_pylist(), strict=True)):
-            found.setdefault(h, Stored(vectors[i].copy(), int(c), bool(t)))
-        return found
+        return lookup_vectors(self.table, content_hashes)
 
     def ids_of(self, documents: Collection[str]) -> set[str]:
         if not documents or self.table is None:

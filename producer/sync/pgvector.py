@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from deposium.producer.sinks import SinkError, Stored
-from deposium.producer.sinks.pgvector import _short, lock_table, parse_target
+from deposium.producer.sinks.pgvector import _short, lock_table, lookup_vectors, parse_target
 from deposium.producer.sync.store import SyncIndex, dumps, identity_mismatch
 from deposium.worker.config import mask_url
 
@@ -133,21 +133,11 @@ class PgSyncStore:
 
     def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
         from pgvector.psycopg import register_vector
-        from psycopg import sql
 
         if not content_hashes:
             return {}
         register_vector(self.conn)
-        found: dict[str, Stored] = {}
-        with self.conn.cursor(binary=True) as cur:
-            cur.execute(sql.SQL("SELECT DISTINCT ON (content_hash) content_hash, embedding, token_count, truncated "
-                                "FROM {} WHERE content_hash = ANY(%s)").format(self._ident()),
-                        (list(content_hashes),))
-            for h, vec, count, trunc in cur.fetchall():
-                arr = vec.to_numpy() if hasattr(vec, "to_numpy") else np.asarray(vec)
-                found[h] = Stored(np.asarray(arr), int(count), bool(trunc))
-        self.conn.commit()
-        return found
+        return lookup_vectors(self.conn, self._ident(), content_hashes)
 
     def ids_of(self, documents: Collection[str]) -> set[str]:
         from psycopg import sql
