@@ -117,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("pgvector: skipped (give --pg)")
                 continue
 
-            def run(folder: Path, target: str) -> object:
+            def run(folder: Path, target: str, fresh: bool = False) -> object:
                 items = [(str(f.relative_to(work)), f.read_text(encoding="utf-8"))
                          for f in sorted(folder.glob("*.txt"))]
                 return submit(items, out=target, local=True, sync=True, background=False, settings=settings,
-                              artifact_dir=args.artifact, name="corpus").wait()
+                              artifact_dir=args.artifact, name="corpus", replace_output=fresh).wait()
 
             folder = work / "docs"
             _write(folder, docs)
             base = _target(kind, work, "base", args.pg)
-            full_cpu, full = _cpu(lambda folder=folder, base=base: run(folder, base))
+            full_cpu, full = _cpu(lambda folder=folder, base=base: run(folder, base, fresh=True))
             edited_cpu, unchanged_cpu, summaries = [], [], []
             for r in range(args.repeats):
                 _write(folder, docs)

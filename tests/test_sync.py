@@ -379,3 +379,13 @@ def test_a_changed_pdf_page_re_embeds_that_pages_paragraphs_only(env: dict, tmp_
     kept = {r["id"]: r for r in before if r["page"] in {1, 2, 6}}
     assert kept and all(i in {r["id"] for r in after} for i in kept), "ids of untouched pages changed"
     assert all(r["page"] is not None for r in after)
+
+
+def test_options_a_store_does_not_record_match_their_neutral_value():
+    from deposium.producer.sync.store import SYNC_FORMAT, identity_mismatch
+
+    wanted = {"format": SYNC_FORMAT, "model": "m", "dim": 384, "chunk_tokens": 0, "chunk_overlap": 0}
+    older = {"format": SYNC_FORMAT, "model": "m", "dim": 384}
+    assert identity_mismatch(older, wanted, "t") is None
+    why = identity_mismatch(older, dict(wanted, chunk_tokens=256), "t")
+    assert why is not None and "chunk_tokens 0 (now 256)" in why

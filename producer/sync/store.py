@@ -64,6 +64,11 @@ class SyncStore(Protocol):
         """Release connections and locks (also after a failure)."""
 
 
+#: What an option a store's identity does not record meant when that store was written (options
+#: added later), so such a store still matches a sync that leaves them at these values.
+NEUTRAL: dict[str, Any] = {"chunk_tokens": 0, "chunk_overlap": 0, "text_column": "text", "id_column": "id"}
+
+
 def identity_mismatch(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any], target: str) -> str | None:
     """Why a store's recorded identity differs from this sync's, in one line; None when equal."""
     if stored is None:
@@ -74,8 +79,11 @@ def identity_mismatch(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any
     if stored.get("model") != wanted.get("model"):
         return (f"{target} was written by another model (artifact sha256 {str(stored.get('model'))[:12]}, "
                 f"this one {str(wanted.get('model'))[:12]}); pass --replace to re-embed it with this model")
-    diffs = [f"{k} {stored.get(k)!r} (now {wanted.get(k)!r})" for k in sorted(set(stored) | set(wanted))
-             if k not in {"format", "model"} and stored.get(k) != wanted.get(k)]
+    def value(identity: Mapping[str, Any], key: str) -> Any:
+        return identity.get(key, NEUTRAL.get(key))
+
+    diffs = [f"{k} {value(stored, k)!r} (now {value(wanted, k)!r})" for k in sorted(set(stored) | set(wanted))
+             if k not in {"format", "model"} and value(stored, k) != value(wanted, k)]
     if diffs:
         return (f"{target} was written with other embedding options: {', '.join(diffs)}; "
                 "pass --replace to rebuild it with these")
