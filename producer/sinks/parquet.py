@@ -163,8 +163,8 @@ class ParquetSink:
             return
         self.parts.mkdir(exist_ok=True)
         # a crashed run's temporary parts; a shard's only (the other shards may be writing theirs)
-        mine = f".{Shard(job.shard, job.shards).batch_prefix}" if job.shards > 1 else "."
-        for stale in self.parts.glob(f"{mine}*.tmp"):
+        stale_prefix = f".{Shard(job.shard, job.shards).batch_prefix}" if job.shards > 1 else "."
+        for stale in self.parts.glob(f"{stale_prefix}*.tmp"):
             stale.unlink(missing_ok=True)
         _write_atomic_json(self.parts / "job.json", mine)
 
