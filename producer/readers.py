@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 from deposium.producer.documents import DocumentError, Extracted
 from deposium.producer.documents.pool import ReaderPool, SplitDocument
-from deposium.producer.documents.sniff import Unsupported, sniff
+from deposium.producer.documents.sniff import JSONL_SUFFIXES, Unsupported, sniff
 from deposium.producer.documents.text import detect_encoding, line_blocks, read_text, text_lines
 from deposium.producer.model import Block, InputError, InputWarning, Paragraph
 from deposium.producer.shard import Shard
@@ -342,6 +342,7 @@ def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
 
 
 _RECORD_KINDS = {"jsonl", "csv", "parquet"}
+RECORD_SUFFIXES = JSONL_SUFFIXES | {".csv", ".parquet"}
 
 
 def shard_share(doc_id: str, path: Path, explicit: bool, shard: Shard) -> str:
@@ -350,13 +351,25 @@ def shard_share(doc_id: str, path: Path, explicit: bool, shard: Shard) -> str:
     A record file (.jsonl, .csv, .parquet) holds many documents with their own ids: every
     shard reads it and keeps its records. Any other file is one document named by its path,
     owned whole by one shard (its errors included, so each is reported once).
+
+    Why not :func:`sniff` every file: each shard walks every input, so a file it does not own
+    must cost it next to nothing. Only a record suffix, or Parquet's magic bytes, can make a
+    file a record file, so that is all that is read of it.
     """
-    try:
-        kind = sniff(path, explicit=explicit) if path.is_file() else ""
-    except (Unsupported, DocumentError, OSError):
-        kind = ""
-    if kind in _RECORD_KINDS:
-        return "records"
+    if path.suffix.lower() in RECORD_SUFFIXES:
+        try:
+            kind = sniff(path, explicit=explicit) if path.is_file() else ""
+        except (Unsupported, DocumentError, OSError):
+            kind = ""
+        if kind in _RECORD_KINDS:
+            return "records"
+    else:
+        try:
+            with open(path, "rb") as fh:
+                if fh.read(4) == b"PAR1":
+                    return "records"
+        except OSError:
+            pass
     return "all" if shard.owns(doc_id) else "none"
 
 
