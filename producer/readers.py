@@ -352,9 +352,10 @@ def shard_share(doc_id: str, path: Path, explicit: bool, shard: Shard) -> str:
     shard reads it and keeps its records. Any other file is one document named by its path,
     owned whole by one shard (its errors included, so each is reported once).
 
-    Why not :func:`sniff` every file: each shard walks every input, so a file it does not own
-    must cost it next to nothing. Only a record suffix, or Parquet's magic bytes, can make a
-    file a record file, so that is all that is read of it.
+    Why the suffix decides first: each shard walks every input, so a file it does not own must
+    cost it next to nothing, not an open. A record file without a record suffix (a Parquet
+    file named ``.dat``) is read whole by the one shard owning its path: still exactly once,
+    just not split, since every shard classifies it the same way.
     """
     if path.suffix.lower() in RECORD_SUFFIXES:
         try:
@@ -363,13 +364,6 @@ def shard_share(doc_id: str, path: Path, explicit: bool, shard: Shard) -> str:
             kind = ""
         if kind in _RECORD_KINDS:
             return "records"
-    else:
-        try:
-            with open(path, "rb") as fh:
-                if fh.read(4) == b"PAR1":
-                    return "records"
-        except OSError:
-            pass
     return "all" if shard.owns(doc_id) else "none"
 
 

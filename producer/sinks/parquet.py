@@ -42,6 +42,18 @@ from deposium.producer.sinks.lock import OutputLock
 META_KEY = b"deposium"
 
 
+def write_options(columns: list[str]) -> dict[str, object]:
+    """Parquet writer options: zstd, with neither a dictionary nor statistics for the vectors.
+
+    Why: vector components hardly ever repeat, so the dictionary the writer would try is built
+    and thrown away, and min/max of components helps no reader; both cost every write (and
+    the merge into ``--out``) CPU for nothing. Other columns keep both (``lookup`` filters on
+    ``content_hash``).
+    """
+    rest = [c for c in columns if c != "embedding"]
+    return {"compression": "zstd", "use_dictionary": rest, "write_statistics": rest}
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -190,7 +202,7 @@ class ParquetSink:
         final = self.parts / f"{batch_id}.{digest}.parquet"
         tmp = self.parts / f".{batch_id}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
-            pq.write_table(rows, fh, compression="zstd")
+            pq.write_table(rows, fh, **write_options(rows.column_names))
             fh.flush()
             os.fsync(fh.fileno())
         for old in self.parts.glob(f"{batch_id}.*.parquet"):
@@ -271,7 +283,7 @@ class ParquetSink:
         meta["complete"] = complete
         schema = output_schema(self.job.dim, self.job.dtype).with_metadata({META_KEY: json.dumps(meta)})
         tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, schema, **write_options(schema.names)) as writer:
             for _, _, path in parts:
                 writer.write_table(conform(pq.read_table(path), schema))
         with open(tmp, "rb+") as fh:
