@@ -84,11 +84,20 @@ class FakeBackend:
         self._done = []
 
 
-def write_folder(root: Path, paragraphs: Sequence[str], documents: int, per_document: int = 3) -> int:
-    """``documents`` text files of ``per_document`` paragraphs; returns the paragraphs written."""
+def distinct_texts(paragraphs: Sequence[str], n: int) -> list[str]:
+    """``n`` paragraphs, no two alike.
+
+    Why: a repeated paragraph is embedded once per job but once per shard, and its vector is
+    looked up in the sink, so repeats would make the two runs do different work.
+    """
     from deposium.bench.corpus import repeat_to
 
-    texts = repeat_to(list(paragraphs), documents * per_document)
+    return repeat_to(list(dict.fromkeys(paragraphs)), n)
+
+
+def write_folder(root: Path, paragraphs: Sequence[str], documents: int, per_document: int = 3) -> int:
+    """``documents`` text files of ``per_document`` paragraphs; returns the paragraphs written."""
+    texts = distinct_texts(paragraphs, documents * per_document)
     root.mkdir(parents=True, exist_ok=True)
     for d in range(documents):
         chunk = texts[d * per_document:(d + 1) * per_document]
@@ -97,9 +106,7 @@ def write_folder(root: Path, paragraphs: Sequence[str], documents: int, per_docu
 
 
 def write_jsonl(path: Path, paragraphs: Sequence[str], documents: int, per_document: int = 3) -> int:
-    from deposium.bench.corpus import repeat_to
-
-    texts = repeat_to(list(paragraphs), documents * per_document)
+    texts = distinct_texts(paragraphs, documents * per_document)
     with path.open("w", encoding="utf-8") as fh:
         for d in range(documents):
             text = "\n\n".join(texts[d * per_document:(d + 1) * per_document])
@@ -108,7 +115,8 @@ def write_jsonl(path: Path, paragraphs: Sequence[str], documents: int, per_docum
 
 
 def run_producer(corpus: Path, out: Path, shard: str | None) -> tuple[int, float, dict[str, float]]:
-    """One producer run with accounting: (paragraphs, coordination CPU seconds, seconds per part)."""
+    """One producer run with accounting: (paragraphs, coordination CPU seconds, seconds per part);
+    the run's duplicates (paragraphs that reused an identical one's vector) are under ``"duplicates"``."""
     import deposium.producer.job as job_module
     from deposium.producer.cli import main as submit_main
 
@@ -136,7 +144,9 @@ def run_producer(corpus: Path, out: Path, shard: str | None) -> tuple[int, float
         raise RuntimeError(f"the producer failed (exit {code}): {stdout.getvalue().strip()[-500:]}")
     summary = json.loads(stdout.getvalue())
     parts = {p: accounts.seconds.get(p, 0.0) for p in SHARD_PARTS}
-    return int(summary["paragraphs"]), sum(parts.values()), parts
+    cpu = sum(parts.values())
+    parts["duplicates"] = float(summary["duplicates"])
+    return int(summary["paragraphs"]), cpu, parts
 
 
 def measure(corpus: Path, work: Path, shards: int, round_no: int) -> dict[str, Any]:
@@ -175,6 +185,8 @@ def summarize(rounds: Sequence[dict[str, Any]], shards: int, corpus_kind: str) -
         "one_parts_s": {p: round(med([r["one_parts_s"][p] for r in rounds]), 3) for p in SHARD_PARTS},
         "shard_parts_s_sum": {p: round(med([sum(s[p] for s in r["shard_parts_s"]) for r in rounds]), 3)
                               for p in SHARD_PARTS},
+        "duplicates_one": int(rounds[0]["one_parts_s"]["duplicates"]),
+        "duplicates_shards": int(sum(s["duplicates"] for s in rounds[0]["shard_parts_s"])),
     }
 
 
@@ -188,7 +200,9 @@ def render(f: dict[str, Any]) -> str:
              f"paragraphs: {f['shard_paragraphs']})",
              f"- {f['shards']} shards' aggregate coordination rate / 1 shard's: **{f['ratio']}x** "
              f"({f['ratio_before_publish']}x before the one-off merge into the output, which the last "
-             "shard runs alone)", "",
+             "shard runs alone)",
+             f"- duplicates reused instead of embedded: {f['duplicates_one']:,} by 1 producer, "
+             f"{f['duplicates_shards']:,} by the shards (each dedupes its own documents only)", "",
              "| part | 1 producer, CPU s | all shards together, CPU s |", "|---|---:|---:|"]
     for p in SHARD_PARTS:
         lines.append(f"| {p} | {f['one_parts_s'][p]:.3f} | {f['shard_parts_s_sum'][p]:.3f} |")

@@ -208,3 +208,12 @@ def test_two_shards_into_pgvector_equal_the_unsharded_rows(folder: Path, minilm_
     table = pa.table({**{c: [r[i] for r in rows] for i, c in enumerate(COLUMNS)},
                       "embedding": [r[7].to_numpy() for r in rows]})
     assert_same_rows(table, pq.read_table(folder / "one.parquet"))
+
+
+def test_producers_children_run_the_same_command_and_the_worst_code_wins():
+    from deposium.producer.producers import child_argv, worst
+
+    assert child_argv(["docs", "--producers", "4", "--out", "o.parquet", "--producers=2"]) == [
+        "docs", "--out", "o.parquet"]
+    assert worst([0, 1, 0]) == 1 and worst([1, 3]) == 3 and worst([3, 130, 0]) == 130 and worst([130, 2]) == 2
+    assert worst([0, 0]) == 0
