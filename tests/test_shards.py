@@ -217,3 +217,29 @@ def test_producers_children_run_the_same_command_and_the_worst_code_wins():
         "docs", "--out", "o.parquet"]
     assert worst([0, 1, 0]) == 1 and worst([1, 3]) == 3 and worst([3, 130, 0]) == 130 and worst([130, 2]) == 2
     assert worst([0, 0]) == 0
+
+
+def test_two_shards_through_the_queue_equal_the_unsharded_rows(folder: Path, minilm_artifact: Path, redis_server,
+                                                                tmp_path: Path):
+    """Queue mode: each shard is its own producer of the same job on the same workers."""
+    import redis
+
+    from tests.test_producer_support import start_worker, stop, wait_for_worker
+
+    log = tmp_path / "worker.log"
+    worker = start_worker(redis_server.url, minilm_artifact, log, concurrency=1)
+    try:
+        wait_for_worker(redis_server.url, worker, log)
+        env = dict(_env(tmp_path, minilm_artifact), REDIS_URL=redis_server.url)
+        queue_args = [a for a in ARGS if a != "--local"]
+        procs = [subprocess.Popen(submit_cmd(*queue_args, "--out", "queued.parquet", "--json", "--shard", f"{k}/2"),
+                                  env=env, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k in range(2)]
+        results = [_finish(p) for p in procs]
+    finally:
+        stop(worker)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    assert_same_rows(pq.read_table(folder / "queued.parquet"), pq.read_table(folder / "one.parquet"))
+    job = results[0][1]["job_id"].rsplit(".", 1)[0]
+    keys = sorted(k.decode() for k in redis.Redis.from_url(redis_server.url).smembers("deposium:jobs"))
+    assert keys == [f"{job}.0-of-2", f"{job}.1-of-2"]
