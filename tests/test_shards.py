@@ -243,3 +243,23 @@ def test_two_shards_through_the_queue_equal_the_unsharded_rows(folder: Path, min
     job = results[0][1]["job_id"].rsplit(".", 1)[0]
     keys = sorted(k.decode() for k in redis.Redis.from_url(redis_server.url).smembers("deposium:jobs"))
     assert keys == [f"{job}.0-of-2", f"{job}.1-of-2"]
+
+
+def test_shard_cost_bench_accounts_every_shard(tmp_path: Path, minilm_artifact: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
+    from deposium.bench import shard_cost
+
+    texts = corpus(60)
+    docs = tmp_path / "docs"
+    assert shard_cost.write_folder(docs, texts, 20) == 60
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("DEPOSIUM_ARTIFACT", str(minilm_artifact))
+    monkeypatch.setenv("DEPOSIUM_CACHE_DIR", str(tmp_path / "cache"))
+    result = shard_cost.measure(docs, tmp_path, 3, 0)
+    assert result["paragraphs"] == sum(result["shard_paragraphs"]) > 20  # short ones merge into neighbours
+    assert all(n > 0 for n in result["shard_paragraphs"])
+    assert all(cpu > 0 for cpu in result["shard_cpu_s"])
+    publishers = [parts for parts in result["shard_parts_s"] if parts[shard_cost.PUBLISH] > 0]
+    assert len(publishers) == 1 and result["one_parts_s"][shard_cost.PUBLISH] > 0  # merged once per run
+    assert not (tmp_path / "sharded-0.parquet.parts").exists()
+    assert pq.read_table(tmp_path / "sharded-0.parquet").num_rows == result["paragraphs"]
