@@ -45,7 +45,8 @@ def combine_shards(records: list[dict[str, Any]], now: float | None = None) -> l
     """One record per job: the records of a sharded job's shards (``spec.shard``) become one,
     with summed counts, a combined state and each shard's own state under ``shards``.
 
-    The combined state is the least advanced one: a job is done when every shard is.
+    The combined state is the least advanced one: a job is done when every shard is, and
+    "incomplete" when the shards that ran finished but some never started.
     """
     out: list[dict[str, Any]] = []
     groups: dict[str, dict[str, Any]] = {}
@@ -74,7 +75,9 @@ def combine_shards(records: list[dict[str, Any]], now: float | None = None) -> l
             group["state"] = "done_with_errors" if "done_with_errors" in finished else "done"
         else:
             waiting = [s for s in states if s not in finished]
-            group["state"] = "running" if "running" in waiting else waiting[0]
+            started = [s for s in waiting if s != "not started"]
+            group["state"] = ("running" if "running" in waiting else started[0] if started
+                              else "incomplete")
         group["shards_done"] = f"{len(finished)}/{len(states)}"
         group["shards"] = {i: group["shards"].get(str(i), {"state": "not started"}) for i in
                            map(str, range(group["count"]))}
@@ -135,11 +138,11 @@ def _main(argv: Sequence[str] | None) -> int:
         if not rows:
             print("no jobs")
             return 0
-        print(f"{'JOB':<17} {'MODE':<6} {'STATE':<20} {'WRITTEN':>9} {'FAILED':>7} {'BATCHES':>13}  TARGET")
+        print(f"{'JOB':<17} {'MODE':<6} {'STATE':<26} {'WRITTEN':>9} {'FAILED':>7} {'BATCHES':>13}  TARGET")
         for mode, r in rows:
             c = r.get("counts", {})
             batches = f"{c.get('batches_done', 0)}/{c.get('batches', 0)}"
-            print(f"{r['id']:<17} {mode:<6} {_shown_state(r):<20} {c.get('written', 0):>9,} "
+            print(f"{r['id']:<17} {mode:<6} {_shown_state(r):<26} {c.get('written', 0):>9,} "
                   f"{c.get('failed_paragraphs', 0):>7,} {batches:>13}  {r.get('spec', {}).get('target', '')}")
         return 0
     for mode, store in stores:

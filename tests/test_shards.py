@@ -263,3 +263,26 @@ def test_shard_cost_bench_accounts_every_shard(tmp_path: Path, minilm_artifact: 
     assert len(publishers) == 1 and result["one_parts_s"][shard_cost.PUBLISH] > 0  # merged once per run
     assert not (tmp_path / "sharded-0.parquet.parts").exists()
     assert pq.read_table(tmp_path / "sharded-0.parquet").num_rows == result["paragraphs"]
+
+
+def test_jobs_list_combines_a_sharded_jobs_records():
+    from deposium.producer.jobs_cli import combine_shards
+
+    def record(index: int, state: str, written: int) -> dict:
+        return {"id": f"jx.{index}-of-3", "state": state, "updated": 1000.0,
+                "spec": {"target": "o.parquet", "shard": {"job": "jx", "index": index, "count": 3}},
+                "counts": {"written": written, "batches": 2}}
+
+    plain = {"id": "jy", "state": "done", "spec": {}, "counts": {"written": 5}}
+    jobs = combine_shards([record(0, "done", 10), plain, record(2, "running", 4)], now=1010.0)
+    assert [j["id"] for j in jobs] == ["jx", "jy"]
+    job = jobs[0]
+    assert job["state"] == "running" and job["shards_done"] == "1/3"
+    assert job["counts"] == {"written": 14, "batches": 4}
+    assert [job["shards"][i]["state"] for i in "012"] == ["done", "not started", "running"]
+    stalled = combine_shards([record(0, "done", 10), record(1, "running", 4)], now=5000.0)[0]
+    assert stalled["state"] == "stalled (resume it)"
+    partial = combine_shards([record(0, "done", 10), record(1, "done", 4)], now=1010.0)[0]
+    assert partial["state"] == "incomplete" and partial["shards_done"] == "2/3"
+    done = combine_shards([record(i, "done", 1) for i in range(3)], now=1010.0)[0]
+    assert done["state"] == "done" and done["counts"]["written"] == 3
