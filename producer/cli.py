@@ -4,7 +4,8 @@ Exit codes: 0 every paragraph written; 1 the job finished but something failed (
 errors file); 2 the job could not run (unknown flag or bad value, an input path that does not
 exist or a glob that matches nothing, an output that cannot be written or is not ``.parquet``,
 a task or dim the model does not offer, unknown or malformed sink target, Redis unreachable,
-sink refused, another producer writing the same output), with one line saying why, before
+sink refused, another producer writing the same output or the same ``--shard``, ``--shard``
+with stdin, ``--sync`` or ``--replace``), with one line saying why, before
 any paragraph is sent and before any output or job record is created; 3 the job stopped
 mid-way (Redis lost for longer than DEPOSIUM_REDIS_RECONNECT_TIMEOUT, no worker online for
 ``--wait-for-workers`` seconds), with one line saying why: resume with the same command;
