@@ -27,12 +27,14 @@ class Limits:
         return self.paragraphs * 4
 
 
-def batch_id(seq: int) -> str:
-    return f"b{seq:07d}"
+def batch_id(seq: int, prefix: str = "") -> str:
+    return f"{prefix}b{seq:07d}"
 
 
-def make_batches(paragraphs: Iterable[Paragraph], limits: Limits) -> Iterator[Batch]:
+def make_batches(paragraphs: Iterable[Paragraph], limits: Limits, prefix: str = "") -> Iterator[Batch]:
     """Group paragraphs in input order; a batch closes before it would exceed a limit.
+
+    ``prefix`` starts every batch id (a shard's, so shards of one job never share a batch id).
 
     ``first_seen`` maps a 16-byte hash prefix to the sequence number of the batch that embeds
     that text: about 100 bytes per distinct paragraph, the one per-job structure that grows
@@ -40,7 +42,7 @@ def make_batches(paragraphs: Iterable[Paragraph], limits: Limits) -> Iterator[Ba
     """
     first_seen: dict[bytes, int] = {}
     seq = 0
-    cur = Batch(id=batch_id(0), seq=0)
+    cur = Batch(id=batch_id(0, prefix), seq=0)
     for p in paragraphs:
         key = bytes.fromhex(p.hash[:32])
         owner = first_seen.get(key)
@@ -55,7 +57,7 @@ def make_batches(paragraphs: Iterable[Paragraph], limits: Limits) -> Iterator[Ba
             ):
                 yield cur
                 seq += 1
-                cur = Batch(id=batch_id(seq), seq=seq)
+                cur = Batch(id=batch_id(seq, prefix), seq=seq)
             if new_text:
                 first_seen[key] = cur.seq
                 cur.own[p.hash] = len(cur.texts)
@@ -66,8 +68,8 @@ def make_batches(paragraphs: Iterable[Paragraph], limits: Limits) -> Iterator[Ba
             if len(cur.rows) + 1 > limits.rows:
                 yield cur
                 seq += 1
-                cur = Batch(id=batch_id(seq), seq=seq)
-            cur.refs[p.hash] = batch_id(owner)
+                cur = Batch(id=batch_id(seq, prefix), seq=seq)
+            cur.refs[p.hash] = batch_id(owner, prefix)
         cur.rows.append(p)
     if cur.rows:
         yield cur

@@ -4,7 +4,8 @@ Exit codes: 0 every paragraph written; 1 the job finished but something failed (
 errors file); 2 the job could not run (unknown flag or bad value, an input path that does not
 exist or a glob that matches nothing, an output that cannot be written or is not ``.parquet``,
 a task or dim the model does not offer, unknown or malformed sink target, Redis unreachable,
-sink refused, another producer writing the same output), with one line saying why, before
+sink refused, another producer writing the same output or the same ``--shard``, ``--shard``
+with stdin, ``--sync`` or ``--replace``), with one line saying why, before
 any paragraph is sent and before any output or job record is created; 3 the job stopped
 mid-way (Redis lost for longer than DEPOSIUM_REDIS_RECONNECT_TIMEOUT, no worker online for
 ``--wait-for-workers`` seconds), with one line saying why: resume with the same command;
@@ -119,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
                    help="queue mode: stop (exit 3, resumable) when no batch finished and no worker was "
                         "online on the queue for SECONDS (default DEPOSIUM_WAIT_FOR_WORKERS; 0 = wait)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of one line")
+    shards = p.add_mutually_exclusive_group()
+    shards.add_argument("--shard", metavar="I/N", default=None,
+                        help="run shard I of N of the job (0 <= I < N): this producer reads only the documents "
+                             "whose id hashes to I; run all N, on one machine or several, into one output")
+    shards.add_argument("--producers", type=_at_least(1), default=None, metavar="N",
+                        help="run the job as N producer processes here (each with --shard k/N)")
     return p
 
 
@@ -194,6 +201,11 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.producers is not None and args.producers > 1:
+        from deposium.producer.producers import run_producers
+
+        return run_producers(list(sys.argv[1:] if argv is None else argv), args.producers,
+                             progress=args.progress)
     try:
         return _main(args)
     except KeyboardInterrupt:
@@ -207,6 +219,7 @@ def _main(args: argparse.Namespace) -> int:
     from deposium.producer.progress import Progress
     from deposium.producer.readers import Meter, read_inputs, spool
     from deposium.producer.runner import JobError, JobOptions
+    from deposium.producer.shard import WHOLE, Shard
     from deposium.producer.sinks import SinkError, configure_sink
     from deposium.worker.artifact import ArtifactError
     from deposium.worker.config import ConfigError, load_settings, mask_url
@@ -224,6 +237,10 @@ def _main(args: argparse.Namespace) -> int:
 
     stdin_path: Path | None = None
     try:
+        shard = Shard.parse(args.shard) if args.shard else WHOLE
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
         settings = load_settings()
         if args.wait_for_workers is not None:
             settings = dataclasses.replace(settings, wait_for_workers_s=args.wait_for_workers)
@@ -239,8 +256,18 @@ def _main(args: argparse.Namespace) -> int:
         local = True if args.local else None
         artifact = args.artifact
         errors = args.errors
+        if shard.sharded and (args.sync or args.replace or "-" in args.paths):
+            return _fail(f"--shard {shard.label()} splits a job's input files: it cannot read stdin, and "
+                         "--sync and --replace apply to a whole output (run them unsharded)")
         if args.resume:
-            record = job_store(settings, local=bool(args.local) or not settings.redis_url).load(args.resume)
+            store = job_store(settings, local=bool(args.local) or not settings.redis_url)
+            record = store.load(shard.key(args.resume))
+            if record is None and not shard.sharded:
+                counts = {r["spec"]["shard"]["count"] for r in store.list()
+                          if r.get("spec", {}).get("shard", {}).get("job") == args.resume}
+                if counts:
+                    return _fail(f"job {args.resume} runs as {max(counts)} shards: resume each with "
+                                 f"--resume {args.resume} --shard I/{max(counts)}")
             if record is None:
                 return _fail(f"no job {args.resume} found "
                              f"({'in Redis' if settings.redis_url and not args.local else 'in the cache'})")
@@ -280,7 +307,7 @@ def _main(args: argparse.Namespace) -> int:
         plan = plan_job(inputs=identity_inputs, target=target, options=options, settings=settings,
                         local=local, artifact_dir=artifact, job_id=args.job_id or args.resume,
                         errors_path=errors, resolve_task=not args.resume,
-                        extra_identity=_identity_extras(columns, options))
+                        extra_identity=_identity_extras(columns, options), shard=shard)
         plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format, **columns)
         meter = Meter()
         progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),
@@ -295,7 +322,7 @@ def _main(args: argparse.Namespace) -> int:
         try:
             summary = runner.run(read_inputs(paths, stdin_path=stdin_path, stdin_format=args.stdin_format,
                                              meter=meter, max_chars=settings.max_document_chars, pool=pool,
-                                             **columns))
+                                             shard=shard, **columns))
         except redis_lost as exc:  # the job record's Redis, gone mid-job for its whole retry time
             raise JobStopped(f"lost Redis at {mask_url(settings.redis_url)} ({exc}); the job can be "
                              "resumed") from None

@@ -18,6 +18,7 @@ from deposium.producer.batching import Limits
 from deposium.producer.jobstore import FileJobStore, JobStore, RedisJobStore
 from deposium.producer.progress import Progress
 from deposium.producer.runner import ErrorLog, JobOptions, JobRecord, JobRunner, Pipeline
+from deposium.producer.shard import WHOLE, Shard
 from deposium.producer.sinks import Sink, SinkJob, open_sink
 from deposium.producer.tokens import TokenCounter
 from deposium.worker.artifact import ArtifactError, Manifest, read_manifest
@@ -47,6 +48,8 @@ class Plan:
     tokenizer: ParagraphTokenizer
     #: The target's sink, parsed and checked (nothing created, nothing connected) until opened.
     sink: Sink
+    #: The part of the job this producer runs (the whole job unless ``--shard``).
+    shard: Shard = WHOLE
 
     @property
     def dim(self) -> int:
@@ -66,12 +69,13 @@ def is_file_target(target: str) -> bool:
 def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: Settings | None = None,
              local: bool | None = None, artifact_dir: Path | None = None, job_id: str | None = None,
              errors_path: Path | None = None, extra_identity: dict[str, Any] | None = None,
-             resolve_task: bool = True) -> Plan:
+             resolve_task: bool = True, shard: Shard = WHOLE) -> Plan:
     """Validate options against the artifact and derive the job id (no work, no connections).
 
     A job that names no task gets the model's document prompt (``deposium.worker.tokenize.ingestion_task``);
     the plan records the task it resolved to, so a resumed job (``resolve_task=False``: its
-    recorded options are final) keeps embedding the way it started.
+    recorded options are final) keeps embedding the way it started. Every shard of a sharded
+    job gets the same job id (the shard count is part of it, the shard index is not).
     """
     settings = settings or load_settings()
     artifact_dir = Path(artifact_dir or settings.artifact_dir).expanduser()
@@ -102,6 +106,8 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
         "min_chars": options.min_chars, "max_batch_paragraphs": settings.max_batch_paragraphs,
         "max_batch_bytes": settings.max_batch_bytes, **(extra_identity or {}),
     }
+    if shard.sharded:  # a job split N ways forms other batches than the same job unsharded
+        identity["shards"] = shard.count
     job_id = job_id or job_id_for(identity)
     if errors_path is None:
         errors_path = (Path(target + ".errors.jsonl") if is_file_target(target)
@@ -109,20 +115,30 @@ def plan_job(*, inputs: list[str], target: str, options: JobOptions, settings: S
     spec = {"inputs": inputs, "target": stored_target, "artifact_dir": str(artifact_dir.absolute()),
             "options": asdict(options), "errors_path": str(errors_path), "local": use_local,
             "model_sha256": manifest.model_sha256, "model_source": manifest.source}
+    if shard.sharded:
+        spec["shard"] = {"job": job_id, "index": shard.index, "count": shard.count}
+        tag = f".{shard.index}-of-{shard.count}"
+        if tag + "." not in errors_path.name:  # one errors file per shard, side by side
+            stem, dot, ext = errors_path.name.partition(".errors.")
+            name = f"{stem}{tag}{dot}{ext}" if dot else f"{errors_path.stem}{tag}{errors_path.suffix}"
+            errors_path = errors_path.with_name(name)
+            spec["errors_path"] = str(errors_path)
     return Plan(job_id=job_id, local=use_local, settings=settings, options=options,
                 artifact_dir=artifact_dir, target=target, errors_path=errors_path, spec=spec,
-                manifest=manifest, tokenizer=tokenizer, sink=sink)
+                manifest=manifest, tokenizer=tokenizer, sink=sink, shard=shard)
 
 
-def job_store(settings: Settings, local: bool, target: str | None = None) -> JobStore:
-    """Redis for queue mode; a file next to a file output (or in the cache) for local mode."""
+def job_store(settings: Settings, local: bool, target: str | None = None, shard: Shard = WHOLE) -> JobStore:
+    """Redis for queue mode; a file next to a file output (or in the cache) for local mode
+    (one per shard of a sharded job: ``OUT.job.I-of-N.json``)."""
     if not local:
         import redis
 
         return RedisJobStore(redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5,
                                                   retry_on_timeout=True),
                              reconnect_timeout_s=float(settings.redis_reconnect_timeout_s))
-    record = Path(target + ".job.json") if target and is_file_target(target) else None
+    suffix = f".job.{shard.index}-of-{shard.count}.json" if shard.sharded else ".job.json"
+    record = Path(target + suffix) if target and is_file_target(target) else None
     return FileJobStore(settings.cache_dir, record)
 
 
@@ -157,16 +173,19 @@ def build_runner(plan: Plan, *, progress: Progress | None = None, replace: bool 
     settings = plan.settings
     options = plan.options
     counter = TokenCounter(plan.tokenizer, task=options.task, max_tokens=options.max_tokens)
-    backend = make_backend(plan, plan.job_id)
+    shard = plan.shard
+    backend = make_backend(plan, shard.key(plan.job_id))
     try:
         plan.sink.open(SinkJob(job_id=plan.job_id, dim=plan.dim, dtype=options.dtype,
-                               model_sha256=plan.manifest.model_sha256, replace=replace))
+                               model_sha256=plan.manifest.model_sha256, replace=replace,
+                               shard=shard.index, shards=shard.count))
     except BaseException:
         backend.close()
         raise
     pipeline = Pipeline(options=options, counter=counter, backend=backend, sink=plan.sink, limits=limits(plan),
-                        dim=plan.dim, max_paragraph_bytes=settings.max_paragraph_bytes)
-    record = JobRecord(job_store(settings, plan.local, plan.target), plan.job_id, plan.spec)
+                        dim=plan.dim, max_paragraph_bytes=settings.max_paragraph_bytes,
+                        batch_prefix=shard.batch_prefix)
+    record = JobRecord(job_store(settings, plan.local, plan.target, shard), shard.key(plan.job_id), plan.spec)
     return JobRunner(pipeline, record, ErrorLog(plan.errors_path), progress=progress, replace=replace,
                      on_progress=on_progress)
 

@@ -23,9 +23,10 @@ from typing import Any, BinaryIO
 
 from deposium.producer.documents import DocumentError, Extracted
 from deposium.producer.documents.pool import ReaderPool, SplitDocument
-from deposium.producer.documents.sniff import Unsupported, sniff
+from deposium.producer.documents.sniff import JSONL_SUFFIXES, Unsupported, sniff
 from deposium.producer.documents.text import detect_encoding, line_blocks, read_text, text_lines
 from deposium.producer.model import Block, InputError, InputWarning, Paragraph
+from deposium.producer.shard import Shard
 
 _CHUNK = 1 << 20
 
@@ -313,17 +314,21 @@ def file_sources(path: Path, doc_id: str, *, explicit: bool, meter: Meter | None
 def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
                 stdin_format: str = "txt", stdin_path: Path | None = None,
                 meter: Meter | None = None, max_chars: int | None = None, text_column: str = "text",
-                id_column: str = "id", pool: ReaderPool | None = None) -> Iterator[Item]:
+                id_column: str = "id", pool: ReaderPool | None = None,
+                shard: Shard | None = None) -> Iterator[Item]:
     """Every document of ``inputs`` in a stable order, or an error for what cannot be read.
 
     ``stdin_path`` is an already spooled copy of stdin (see :func:`spool`). Warnings
     (replaced bytes) come just before the document they concern. With a ``pool``, documents
     are read and split by its processes and arrive split (:attr:`Source.paragraphs`), in the
-    same order.
+    same order. With a ``shard``, only that shard's documents (and the errors about them):
+    a one-document file it does not own is not even opened (see :func:`shard_share`).
     """
     kw: dict[str, Any] = {"max_chars": max_chars, "text_column": text_column, "id_column": id_column}
-    items = _pooled(inputs, pool, meter, kw) if pool is not None else _serial(inputs, stdin, stdin_format,
-                                                                              stdin_path, meter, kw)
+    if shard is not None and not shard.sharded:
+        shard = None
+    items = _pooled(inputs, pool, meter, kw, shard) if pool is not None else _serial(
+        inputs, stdin, stdin_format, stdin_path, meter, kw, shard)
     seen: dict[str, str] = {}
     for item in items:
         if isinstance(item, Source):
@@ -336,8 +341,56 @@ def read_inputs(inputs: Iterable[str], *, stdin: BinaryIO | None = None,
         yield item
 
 
+_RECORD_KINDS = {"jsonl", "csv", "parquet"}
+RECORD_SUFFIXES = JSONL_SUFFIXES | {".csv", ".parquet"}
+
+
+def shard_share(doc_id: str, path: Path, explicit: bool, shard: Shard) -> str:
+    """What ``shard`` reads of one input file: ``"all"``, ``"records"`` or ``"none"``.
+
+    A record file (.jsonl, .csv, .parquet) holds many documents with their own ids: every
+    shard reads it and keeps its records. Any other file is one document named by its path,
+    owned whole by one shard (its errors included, so each is reported once).
+
+    Why the suffix decides first: each shard walks every input, so a file it does not own must
+    cost it next to nothing, not an open. A record file without a record suffix (a Parquet
+    file named ``.dat``) is read whole by the one shard owning its path: still exactly once,
+    just not split, since every shard classifies it the same way.
+    """
+    if path.suffix.lower() in RECORD_SUFFIXES:
+        try:
+            kind = sniff(path, explicit=explicit) if path.is_file() else ""
+        except (Unsupported, DocumentError, OSError):
+            kind = ""
+        if kind in _RECORD_KINDS:
+            return "records"
+    return "all" if shard.owns(doc_id) else "none"
+
+
+def owned_items(items: Iterable[Item], shard: Shard) -> Iterator[Item]:
+    """The items of a record file that belong to ``shard``: by document id, else by origin."""
+    for item in items:
+        if isinstance(item, Source):
+            key = item.id
+        else:
+            key = item.document if item.document is not None else item.origin
+        if shard.owns(key):
+            yield item
+
+
+def _serial_file(doc_id: str, path: Path, explicit: bool, meter: Meter | None, kw: dict[str, Any],
+                 shard: Shard | None) -> Iterator[Item]:
+    share = "all" if shard is None else shard_share(doc_id, path, explicit, shard)
+    if share == "none":
+        if meter is not None:
+            meter.nbytes += _size(path)
+        return
+    items = file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
+    yield from (items if share == "all" else owned_items(items, shard))  # type: ignore[arg-type]
+
+
 def _serial(inputs: Iterable[str], stdin: BinaryIO | None, stdin_format: str, stdin_path: Path | None,
-            meter: Meter | None, kw: dict[str, Any]) -> Iterator[Item]:
+            meter: Meter | None, kw: dict[str, Any], shard: Shard | None = None) -> Iterator[Item]:
     for doc_id, path, explicit in expand_found(inputs):
         if path is None:
             if stdin_path is None:
@@ -347,10 +400,9 @@ def _serial(inputs: Iterable[str], stdin: BinaryIO | None, stdin_format: str, st
             else:
                 yield from text_file_sources(stdin_path, "<stdin>", meter, max_chars=kw["max_chars"])
         else:
-            yield from file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
+            yield from _serial_file(doc_id, path, explicit, meter, kw, shard)
 
 
-_RECORD_KINDS = {"jsonl", "csv", "parquet"}
 #: Plain text files larger than this stream here, block by block, instead of being split whole
 #: in a reader process (which holds a document's paragraphs until it is done).
 POOL_MAX_TEXT_BYTES = 8 << 20
@@ -369,12 +421,17 @@ def _in_pool(path: Path | None, explicit: bool) -> bool:
     return kind not in _RECORD_KINDS
 
 
-def _pooled(inputs: Iterable[str], pool: ReaderPool, meter: Meter | None, kw: dict[str, Any]) -> Iterator[Item]:
+def _pooled(inputs: Iterable[str], pool: ReaderPool, meter: Meter | None, kw: dict[str, Any],
+            shard: Shard | None = None) -> Iterator[Item]:
     found = iter(expand_found(inputs))
     held: list[tuple[str, Path | None, bool]] = []
 
     def run() -> Iterator[tuple[str, str, bool, dict[str, Any]]]:
         for doc_id, path, explicit in found:
+            if shard is not None and path is not None and shard_share(doc_id, path, explicit, shard) == "none":
+                if meter is not None:
+                    meter.nbytes += _size(path)
+                continue
             if not _in_pool(path, explicit):
                 held.append((doc_id, path, explicit))
                 return
@@ -395,7 +452,7 @@ def _pooled(inputs: Iterable[str], pool: ReaderPool, meter: Meter | None, kw: di
         if path is None:  # stdin is spooled and read by the caller's serial path (see the CLI)
             yield InputError(origin="-", reason="stdin cannot be read with --readers above 1")
         else:
-            yield from file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
+            yield from _serial_file(doc_id, path, explicit, meter, kw, shard)
 
 
 def _metered(tasks: Iterator[tuple[str, str, bool, dict[str, Any]]],

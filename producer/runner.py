@@ -161,6 +161,8 @@ class Pipeline:
     limits: Limits
     dim: int
     max_paragraph_bytes: int
+    #: Starts every batch id of this producer (a shard's; empty for an unsharded job).
+    batch_prefix: str = ""
 
 
 class JobRecord:
@@ -371,7 +373,8 @@ class JobRunner:
         done = self.sink.done_batches()
         previous_errors = self.record.paragraph_errors
         try:
-            for batch in make_batches(self._paragraphs(sources), self.pipeline.limits):
+            for batch in make_batches(self._paragraphs(sources), self.pipeline.limits,
+                                      self.pipeline.batch_prefix):
                 s.batches += 1
                 s.paragraphs += len(batch.rows)
                 if batch.id in done:

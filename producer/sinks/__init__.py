@@ -45,6 +45,11 @@ class SinkJob:
     #: Overwrite a target that belongs to another job / dimension / model.
     replace: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    #: This producer's shard of the job (``shard`` of ``shards``; 1 = unsharded). A sharded
+    #: producer locks its shard only, and the store's final step (merge, compaction, index)
+    #: runs once, by the shard that finds every shard of the job finished.
+    shard: int = 0
+    shards: int = 1
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ A batch written again (a re-run after ``--replace``) first deletes its earlier r
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from collections.abc import Collection
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from deposium.producer.schema import PROVENANCE, output_schema
+from deposium.producer.shard import pending_message
 from deposium.producer.sinks import SinkError, SinkJob, Stored
 from deposium.producer.sinks.lock import OutputLock
 
@@ -93,6 +96,7 @@ class LanceDBSink:
         #: beside the database directory (which LanceDB owns), one per table
         self._lock = OutputLock(self.path.parent / f".{self.path.name}.{self.name}.lock",
                                 f"LanceDB table {self.name} in {self.path}")
+        self._shard_lock: OutputLock | None = None
 
     def _marks_name(self) -> str:
         return f"{self.name}_deposium_batches"
@@ -108,12 +112,35 @@ class LanceDBSink:
             raise SinkError(f"{self.target}: directory {self.path.parent} does not exist")
         if self.path.exists() and not self.path.is_dir():
             raise SinkError(f"{self.target}: {self.path} is not a directory")
-        self._lock.acquire(job.job_id)
+        if job.shards > 1:
+            self._shard_lock = OutputLock(self._lock.path.with_name(
+                f"{self._lock.path.name.removesuffix('.lock')}.shard-{job.shard}-of-{job.shards}.lock"),
+                f"LanceDB table {self.name} in {self.path}, shard {job.shard}/{job.shards}")
+            self._shard_lock.acquire(job.job_id)
         try:
-            self._open(job)
+            self._lock.acquire(job.job_id, shared=job.shards > 1)
+            if job.shards > 1:  # shards create or check the table one at a time
+                publish = self._publish_lock()
+                publish.acquire(job.job_id, wait=True)
+                try:
+                    self._open(job)
+                    self._marker(job, job.shard).unlink(missing_ok=True)  # not finished until it ends
+                finally:
+                    publish.release()
+            else:
+                self._open(job)
         except BaseException:
-            self._lock.release()
+            self.release()
             raise
+
+    def _publish_lock(self) -> OutputLock:
+        return OutputLock(self._lock.path.with_name(self._lock.path.name.removesuffix(".lock") + ".publish.lock"),
+                          f"LanceDB table {self.name} in {self.path}, publishing")
+
+    def _marker(self, job: SinkJob, shard: int) -> Path:
+        """A finished shard's mark, beside the database (LanceDB owns its directory)."""
+        folder = self._lock.path.with_name(self._lock.path.name.removesuffix(".lock") + ".shards")
+        return folder / f"{job.job_id}.{shard}-of-{job.shards}.json"
 
     def _open(self, job: SinkJob) -> None:
         import lancedb
@@ -207,8 +234,8 @@ class LanceDBSink:
             marks = pa.table({"job_id": [job.job_id], "batch_id": [batch_id], "batch_digest": [digest]})
             if self._marks_name() in self._tables():
                 self.db.open_table(self._marks_name()).add(marks)
-            else:
-                self.db.create_table(self._marks_name(), marks)
+            else:  # exist_ok: another shard of the job may create it at the same moment
+                self.db.create_table(self._marks_name(), schema=marks.schema, exist_ok=True).add(marks)
         self._done[batch_id] = digest
 
     def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
@@ -218,13 +245,44 @@ class LanceDBSink:
 
     def release(self) -> None:
         self._lock.release()
+        if self._shard_lock is not None:
+            self._shard_lock.release()
 
     def close(self, complete: bool) -> None:
-        """Compact the per-batch fragments and build the requested index once the job is complete."""
+        """Compact the per-batch fragments and build the requested index once the job is complete
+        (a sharded job's once every shard is: see :meth:`_close_shard`)."""
         try:
-            self._close(complete)
+            if self.job is not None and self.job.shards > 1:
+                self._close_shard(complete)
+            else:
+                self._close(complete)
         finally:
-            self._lock.release()
+            self.release()
+
+    def _close_shard(self, complete: bool) -> None:
+        job = self.job
+        assert job is not None
+        marker = self._marker(job, job.shard)
+        marker.parent.mkdir(exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"complete": complete}), encoding="utf-8")
+        os.replace(tmp, marker)
+        publish = self._publish_lock()
+        publish.acquire(job.job_id, wait=True)
+        try:
+            states = {}
+            for i in range(job.shards):
+                try:
+                    states[i] = bool(json.loads(self._marker(job, i).read_text(encoding="utf-8"))["complete"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            missing = [i for i in range(job.shards) if i not in states]
+            if missing:
+                print(pending_message(self.target, missing, job.shards), file=sys.stderr, flush=True)
+                return
+            self._close(all(states.values()))
+        finally:
+            publish.release()
 
     def _close(self, complete: bool) -> None:
         if self.table is None or not complete:

@@ -5,6 +5,10 @@ ends, however it ends (``kill -9`` included), so a crashed producer never blocks
 while a second live producer is refused before it reads a paragraph. The lock file also
 says who holds it, so the refusal names the running job; the ``filelock`` library takes the
 same kind of lock but neither records nor reports its holder.
+
+Shards of one job (``--shard i/N``) hold the output's lock *shared* (so they run side by side
+while an unsharded producer is still refused) plus an exclusive lock of their own shard; the
+shard that publishes the output takes a third lock, blocking, so publishing happens once.
 """
 
 from __future__ import annotations
@@ -39,21 +43,25 @@ class OutputLock:
         self.path = Path(path)
         self.what = what
         self._fd: int | None = None
+        self._shared = False
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, job_id: str) -> None:
+    def acquire(self, job_id: str, *, shared: bool = False, wait: bool = False) -> None:
+        """Take the lock (``shared``: alongside other shared holders; ``wait``: block until free)."""
         if self._fd is not None:
             return
+        self._shared = shared
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 raise SinkError(f"{self.what}: cannot create the lock file {self.path}: {exc.strerror}") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode)
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
@@ -71,16 +79,30 @@ class OutputLock:
                 break
             os.close(fd)
         info = {"job_id": job_id, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        raw = json.dumps(info).encode()
+        if shared:  # several holders: each rewrites it whole, never truncating under another
+            os.pwrite(fd, raw.ljust(4096), 0)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, raw, 0)
         self._fd = fd
 
     def release(self) -> None:
-        """Remove the lock file while still holding it (see :meth:`acquire`), then unlock."""
+        """Remove the lock file while still holding it (see :meth:`acquire`), then unlock.
+
+        A shared holder removes it only when it is the last holder (it can take it exclusively).
+        """
         if self._fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            last = True
+            if self._shared:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    last = False
+            if last:
+                self.path.unlink(missing_ok=True)
         finally:
             os.close(self._fd)
             self._fd = None

@@ -12,6 +12,10 @@ Layout for ``--out embeddings.parquet``::
     embeddings.parquet                                the merged output (written at close)
     .embeddings.parquet.lock                          held by the one producer writing there
 
+A sharded job (``--shard i/N``) holds that lock shared, plus ``.embeddings.parquet.shard-I-of-N.lock``;
+each finished shard leaves ``shard-I-of-N.done`` in the parts directory, and the shard that
+finds all N there merges the parts (under ``.embeddings.parquet.publish.lock``).
+
 The merged file's metadata keeps the job id and every batch's digest, so re-running a
 finished command is a no-op even after the parts directory has been removed.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
@@ -30,10 +35,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deposium.producer.schema import conform, output_schema
+from deposium.producer.shard import Shard, pending_message
 from deposium.producer.sinks import SinkError, SinkJob, Stored
 from deposium.producer.sinks.lock import OutputLock
 
 META_KEY = b"deposium"
+
+
+def write_options(columns: list[str]) -> dict[str, object]:
+    """Parquet writer options: zstd, with neither a dictionary nor statistics for the vectors.
+
+    Why: vector components hardly ever repeat, so the dictionary the writer would try is built
+    and thrown away, and min/max of components helps no reader; both cost every write (and
+    the merge into ``--out``) CPU for nothing. Other columns keep both (``lookup`` filters on
+    ``content_hash``).
+    """
+    rest = [c for c in columns if c != "embedding"]
+    return {"compression": "zstd", "use_dictionary": rest, "write_statistics": rest}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,6 +81,7 @@ class ParquetSink:
         self.job: SinkJob | None = None
         self._final_done: dict[str, str] = {}
         self._lock = OutputLock(self.out.with_name(f".{self.out.name}.lock"), str(self.out))
+        self._shard_lock: OutputLock | None = None
         self._check_target()
 
     def _check_target(self) -> None:
@@ -100,13 +119,33 @@ class ParquetSink:
         return found
 
     # -- protocol -----------------------------------------------------------------------------
+    def _marker(self, job: SinkJob, shard: int) -> Path:
+        return self.parts / f"shard-{shard}-of-{job.shards}.done"
+
     def open(self, job: SinkJob) -> None:
-        self._lock.acquire(job.job_id)
+        if job.shards > 1:
+            name = f".{self.out.name}.shard-{job.shard}-of-{job.shards}.lock"
+            self._shard_lock = OutputLock(self.out.with_name(name), f"{self.out} shard {job.shard}/{job.shards}")
+            self._shard_lock.acquire(job.job_id)
         try:
-            self._open(job)
+            self._lock.acquire(job.job_id, shared=job.shards > 1)
+            if job.shards > 1:  # shards open one at a time, never while another publishes
+                publish = self._publish_lock()
+                publish.acquire(job.job_id, wait=True)
+                try:
+                    self._open(job)
+                    if not self._final_done:  # running again: not finished until it ends
+                        self._marker(job, job.shard).unlink(missing_ok=True)
+                finally:
+                    publish.release()
+            else:
+                self._open(job)
         except BaseException:
-            self._lock.release()
+            self.release()
             raise
+
+    def _publish_lock(self) -> OutputLock:
+        return OutputLock(self.out.with_name(f".{self.out.name}.publish.lock"), f"{self.out} publishing")
 
     def _open(self, job: SinkJob) -> None:
         self.job = job
@@ -135,7 +174,9 @@ class ParquetSink:
         if self._final_done:
             return
         self.parts.mkdir(exist_ok=True)
-        for stale in self.parts.glob(".*.tmp"):
+        # a crashed run's temporary parts; a shard's only (the other shards may be writing theirs)
+        stale_prefix = f".{Shard(job.shard, job.shards).batch_prefix}" if job.shards > 1 else "."
+        for stale in self.parts.glob(f"{stale_prefix}*.tmp"):
             stale.unlink(missing_ok=True)
         _write_atomic_json(self.parts / "job.json", mine)
 
@@ -161,7 +202,7 @@ class ParquetSink:
         final = self.parts / f"{batch_id}.{digest}.parquet"
         tmp = self.parts / f".{batch_id}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
-            pq.write_table(rows, fh, compression="zstd")
+            pq.write_table(rows, fh, **write_options(rows.column_names))
             fh.flush()
             os.fsync(fh.fileno())
         for old in self.parts.glob(f"{batch_id}.*.parquet"):
@@ -195,12 +236,43 @@ class ParquetSink:
 
     def release(self) -> None:
         self._lock.release()
+        if self._shard_lock is not None:
+            self._shard_lock.release()
 
     def close(self, complete: bool) -> None:
         try:
-            self._close(complete)
+            if self.job is not None and self.job.shards > 1:
+                self._close_shard(complete)
+            else:
+                self._close(complete)
         finally:
-            self._lock.release()
+            self.release()
+
+    def _close_shard(self, complete: bool) -> None:
+        """Mark this shard finished; the shard that finds every shard finished merges the output."""
+        job = self.job
+        assert job is not None
+        if self._final_done or not self.parts.is_dir():
+            return  # published already
+        _write_atomic_json(self._marker(job, job.shard), {"complete": complete})
+        publish = self._publish_lock()
+        publish.acquire(job.job_id, wait=True)
+        try:
+            if not self.parts.is_dir():
+                return  # another shard published it meanwhile
+            states = {}
+            for i in range(job.shards):
+                try:
+                    states[i] = bool(json.loads(self._marker(job, i).read_text(encoding="utf-8"))["complete"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            missing = [i for i in range(job.shards) if i not in states]
+            if missing:
+                print(pending_message(str(self.out), missing, job.shards), file=sys.stderr, flush=True)
+                return
+            self._close(all(states.values()))
+        finally:
+            publish.release()
 
     def _close(self, complete: bool) -> None:
         if self.job is None or self._final_done:
@@ -211,7 +283,7 @@ class ParquetSink:
         meta["complete"] = complete
         schema = output_schema(self.job.dim, self.job.dtype).with_metadata({META_KEY: json.dumps(meta)})
         tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, schema, **write_options(schema.names)) as writer:
             for _, _, path in parts:
                 writer.write_table(conform(pq.read_table(path), schema))
         with open(tmp, "rb+") as fh:

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 import pyarrow as pa
 
+from deposium.producer.shard import pending_message
 from deposium.producer.sinks import SinkError, SinkJob, Stored
 from deposium.worker.config import mask_url
 
@@ -86,14 +87,16 @@ def parse_target(target: str) -> tuple[str, str | None, str, str | None]:
     return conninfo, schema or None, name, index
 
 
-def lock_table(conn: Any, quoted_name: str, qualified_name: str) -> None:
+def lock_table(conn: Any, quoted_name: str, qualified_name: str, *, shared: bool = False) -> None:
     """One producer per table: a session advisory lock, dropped by PostgreSQL when ``conn``
-    ends, however its process ends (``kill -9`` included). Jobs and syncs take the same lock."""
+    ends, however its process ends (``kill -9`` included). Jobs and syncs take the same lock;
+    the shards of one sharded job take it ``shared`` (and each its own shard's key exclusively)."""
     key = (LOCK_CLASS, quoted_name)
     give_up = time.monotonic() + LOCK_GRACE_S
+    take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
     with conn.cursor() as cur:
         while True:
-            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", key)
+            cur.execute(f"SELECT {take}(%s, hashtext(%s))", key)
             if cur.fetchone()[0]:
                 break
             if time.monotonic() >= give_up:
@@ -197,7 +200,50 @@ class PgVectorSink:
             raise
 
     def _lock(self, job: SinkJob) -> None:
-        lock_table(self.conn, self._quoted_name(), self._qualified(self.name))
+        if job.shards > 1:
+            shard = f"shard {job.shard}/{job.shards}"
+            lock_table(self.conn, f"{self._quoted_name()} {shard}", f"{self._qualified(self.name)} {shard}")
+        lock_table(self.conn, self._quoted_name(), self._qualified(self.name), shared=job.shards > 1)
+        if job.shards > 1:  # shards create or check the table one at a time (released at commit)
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                            (LOCK_CLASS, f"{self._quoted_name()} publish"))
+
+    @property
+    def _shards(self) -> Any:
+        return self._ident(f"{self.name}_deposium_shards")
+
+    def _close_shard(self, complete: bool) -> None:
+        """Mark this shard finished; the shard that finds every shard finished builds the index."""
+        from psycopg import sql
+
+        job = self.job
+        assert job is not None
+        conn = self.conn
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(sql.SQL("INSERT INTO {} (job_id, shard, shards, complete) VALUES (%s, %s, %s, %s) "
+                                "ON CONFLICT (job_id, shard) DO UPDATE SET complete = EXCLUDED.complete, "
+                                "finished_at = now()").format(self._shards),
+                        (job.job_id, job.shard, job.shards, complete))
+        with conn.cursor() as cur:  # one shard at a time past this point, until its index is built
+            cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, f"{self._quoted_name()} publish"))
+        conn.commit()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("SELECT shard, complete FROM {} WHERE job_id = %s AND shards = %s")
+                            .format(self._shards), (job.job_id, job.shards))
+                states = {int(i): bool(c) for i, c in cur.fetchall()}
+            conn.commit()
+            missing = [i for i in range(job.shards) if i not in states]
+            if missing:
+                print(pending_message(self.target, missing, job.shards), file=sys.stderr, flush=True)
+            elif all(states.values()) and self.index:
+                self.build_index()
+        finally:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))",
+                            (LOCK_CLASS, f"{self._quoted_name()} publish"))
+            conn.commit()
 
     def _open(self, job: SinkJob) -> None:
         from pgvector.psycopg import register_vector
@@ -271,6 +317,14 @@ class PgVectorSink:
                 "digest text NOT NULL, model_sha256 text NOT NULL, rows integer NOT NULL, "
                 "committed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (job_id, batch_id))")
                 .format(self._batches))
+            if job.shards > 1:
+                cur.execute(sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (job_id text NOT NULL, shard integer NOT NULL, "
+                    "shards integer NOT NULL, complete boolean NOT NULL, "
+                    "finished_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (job_id, shard))")
+                    .format(self._shards))
+                cur.execute(sql.SQL("DELETE FROM {} WHERE job_id = %s AND shard = %s").format(self._shards),
+                            (job.job_id, job.shard))  # running again: not finished until it ends
             cur.execute(sql.SQL("CREATE TEMP TABLE deposium_stage (LIKE {}) ON COMMIT DELETE ROWS")
                         .format(self._table))
             cur.execute(sql.SQL("SELECT batch_id, digest FROM {} WHERE job_id = %s").format(self._batches),
@@ -421,7 +475,9 @@ class PgVectorSink:
         if self.conn is None:
             return
         try:
-            if complete and self.index:
+            if self.job is not None and self.job.shards > 1:
+                self._close_shard(complete)
+            elif complete and self.index:
                 self.build_index()
         finally:
             self.conn.close()
