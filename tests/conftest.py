@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deposium.bench.procs import RedisServer
+from deposium.bench.procs import PgCluster, RedisServer
 
 #: The cache (job pointers, job records of URL targets) of this whole test session, subprocesses
 #: included: set before any test imports deposium, so no test writes into the user's own
@@ -75,3 +75,26 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop(kill=True)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    """A test-owned PostgreSQL cluster with pgvector, one per test module."""
+    import warnings
+
+    from deposium.bench.procs import find_bindir, pgvector_installed
+
+    bindir = find_bindir()
+    if bindir is None:
+        reason = ("!!! PostgreSQL is NOT INSTALLED (no /usr/lib/postgresql/*/bin/initdb): the pgvector "
+                  "tests did NOT run. apt-get install postgresql, then scripts/install-pgvector.sh !!!")
+        warnings.warn(reason, stacklevel=1)
+        pytest.skip(reason)
+    if not pgvector_installed(bindir):
+        pytest.fail(f"pgvector is not installed for {bindir.parent.name}: run scripts/install-pgvector.sh "
+                    "(scripts/test.sh does so when it is missing)")
+    cluster = PgCluster(bindir).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import lancedb
@@ -22,23 +21,13 @@ from deposium.producer.sinks import SinkJob
 from deposium.producer.sinks.lancedb import LanceDBSink, table_schema
 from deposium.producer.sinks.parquet import ParquetSink
 from deposium.producer.sinks.pgvector import PgVectorSink
-from tests.pg_proc import PgCluster, find_bindir, pgvector_installed
+from tests.pg_proc import PgCluster
 from tests.test_documents import HTML, MARKDOWN, PDF, make_docx
 from tests.test_producer_support import submit_cmd
 
 PHRASE = "Le cœur de l’été — « déjà » vu, naïve façade, et un café crème pour finir."
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    bindir = find_bindir()
-    if bindir is None or not pgvector_installed(bindir):
-        pytest.fail("PostgreSQL with pgvector is required (scripts/setup.sh installs both)")
-    cluster = PgCluster(bindir).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _first_pages(path: Path, n: int) -> None:

@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deposium.producer.shard import Shard
-from tests.pg_proc import PgCluster, find_bindir, pgvector_installed
+from tests.pg_proc import PgCluster
 from tests.test_producer_support import VENV_BIN, corpus, submit_cmd
 
 COLUMNS = ("id", "document", "index", "content_hash", "text", "token_count", "truncated")
@@ -175,20 +173,6 @@ def test_two_shards_into_lancedb_equal_the_unsharded_rows(folder: Path, minilm_a
     assert_same_rows(table, pq.read_table(folder / "one.parquet"))
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    bindir = find_bindir()
-    if bindir is None:
-        reason = "!!! PostgreSQL is NOT INSTALLED: the sharded pgvector test did NOT run !!!"
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
-    if not pgvector_installed(bindir):
-        pytest.fail(f"pgvector is not installed for {bindir.parent.name}: run scripts/install-pgvector.sh")
-    cluster = PgCluster(bindir).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_two_shards_into_pgvector_equal_the_unsharded_rows(folder: Path, minilm_artifact: Path, pg: PgCluster):

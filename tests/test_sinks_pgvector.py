@@ -12,35 +12,15 @@ import os
 import signal
 import subprocess
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.pg_proc import PgCluster, find_bindir, pgvector_installed
+from tests.pg_proc import PgCluster
 from tests.redis_proc import free_port
 from tests.test_producer_support import corpus, submit_cmd, write_jsonl
 from tests.test_sinks_support import PAIRS, documents, parquet_reference, queries, run_job, vectors_of
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    bindir = find_bindir()
-    if bindir is None:
-        reason = ("!!! PostgreSQL is NOT INSTALLED (no /usr/lib/postgresql/*/bin/initdb): the pgvector "
-                  "sink tests did NOT run. apt-get install postgresql, then scripts/install-pgvector.sh !!!")
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
-    if not pgvector_installed(bindir):
-        pytest.fail(f"pgvector is not installed for {bindir.parent.name}: run scripts/install-pgvector.sh "
-                    "(scripts/test.sh does so when it is missing)")
-    cluster = PgCluster(bindir).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _connect(pg: PgCluster):

@@ -10,8 +10,6 @@ import os
 import signal
 import subprocess
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from deposium.producer.cli import main
-from tests.pg_proc import PgCluster, find_bindir, pgvector_installed
+from tests.pg_proc import PgCluster
 from tests.test_producer_support import stdlib_docstrings, submit_cmd
 
 SINKS = ["parquet", "pgvector", "lancedb"]
 
 
 # -- fixtures and helpers --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    bindir = find_bindir()
-    if bindir is None:
-        reason = "!!! PostgreSQL is NOT INSTALLED: the pgvector sync tests did NOT run !!!"
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
-    if not pgvector_installed(bindir):
-        pytest.fail(f"pgvector is not installed for {bindir.parent.name}: run scripts/install-pgvector.sh")
-    cluster = PgCluster(bindir).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture()

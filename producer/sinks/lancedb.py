@@ -10,8 +10,6 @@ A batch written again (a re-run after ``--replace``) first deletes its earlier r
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections.abc import Collection
@@ -23,9 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from deposium.producer.schema import PROVENANCE, output_schema
-from deposium.producer.shard import pending_message
 from deposium.producer.sinks import SinkError, SinkJob, Stored
-from deposium.producer.sinks.lock import OutputLock
+from deposium.producer.sinks.lock import OutputLock, finish_shard, sibling_lock
 
 EXTRA = ("job_id", "model_id", "model_sha256", "batch_id", "batch_digest")
 #: IVF_PQ codebooks need training data; below this many rows that index is skipped (a flat scan is fast).
@@ -113,9 +110,8 @@ class LanceDBSink:
         if self.path.exists() and not self.path.is_dir():
             raise SinkError(f"{self.target}: {self.path} is not a directory")
         if job.shards > 1:
-            self._shard_lock = OutputLock(self._lock.path.with_name(
-                f"{self._lock.path.name.removesuffix('.lock')}.shard-{job.shard}-of-{job.shards}.lock"),
-                f"LanceDB table {self.name} in {self.path}, shard {job.shard}/{job.shards}")
+            self._shard_lock = sibling_lock(self._lock, f"shard-{job.shard}-of-{job.shards}",
+                                            f"LanceDB table {self.name} in {self.path}, shard {job.shard}/{job.shards}")
             self._shard_lock.acquire(job.job_id)
         try:
             self._lock.acquire(job.job_id, shared=job.shards > 1)
@@ -134,8 +130,7 @@ class LanceDBSink:
             raise
 
     def _publish_lock(self) -> OutputLock:
-        return OutputLock(self._lock.path.with_name(self._lock.path.name.removesuffix(".lock") + ".publish.lock"),
-                          f"LanceDB table {self.name} in {self.path}, publishing")
+        return sibling_lock(self._lock, "publish", f"LanceDB table {self.name} in {self.path}, publishing")
 
     def _marker(self, job: SinkJob, shard: int) -> Path:
         """A finished shard's mark, beside the database (LanceDB owns its directory)."""
@@ -262,27 +257,8 @@ class LanceDBSink:
     def _close_shard(self, complete: bool) -> None:
         job = self.job
         assert job is not None
-        marker = self._marker(job, job.shard)
-        marker.parent.mkdir(exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"complete": complete}), encoding="utf-8")
-        os.replace(tmp, marker)
-        publish = self._publish_lock()
-        publish.acquire(job.job_id, wait=True)
-        try:
-            states = {}
-            for i in range(job.shards):
-                try:
-                    states[i] = bool(json.loads(self._marker(job, i).read_text(encoding="utf-8"))["complete"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    pass
-            missing = [i for i in range(job.shards) if i not in states]
-            if missing:
-                print(pending_message(self.target, missing, job.shards), file=sys.stderr, flush=True)
-                return
-            self._close(all(states.values()))
-        finally:
-            publish.release()
+        finish_shard(job.job_id, job.shard, job.shards, complete, target=self.target,
+                     marker=lambda i: self._marker(job, i), publish=self._publish_lock(), publish_output=self._close)
 
     def _close(self, complete: bool) -> None:
         if self.table is None or not complete:

@@ -17,9 +17,12 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from deposium.producer.shard import pending_message
 from deposium.producer.sinks import SinkError
 
 
@@ -106,3 +109,42 @@ class OutputLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+
+def sibling_lock(lock: OutputLock, suffix: str, what: str) -> OutputLock:
+    """Another lock file beside ``lock`` (``.NAME.lock`` -> ``.NAME.<suffix>.lock``): a shard's own
+    lock, or the lock under which shards open and publish a shared output one at a time."""
+    return OutputLock(lock.path.with_name(f"{lock.path.name.removesuffix('.lock')}.{suffix}.lock"), what)
+
+
+def finish_shard(job_id: str, shard: int, shards: int, complete: bool, *, target: str,
+                 marker: Callable[[int], Path], publish: OutputLock, publish_output: Callable[[bool], None],
+                 still_unpublished: Callable[[], bool] = lambda: True) -> None:
+    """Mark this shard finished; the shard that then finds every shard's mark publishes the output.
+
+    Why under ``publish`` (taken waiting): two shards finishing together must not both publish,
+    and one finishing while another publishes must see the output as published.
+    """
+    path = marker(shard)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"complete": complete}), encoding="utf-8")
+    os.replace(tmp, path)
+    publish.acquire(job_id, wait=True)
+    try:
+        if not still_unpublished():
+            return
+        states = {}
+        for i in range(shards):
+            try:
+                states[i] = bool(json.loads(marker(i).read_text(encoding="utf-8"))["complete"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        missing = [i for i in range(shards) if i not in states]
+        if missing:
+            print(pending_message(target, missing, shards), file=sys.stderr, flush=True)
+            return
+        publish_output(all(states.values()))
+    finally:
+        publish.release()

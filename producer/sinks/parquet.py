@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
@@ -35,9 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deposium.producer.schema import conform, output_schema
-from deposium.producer.shard import Shard, pending_message
+from deposium.producer.shard import Shard
 from deposium.producer.sinks import SinkError, SinkJob, Stored
-from deposium.producer.sinks.lock import OutputLock
+from deposium.producer.sinks.lock import OutputLock, finish_shard, sibling_lock
 
 META_KEY = b"deposium"
 
@@ -124,8 +123,8 @@ class ParquetSink:
 
     def open(self, job: SinkJob) -> None:
         if job.shards > 1:
-            name = f".{self.out.name}.shard-{job.shard}-of-{job.shards}.lock"
-            self._shard_lock = OutputLock(self.out.with_name(name), f"{self.out} shard {job.shard}/{job.shards}")
+            self._shard_lock = sibling_lock(self._lock, f"shard-{job.shard}-of-{job.shards}",
+                                            f"{self.out} shard {job.shard}/{job.shards}")
             self._shard_lock.acquire(job.job_id)
         try:
             self._lock.acquire(job.job_id, shared=job.shards > 1)
@@ -145,7 +144,7 @@ class ParquetSink:
             raise
 
     def _publish_lock(self) -> OutputLock:
-        return OutputLock(self.out.with_name(f".{self.out.name}.publish.lock"), f"{self.out} publishing")
+        return sibling_lock(self._lock, "publish", f"{self.out} publishing")
 
     def _open(self, job: SinkJob) -> None:
         self.job = job
@@ -254,25 +253,9 @@ class ParquetSink:
         assert job is not None
         if self._final_done or not self.parts.is_dir():
             return  # published already
-        _write_atomic_json(self._marker(job, job.shard), {"complete": complete})
-        publish = self._publish_lock()
-        publish.acquire(job.job_id, wait=True)
-        try:
-            if not self.parts.is_dir():
-                return  # another shard published it meanwhile
-            states = {}
-            for i in range(job.shards):
-                try:
-                    states[i] = bool(json.loads(self._marker(job, i).read_text(encoding="utf-8"))["complete"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    pass
-            missing = [i for i in range(job.shards) if i not in states]
-            if missing:
-                print(pending_message(str(self.out), missing, job.shards), file=sys.stderr, flush=True)
-                return
-            self._close(all(states.values()))
-        finally:
-            publish.release()
+        finish_shard(job.job_id, job.shard, job.shards, complete, target=str(self.out),
+                     marker=lambda i: self._marker(job, i), publish=self._publish_lock(),
+                     publish_output=self._close, still_unpublished=self.parts.is_dir)
 
     def _close(self, complete: bool) -> None:
         if self.job is None or self._final_done:
