@@ -1,4 +1,4 @@
-"""Parquet sink: one part file per batch, renamed into place, merged into ``--out`` at the end.
+"""Parquet sink: one part file per batch, renamed into place, joined into ``--out`` at the end.
 
 Why part files: ``os.replace`` of a fully written, fsynced file is the one atomic commit a
 plain filesystem offers. A part's name carries its batch id and digest, so the part *is* the
@@ -16,6 +16,10 @@ A sharded job (``--shard i/N``) holds that lock shared, plus ``.embeddings.parqu
 each finished shard leaves ``shard-I-of-N.done`` in the parts directory, and the shard that
 finds all N there merges the parts (under ``.embeddings.parquet.publish.lock``).
 
+The parts are joined by copying their row groups' bytes under a new footer
+(:mod:`deposium.producer.sinks.parquet_splice`), one row group per batch, so publishing costs
+about a file copy; parts written by an older layout are decoded and conformed instead.
+
 The merged file's metadata keeps the job id and every batch's digest, so re-running a
 finished command is a no-op even after the parts directory has been removed.
 """
@@ -26,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,7 @@ from deposium.producer.schema import conform, output_schema
 from deposium.producer.shard import Shard
 from deposium.producer.sinks import SinkError, SinkJob, Stored
 from deposium.producer.sinks.lock import OutputLock, finish_shard, sibling_lock
+from deposium.producer.sinks.parquet_splice import CannotSplice, splice
 
 META_KEY = b"deposium"
 
@@ -70,6 +75,23 @@ def _write_atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _read_stored(path: Path, hashes: Collection[str]) -> dict[str, Stored]:
+    """The rows of ``path`` whose content hash is one of ``hashes``."""
+    table = pq.read_table(path, columns=["content_hash", "embedding", "token_count", "truncated"],
+                          filters=[("content_hash", "in", sorted(set(hashes)))])
+    found: dict[str, Stored] = {}
+    if table.num_rows == 0:
+        return found
+    dim = table.schema.field("embedding").type.list_size
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = np.asarray(flat).reshape(table.num_rows, dim)
+    counts = table.column("token_count").to_pylist()
+    truncs = table.column("truncated").to_pylist()
+    for i, h in enumerate(table.column("content_hash").to_pylist()):
+        found.setdefault(h, Stored(vectors[i].copy(), counts[i], truncs[i]))
+    return found
+
+
 class ParquetSink:
     """Sink for a local ``.parquet`` path (see module docstring for the layout)."""
 
@@ -79,6 +101,7 @@ class ParquetSink:
         self.target = str(self.out)
         self.job: SinkJob | None = None
         self._final_done: dict[str, str] = {}
+        self._digests: dict[str, str] = {}  # batch id -> digest of its committed part
         self._lock = OutputLock(self.out.with_name(f".{self.out.name}.lock"), str(self.out))
         self._shard_lock: OutputLock | None = None
         self._check_target()
@@ -193,7 +216,8 @@ class ParquetSink:
     def done_batches(self) -> dict[str, str]:
         if self._final_done:
             return dict(self._final_done)
-        return {batch_id: digest for batch_id, digest, _ in self._part_files()}
+        self._digests = {batch_id: digest for batch_id, digest, _ in self._part_files()}
+        return dict(self._digests)
 
     def write_batch(self, batch_id: str, digest: str, rows: pa.Table) -> None:
         if self._final_done:
@@ -209,28 +233,30 @@ class ParquetSink:
                 old.unlink()
         os.replace(tmp, final)
         _fsync_dir(self.parts)
+        self._digests[batch_id] = digest
 
-    def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
-        wanted = set(content_hashes)
+    def lookup(self, wanted: Mapping[str, str]) -> dict[str, Stored]:
+        """Read each hash from the part of the batch that committed it (its name is known), so
+        a lookup costs the same in a job's first batch and its ten-thousandth; a hash not
+        found there (a published output, or a part re-committed under another digest) is
+        looked for in every part, then in the output."""
         found: dict[str, Stored] = {}
-        sources = [p for _, _, p in self._part_files()] or ([self.out] if self.out.exists() else [])
-        for path in sources:
-            if not wanted:
-                break
-            table = pq.read_table(path, columns=["content_hash", "embedding", "token_count", "truncated"],
-                                  filters=[("content_hash", "in", sorted(wanted))])
-            hashes = table.column("content_hash").to_pylist()
-            if not hashes:
-                continue
-            dim = table.schema.field("embedding").type.list_size
-            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            vectors = np.asarray(flat).reshape(len(hashes), dim)
-            counts = table.column("token_count").to_pylist()
-            truncs = table.column("truncated").to_pylist()
-            for i, h in enumerate(hashes):
-                if h in wanted:
-                    found[h] = Stored(vectors[i].copy(), counts[i], truncs[i])
-                    wanted.discard(h)
+        by_batch: dict[str, list[str]] = {}
+        for content_hash, batch_id in wanted.items():
+            by_batch.setdefault(batch_id, []).append(content_hash)
+        for batch_id, hashes in by_batch.items():
+            digest = self._digests.get(batch_id)
+            part = self.parts / f"{batch_id}.{digest}.parquet"
+            if digest is not None and part.is_file():
+                found.update(_read_stored(part, hashes))
+        missing = [h for h in wanted if h not in found]
+        if missing:
+            sources = [p for _, _, p in self._part_files()] or ([self.out] if self.out.exists() else [])
+            for path in sources:
+                if not missing:
+                    break
+                found.update(hits := _read_stored(path, missing))
+                missing = [h for h in missing if h not in hits]
         return found
 
     def release(self) -> None:
@@ -266,11 +292,18 @@ class ParquetSink:
         meta["complete"] = complete
         schema = output_schema(self.job.dim, self.job.dtype).with_metadata({META_KEY: json.dumps(meta)})
         tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
-        with pq.ParquetWriter(tmp, schema, **write_options(schema.names)) as writer:
-            for _, _, path in parts:
-                writer.write_table(conform(pq.read_table(path), schema))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        paths = [path for _, _, path in parts]
+        try:
+            with open(tmp, "wb") as fh:
+                splice(paths, fh, schema, write_options(schema.names))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except CannotSplice:  # parts of an older layout (resumed job): decode, conform, re-encode
+            with pq.ParquetWriter(tmp, schema, **write_options(schema.names)) as writer:
+                for path in paths:
+                    writer.write_table(conform(pq.ParquetFile(path).read(), schema))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, self.out)
         _fsync_dir(self.out.parent)
         if complete:
