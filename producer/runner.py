@@ -314,7 +314,7 @@ class JobRunner:
             self.progress.update(0, 0, len(batch.rows), sum(len(p.text) for p in batch.rows))
             self._save(force=True)
             return
-        wanted = [h for h, owner in batch.refs.items() if owner in self._committed]
+        wanted = {h: owner for h, owner in batch.refs.items() if owner in self._committed}
         stored = self.sink.lookup(wanted) if wanted else {}
         keep: list[Paragraph] = []
         vectors: list[np.ndarray] = []

@@ -190,7 +190,7 @@ def test_parquet_sink_commits_batches_atomically_and_merges_once(tmp_path: Path)
     reopened.open(job)
     assert reopened.done_batches() == {"b0000000": "d0", "b0000001": "d1"}
     assert not list(reopened.parts.glob(".*.tmp"))
-    found = reopened.lookup([content_hash("gamma"), content_hash("nope")])
+    found = reopened.lookup({content_hash("gamma"): "b0000001", content_hash("nope"): "b0000000"})
     assert list(found) == [content_hash("gamma")]
     np.testing.assert_array_equal(found[content_hash("gamma")].vector, np.arange(4, dtype=np.float32) + 2)
     reopened.close(complete=True)

@@ -21,7 +21,7 @@ Rows arrive as a ``pyarrow.Table`` with :data:`deposium.producer.schema.columns`
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -75,8 +75,10 @@ class Sink(Protocol):
     def write_batch(self, batch_id: str, digest: str, rows: pa.Table) -> None:
         """Atomically commit ``rows`` together with the done-mark ``(batch_id, digest)``."""
 
-    def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
-        """Vectors already committed for these content hashes (duplicates embedded earlier)."""
+    def lookup(self, wanted: Mapping[str, str]) -> dict[str, Stored]:
+        """Vectors already committed for these content hashes (duplicates embedded earlier);
+        ``wanted`` maps each hash to the batch that committed it, so a sink that keeps rows
+        by batch reads that batch only, however many batches the job has."""
 
     def close(self, complete: bool) -> None:
         """Publish what is committed and let the target go. ``complete``: every batch is done,

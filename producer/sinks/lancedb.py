@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -233,10 +233,10 @@ class LanceDBSink:
                 self.db.create_table(self._marks_name(), schema=marks.schema, exist_ok=True).add(marks)
         self._done[batch_id] = digest
 
-    def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
-        if not content_hashes or self.table is None or self.job is None:
+    def lookup(self, wanted: Mapping[str, str]) -> dict[str, Stored]:
+        if not wanted or self.table is None or self.job is None:
             return {}
-        return lookup_vectors(self.table, content_hashes)
+        return lookup_vectors(self.table, list(wanted))
 
     def release(self) -> None:
         self._lock.release()

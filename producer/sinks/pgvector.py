@@ -19,7 +19,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -458,11 +458,11 @@ class PgVectorSink:
             raise self._sql_error(f"writing batch {batch_id} failed (rolled back)", exc) from None
         self._done[batch_id] = digest
 
-    def lookup(self, content_hashes: Collection[str]) -> dict[str, Stored]:
+    def lookup(self, wanted: Mapping[str, str]) -> dict[str, Stored]:
         """Vectors of already committed identical texts, via the content_hash index."""
-        if not content_hashes or self.conn is None:
+        if not wanted or self.conn is None:
             return {}
-        return lookup_vectors(self.conn, self._table, content_hashes)
+        return lookup_vectors(self.conn, self._table, list(wanted))
 
     def release(self) -> None:
         """Close the connection: its advisory lock and temporary table go with it."""
