@@ -28,6 +28,7 @@ from deposium.worker.wire import WIRE_DTYPES
 
 if TYPE_CHECKING:
     from deposium.producer.runner import JobOptions
+    from deposium.producer.shard import Shard
     from deposium.worker.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -129,15 +130,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _input_bytes(paths: list[str], stdin_path: Path | None) -> int | None:
-    """Total size of the inputs, for the progress bar's ETA (text bytes done / input bytes)."""
-    from deposium.producer.readers import expand
+def _input_bytes(paths: list[str], stdin_path: Path | None, shard: Shard | None = None) -> int | None:
+    """Total size of what this producer reads, for the progress bar's ETA (text bytes done / input bytes)."""
+    from deposium.producer.readers import shard_bytes
 
-    total = 0
-    for _, path in expand(paths):
-        target = stdin_path if path is None else path
+    total = shard_bytes([p for p in paths if p != "-"], shard)
+    if "-" in paths and stdin_path is not None:
         try:
-            total += target.stat().st_size if target is not None else 0
+            total += stdin_path.stat().st_size
         except OSError:
             pass
     return total or None
@@ -310,7 +310,7 @@ def _main(args: argparse.Namespace) -> int:
                         extra_identity=_identity_extras(columns, options), shard=shard)
         plan.spec.update(paths=paths, cwd=os.getcwd(), stdin_format=args.stdin_format, **columns)
         meter = Meter()
-        progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path),
+        progress = Progress(enabled=args.progress, total_bytes=_input_bytes(paths, stdin_path, shard),
                             read_bytes=lambda: meter.nbytes)
         if plan.errors_path is not None:  # a URL target's errors file lives in the (maybe new) cache
             plan.errors_path.parent.mkdir(parents=True, exist_ok=True)

@@ -251,8 +251,21 @@ def expand(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None]]:
         yield doc_id, path
 
 
-def expand_found(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None, bool]]:
-    """Like :func:`expand`, plus whether the file was named explicitly (not found in a directory)."""
+def expand_found(inputs: Iterable[str], shard: Shard | None = None) -> Iterator[tuple[str, Path | None, bool]]:
+    """Like :func:`expand`, plus whether the file was named explicitly (not found in a directory).
+
+    With a ``shard``, files found in a directory that hold one document of another shard
+    (see :func:`shard_share`) are left out by name, before any object is made for them: each
+    shard walks every input, so a file it does not own must cost it next to nothing.
+    """
+    for doc_id, raw, explicit in _expand_names(inputs, shard):
+        yield doc_id, None if raw is None else Path(raw), explicit
+
+
+def _expand_names(inputs: Iterable[str], shard: Shard | None) -> Iterator[tuple[str, str | None, bool]]:
+    """:func:`expand_found` with paths as strings (a walk of many files makes no Path it does not need)."""
+    if shard is not None and not shard.sharded:
+        shard = None
     for raw in inputs:
         if raw == "-":
             yield "-", None, True
@@ -260,26 +273,34 @@ def expand_found(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None, bool
         if glob.has_magic(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             if not matches:
-                yield os.path.normpath(raw), Path(raw), True
+                yield os.path.normpath(raw), raw, True
             for m in matches:
                 if os.path.isdir(m):
-                    yield from _walk(m)
+                    yield from _walk(m, shard)
                 else:
-                    yield os.path.normpath(m), Path(m), True
+                    yield os.path.normpath(m), m, True
         elif os.path.isdir(raw):
-            yield from _walk(raw)
+            yield from _walk(raw, shard)
         else:
-            yield os.path.normpath(raw), Path(raw), True
+            yield os.path.normpath(raw), raw, True
 
 
-def _walk(directory: str) -> Iterator[tuple[str, Path, bool]]:
-    """Every non-hidden file: those no reader takes become listed errors, never silently skipped."""
+def _walk(directory: str, shard: Shard | None = None) -> Iterator[tuple[str, str, bool]]:
+    """Every non-hidden file: those no reader takes become listed errors, never silently skipped.
+
+    A file's id is its normalized path; a directory's normalized path joined with a file name
+    is normalized already (a name is one component, never ``.`` or ``..``), except under ``.``.
+    """
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        base = os.path.normpath(root)
         for name in sorted(files):
-            if not name.startswith("."):
-                full = os.path.join(root, name)
-                yield os.path.normpath(full), Path(full), False
+            if name.startswith("."):
+                continue
+            doc_id = name if base == "." else os.path.join(base, name)
+            if shard is not None and not _maybe_shared(name) and not shard.owns(doc_id):
+                continue
+            yield doc_id, doc_id, False
 
 
 def file_sources(path: Path, doc_id: str, *, explicit: bool, meter: Meter | None = None,
@@ -345,6 +366,31 @@ _RECORD_KINDS = {"jsonl", "csv", "parquet"}
 RECORD_SUFFIXES = JSONL_SUFFIXES | {".csv", ".parquet"}
 
 
+def _maybe_shared(name: str) -> bool:
+    """Whether a file may hold records of every shard (see :func:`shard_share`): by its suffix."""
+    return os.path.splitext(name)[1].lower() in RECORD_SUFFIXES
+
+
+def shard_bytes(inputs: Iterable[str], shard: Shard | None = None) -> int:
+    """Total size of what ``shard`` (or an unsharded job) reads of ``inputs``: the files it owns
+    and the record files every shard reads whole; the progress meter counts the same bytes."""
+    total = 0
+    for doc_id, raw, explicit in _expand_names(inputs, shard):
+        if raw is None:
+            continue
+        if shard is not None and shard.sharded:
+            if _maybe_shared(raw):
+                if shard_share(doc_id, Path(raw), explicit, shard) == "none":
+                    continue
+            elif explicit and not shard.owns(doc_id):  # a file found in a walk is owned already
+                continue
+        try:
+            total += os.stat(raw).st_size
+        except OSError:
+            pass
+    return total
+
+
 def shard_share(doc_id: str, path: Path, explicit: bool, shard: Shard) -> str:
     """What ``shard`` reads of one input file: ``"all"``, ``"records"`` or ``"none"``.
 
@@ -381,9 +427,7 @@ def owned_items(items: Iterable[Item], shard: Shard) -> Iterator[Item]:
 def _serial_file(doc_id: str, path: Path, explicit: bool, meter: Meter | None, kw: dict[str, Any],
                  shard: Shard | None) -> Iterator[Item]:
     share = "all" if shard is None else shard_share(doc_id, path, explicit, shard)
-    if share == "none":
-        if meter is not None:
-            meter.nbytes += _size(path)
+    if share == "none":  # another shard's document: not read, and not in this shard's total
         return
     items = file_sources(path, doc_id, explicit=explicit, meter=meter, **kw)
     yield from (items if share == "all" else owned_items(items, shard))  # type: ignore[arg-type]
@@ -391,7 +435,7 @@ def _serial_file(doc_id: str, path: Path, explicit: bool, meter: Meter | None, k
 
 def _serial(inputs: Iterable[str], stdin: BinaryIO | None, stdin_format: str, stdin_path: Path | None,
             meter: Meter | None, kw: dict[str, Any], shard: Shard | None = None) -> Iterator[Item]:
-    for doc_id, path, explicit in expand_found(inputs):
+    for doc_id, path, explicit in expand_found(inputs, shard):
         if path is None:
             if stdin_path is None:
                 stdin_path, _ = spool(stdin or sys.stdin.buffer)
@@ -423,14 +467,12 @@ def _in_pool(path: Path | None, explicit: bool) -> bool:
 
 def _pooled(inputs: Iterable[str], pool: ReaderPool, meter: Meter | None, kw: dict[str, Any],
             shard: Shard | None = None) -> Iterator[Item]:
-    found = iter(expand_found(inputs))
+    found = iter(expand_found(inputs, shard))
     held: list[tuple[str, Path | None, bool]] = []
 
     def run() -> Iterator[tuple[str, str, bool, dict[str, Any]]]:
         for doc_id, path, explicit in found:
             if shard is not None and path is not None and shard_share(doc_id, path, explicit, shard) == "none":
-                if meter is not None:
-                    meter.nbytes += _size(path)
                 continue
             if not _in_pool(path, explicit):
                 held.append((doc_id, path, explicit))

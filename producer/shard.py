@@ -44,8 +44,8 @@ class Shard:
         """Whether this shard reads the document named ``document_id``."""
         if self.count == 1:
             return True
-        digest = hashlib.sha256(document_id.encode("utf-8", "surrogatepass")).hexdigest()
-        return int(digest[:8], 16) % self.count == self.index
+        digest = hashlib.sha256(document_id.encode("utf-8", "surrogatepass")).digest()
+        return int.from_bytes(digest[:4], "big") % self.count == self.index  # = int(hexdigest[:8], 16)
 
     @property
     def batch_prefix(self) -> str:

@@ -89,6 +89,41 @@ def test_shard_split_is_a_partition_by_document_id():
             Shard.parse(bad)
 
 
+def test_each_shard_walks_to_its_own_files_with_the_unsharded_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A shard's walk leaves other shards' one-document files out by name, yet every id is the
+    normalized path an unsharded walk gives (also under ``.``), record files go to every shard,
+    and the shards' byte totals (the progress bar's) add up to the whole."""
+    from deposium.producer.readers import expand_found, shard_bytes
+
+    for d in ("a", "a/b", "c", ".hidden"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    for i in range(60):
+        (tmp_path / ("a" if i % 3 else "a/b") / f"doc{i}.txt").write_text("x" * (i + 1))
+    (tmp_path / "c" / ".skip.txt").write_text("hidden")
+    (tmp_path / ".hidden" / "no.txt").write_text("hidden dir")
+    (tmp_path / "c" / "records.jsonl").write_text('{"id": "r1", "text": "one"}\n')
+    monkeypatch.chdir(tmp_path)
+
+    def reference(inputs: list[str]) -> list[str]:  # the walk before shards: normpath of every join
+        out = []
+        for raw in inputs:
+            for root, dirs, files in os.walk(raw):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                out += [os.path.normpath(os.path.join(root, f)) for f in sorted(files) if not f.startswith(".")]
+        return out
+
+    for inputs in (["."], ["./a/", "c"], [str(tmp_path)]):
+        whole = [doc_id for doc_id, _, _ in expand_found(inputs)]
+        assert whole == reference(inputs) and len(whole) == 61
+        per_shard = [[doc_id for doc_id, _, _ in expand_found(inputs, Shard(k, 3))] for k in range(3)]
+        records = [d for d in whole if d.endswith(".jsonl")]
+        for k, mine in enumerate(per_shard):
+            assert mine == [d for d in whole if d in records or Shard(k, 3).owns(d)]  # same order
+        assert sorted(sum(per_shard, [])) == sorted(whole + records * 2)  # the record file in every shard
+        record_bytes = os.path.getsize(records[0])
+        assert sum(shard_bytes(inputs, Shard(k, 3)) for k in range(3)) == shard_bytes(inputs) + 2 * record_bytes
+
+
 def test_three_concurrent_shards_write_the_unsharded_rows_once(folder: Path, minilm_artifact: Path):
     env = _env(folder, minilm_artifact)
     procs = [_start(folder, env, "three.parquet", "--shard", f"{k}/3") for k in range(3)]
