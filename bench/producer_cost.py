@@ -62,6 +62,7 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
     ("deposium.producer.runner", "JobRunner.run", "other job work"),
     ("deposium.producer.runner", "JobRunner._save", "other job work"),
     ("deposium.producer.runner", "JobRunner._paragraphs", "reading and splitting"),
+    ("deposium.producer.cli", "_input_bytes", "reading and splitting"),
     ("deposium.producer.tokens", "TokenCounter.count", "token counting"),
     ("deposium.producer.split", "content_hash", "hashing and dedupe"),
     ("deposium.producer.model", "Batch.digest", "hashing and dedupe"),

@@ -5,7 +5,7 @@
 
 Runs ``deposium-submit``'s own entry point (:func:`deposium.producer.cli.main`) in this process,
 local mode, ``--readers 1``, into Parquet, once unsharded and once per shard (``--shard k/N``,
-one after the other into the same output, so the last shard also merges the output, as it
+one after the other into the same output, so the last shard also publishes the output, as it
 would in production). The corpus is a folder of small text documents (``folder``, what PDF,
 web and Word ingestion looks like) or one JSON Lines file of the same documents (``jsonl``:
 every shard reads the whole file and keeps its records).
@@ -41,7 +41,7 @@ from deposium.bench.producer_cost import PARTS, TARGETS, CpuAccounts
 
 FAKE = "fake embedding"
 PUBLISH = "publishing the output"
-#: The producer_cost parts plus the one-off merge of the parts into ``--out`` (in the last shard).
+#: The producer_cost parts plus the one-off join of the parts into ``--out`` (in the last shard).
 SHARD_PARTS = (*PARTS, PUBLISH)
 
 
@@ -174,6 +174,8 @@ def summarize(rounds: Sequence[dict[str, Any]], shards: int, corpus_kind: str) -
     return {
         "corpus": corpus_kind, "rounds": len(rounds), "shards": shards, "paragraphs": rounds[0]["paragraphs"],
         "shard_paragraphs": rounds[0]["shard_paragraphs"],
+        "largest_shard_over_mean": round(max(rounds[0]["shard_paragraphs"]) * shards
+                                         / sum(rounds[0]["shard_paragraphs"]) - 1, 3),
         "one_shard_paragraphs_per_cpu_s": round(one),
         "sharded_paragraphs_per_slowest_shard_cpu_s": round(sharded),
         "ratio": round(med([r["sharded_rate"] / r["one_rate"] for r in rounds]), 2),
@@ -197,9 +199,10 @@ def render(f: dict[str, Any]) -> str:
              f"({f['one_cpu_s']} s)",
              f"- {f['shards']} shards: {f['sharded_paragraphs_per_slowest_shard_cpu_s']:,} paragraphs per CPU "
              f"second of the slowest shard (shards' CPU s: {f['shard_cpu_s_median_round']}; "
-             f"paragraphs: {f['shard_paragraphs']})",
+             f"paragraphs: {f['shard_paragraphs']}, the largest {f['largest_shard_over_mean']:.1%} above "
+             "the mean)",
              f"- {f['shards']} shards' aggregate coordination rate / 1 shard's: **{f['ratio']}x** "
-             f"({f['ratio_before_publish']}x before the one-off merge into the output, which the last "
+             f"({f['ratio_before_publish']}x before publishing the output, which the last "
              "shard runs alone)",
              f"- duplicates reused instead of embedded: {f['duplicates_one']:,} by 1 producer, "
              f"{f['duplicates_shards']:,} by the shards (each dedupes its own documents only)", "",
@@ -227,14 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     from deposium.bench.producer_cost import default_artifact
     from deposium.worker.config import load_settings
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="deposium-shard-cost-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="deposium-shard-cost-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     artifact = args.artifact or default_artifact(load_settings().cache_dir / "bench")
+    # relative inputs: document ids (and so the split) do not depend on where the corpus lives
+    os.chdir(work)
     if args.corpus == "folder":
-        corpus = work / "docs"
+        corpus = Path("docs")
         write_folder(corpus, stdlib_paragraphs(), args.documents)
     else:
-        corpus = work / "docs.jsonl"
+        corpus = Path("docs.jsonl")
         write_jsonl(corpus, stdlib_paragraphs(), args.documents)
     os.environ.pop("REDIS_URL", None)
     os.environ.update(DEPOSIUM_ARTIFACT=str(artifact), DEPOSIUM_CACHE_DIR=str(work / "cache"))

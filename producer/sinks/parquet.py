@@ -9,18 +9,18 @@ Layout for ``--out embeddings.parquet``::
 
     embeddings.parquet.parts/job.json                 job id, dim, dtype, model sha256
     embeddings.parquet.parts/b0000012.<digest>.parquet one per committed batch
-    embeddings.parquet                                the merged output (written at close)
+    embeddings.parquet                                the joined output (written at close)
     .embeddings.parquet.lock                          held by the one producer writing there
 
 A sharded job (``--shard i/N``) holds that lock shared, plus ``.embeddings.parquet.shard-I-of-N.lock``;
 each finished shard leaves ``shard-I-of-N.done`` in the parts directory, and the shard that
-finds all N there merges the parts (under ``.embeddings.parquet.publish.lock``).
+finds all N there joins the parts (under ``.embeddings.parquet.publish.lock``).
 
 The parts are joined by copying their row groups' bytes under a new footer
 (:mod:`deposium.producer.sinks.parquet_splice`), one row group per batch, so publishing costs
 about a file copy; parts written by an older layout are decoded and conformed instead.
 
-The merged file's metadata keeps the job id and every batch's digest, so re-running a
+The joined file's metadata keeps the job id and every batch's digest, so re-running a
 finished command is a no-op even after the parts directory has been removed.
 """
 
@@ -51,7 +51,7 @@ def write_options(columns: list[str]) -> dict[str, object]:
 
     Why: vector components hardly ever repeat, so the dictionary the writer would try is built
     and thrown away, and min/max of components helps no reader; both cost every write (and
-    the merge into ``--out``) CPU for nothing. Other columns keep both (``lookup`` filters on
+    the join into ``--out``, when parts must be decoded) CPU for nothing. Other columns keep both (``lookup`` filters on
     ``content_hash``).
     """
     rest = [c for c in columns if c != "embedding"]
@@ -274,7 +274,7 @@ class ParquetSink:
             self.release()
 
     def _close_shard(self, complete: bool) -> None:
-        """Mark this shard finished; the shard that finds every shard finished merges the output."""
+        """Mark this shard finished; the shard that finds every shard finished publishes the output."""
         job = self.job
         assert job is not None
         if self._final_done or not self.parts.is_dir():
