@@ -242,17 +242,10 @@ def spool(stream: BinaryIO, directory: Path | None = None) -> tuple[Path, str]:
     return Path(name), digest.hexdigest()
 
 
-def expand(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None]]:
-    """Expand globs and directories into (document id, path) pairs in a stable order.
-
-    ``("-", None)`` stands for stdin. A path matching nothing becomes an error downstream.
-    """
-    for doc_id, path, _ in expand_found(inputs):
-        yield doc_id, path
-
-
 def expand_found(inputs: Iterable[str], shard: Shard | None = None) -> Iterator[tuple[str, Path | None, bool]]:
-    """Like :func:`expand`, plus whether the file was named explicitly (not found in a directory).
+    """Globs and directories expanded into (document id, path, named explicitly) in a stable order.
+
+    ``("-", None, True)`` stands for stdin; a path matching nothing becomes an error downstream.
 
     With a ``shard``, files found in a directory that hold one document of another shard
     (see :func:`shard_share`) are left out by name, before any object is made for them: each
