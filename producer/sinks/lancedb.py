@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from deposium.producer.schema import PROVENANCE, output_schema
 from deposium.producer.sinks import SinkError, SinkJob, Stored
-from deposium.producer.sinks.lock import OutputLock, finish_shard, sibling_lock
+from deposium.producer.sinks.lock import OutputLocks, finish_shard
 
 EXTRA = ("job_id", "model_id", "model_sha256", "batch_id", "batch_digest")
 #: IVF_PQ codebooks need training data; below this many rows that index is skipped (a flat scan is fast).
@@ -91,9 +91,8 @@ class LanceDBSink:
         self._done: dict[str, str] = {}
         self._schema: pa.Schema | None = None
         #: beside the database directory (which LanceDB owns), one per table
-        self._lock = OutputLock(self.path.parent / f".{self.path.name}.{self.name}.lock",
-                                f"LanceDB table {self.name} in {self.path}")
-        self._shard_lock: OutputLock | None = None
+        self._locks = OutputLocks(self.path.parent / f".{self.path.name}.{self.name}.lock",
+                                  f"LanceDB table {self.name} in {self.path}")
 
     def _marks_name(self) -> str:
         return f"{self.name}_deposium_batches"
@@ -109,32 +108,18 @@ class LanceDBSink:
             raise SinkError(f"{self.target}: directory {self.path.parent} does not exist")
         if self.path.exists() and not self.path.is_dir():
             raise SinkError(f"{self.target}: {self.path} is not a directory")
-        if job.shards > 1:
-            self._shard_lock = sibling_lock(self._lock, f"shard-{job.shard}-of-{job.shards}",
-                                            f"LanceDB table {self.name} in {self.path}, shard {job.shard}/{job.shards}")
-            self._shard_lock.acquire(job.job_id)
-        try:
-            self._lock.acquire(job.job_id, shared=job.shards > 1)
-            if job.shards > 1:  # shards create or check the table one at a time
-                publish = self._publish_lock()
-                publish.acquire(job.job_id, wait=True)
-                try:
-                    self._open(job)
-                    self._marker(job, job.shard).unlink(missing_ok=True)  # not finished until it ends
-                finally:
-                    publish.release()
-            else:
-                self._open(job)
-        except BaseException:
-            self.release()
-            raise
 
-    def _publish_lock(self) -> OutputLock:
-        return sibling_lock(self._lock, "publish", f"LanceDB table {self.name} in {self.path}, publishing")
+        def open_output() -> None:
+            self._open(job)
+            if job.shards > 1:  # running again: not finished until it ends
+                self._marker(job, job.shard).unlink(missing_ok=True)
+
+        self._locks.acquire(job, open_output)
 
     def _marker(self, job: SinkJob, shard: int) -> Path:
         """A finished shard's mark, beside the database (LanceDB owns its directory)."""
-        folder = self._lock.path.with_name(self._lock.path.name.removesuffix(".lock") + ".shards")
+        lock = self._locks.output.path
+        folder = lock.with_name(lock.name.removesuffix(".lock") + ".shards")
         return folder / f"{job.job_id}.{shard}-of-{job.shards}.json"
 
     def _open(self, job: SinkJob) -> None:
@@ -239,26 +224,18 @@ class LanceDBSink:
         return lookup_vectors(self.table, list(wanted))
 
     def release(self) -> None:
-        self._lock.release()
-        if self._shard_lock is not None:
-            self._shard_lock.release()
+        self._locks.release()
 
     def close(self, complete: bool) -> None:
         """Compact the per-batch fragments and build the requested index once the job is complete
         (a sharded job's once every shard is: see :meth:`_close_shard`)."""
-        try:
-            if self.job is not None and self.job.shards > 1:
-                self._close_shard(complete)
-            else:
-                self._close(complete)
-        finally:
-            self.release()
+        self._locks.close(self.job, complete, close_shard=self._close_shard, close=self._close)
 
     def _close_shard(self, complete: bool) -> None:
         job = self.job
         assert job is not None
         finish_shard(job.job_id, job.shard, job.shards, complete, target=self.target,
-                     marker=lambda i: self._marker(job, i), publish=self._publish_lock(), publish_output=self._close)
+                     marker=lambda i: self._marker(job, i), publish=self._locks.publish(), publish_output=self._close)
 
     def _close(self, complete: bool) -> None:
         if self.table is None or not complete:

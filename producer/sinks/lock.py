@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deposium.producer.shard import pending_message
-from deposium.producer.sinks import SinkError
+from deposium.producer.sinks import SinkError, SinkJob
 
 
 def _holder(fd: int) -> str:
@@ -116,6 +116,56 @@ def sibling_lock(lock: OutputLock, suffix: str, what: str) -> OutputLock:
     """Another lock file beside ``lock`` (``.NAME.lock`` -> ``.NAME.<suffix>.lock``): a shard's own
     lock, or the lock under which shards open and publish a shared output one at a time."""
     return OutputLock(lock.path.with_name(f"{lock.path.name.removesuffix('.lock')}.{suffix}.lock"), what)
+
+
+class OutputLocks:
+    """Every lock a file-based output (a Parquet file, a LanceDB table) takes for one producer
+    or one shard of a job: the output's lock (shared by a job's shards), the shard's own lock,
+    and the publish lock under which shards open the output and publish it one at a time."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.output = OutputLock(path, what)
+        self.what = what
+        self.shard: OutputLock | None = None
+
+    def acquire(self, job: SinkJob, open_output: Callable[[], None]) -> None:
+        """Take this producer's locks, then run ``open_output`` (a shard: under the publish
+        lock, never while another shard opens or publishes); every lock is let go on failure."""
+        if job.shards > 1:
+            self.shard = sibling_lock(self.output, f"shard-{job.shard}-of-{job.shards}",
+                                      f"{self.what} shard {job.shard}/{job.shards}")
+            self.shard.acquire(job.job_id)
+        try:
+            self.output.acquire(job.job_id, shared=job.shards > 1)
+            if job.shards > 1:
+                publish = self.publish()
+                publish.acquire(job.job_id, wait=True)
+                try:
+                    open_output()
+                finally:
+                    publish.release()
+            else:
+                open_output()
+        except BaseException:
+            self.release()
+            raise
+
+    def publish(self) -> OutputLock:
+        return sibling_lock(self.output, "publish", f"{self.what} publishing")
+
+    def close(self, job: SinkJob | None, complete: bool, *, close_shard: Callable[[bool], None],
+              close: Callable[[bool], None]) -> None:
+        """Publish (``close``), or for a shard mark it finished (``close_shard``, see
+        :func:`finish_shard`), then let every lock go."""
+        try:
+            (close_shard if job is not None and job.shards > 1 else close)(complete)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        self.output.release()
+        if self.shard is not None:
+            self.shard.release()
 
 
 def finish_shard(job_id: str, shard: int, shards: int, complete: bool, *, target: str,

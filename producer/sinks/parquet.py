@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from deposium.producer.schema import conform, output_schema
 from deposium.producer.shard import Shard
 from deposium.producer.sinks import SinkError, SinkJob, Stored
-from deposium.producer.sinks.lock import OutputLock, finish_shard, sibling_lock
+from deposium.producer.sinks.lock import OutputLocks, finish_shard
 from deposium.producer.sinks.parquet_splice import CannotSplice, splice
 
 META_KEY = b"deposium"
@@ -102,8 +102,7 @@ class ParquetSink:
         self.job: SinkJob | None = None
         self._final_done: dict[str, str] = {}
         self._digests: dict[str, str] = {}  # batch id -> digest of its committed part
-        self._lock = OutputLock(self.out.with_name(f".{self.out.name}.lock"), str(self.out))
-        self._shard_lock: OutputLock | None = None
+        self._locks = OutputLocks(self.out.with_name(f".{self.out.name}.lock"), str(self.out))
         self._check_target()
 
     def _check_target(self) -> None:
@@ -145,29 +144,12 @@ class ParquetSink:
         return self.parts / f"shard-{shard}-of-{job.shards}.done"
 
     def open(self, job: SinkJob) -> None:
-        if job.shards > 1:
-            self._shard_lock = sibling_lock(self._lock, f"shard-{job.shard}-of-{job.shards}",
-                                            f"{self.out} shard {job.shard}/{job.shards}")
-            self._shard_lock.acquire(job.job_id)
-        try:
-            self._lock.acquire(job.job_id, shared=job.shards > 1)
-            if job.shards > 1:  # shards open one at a time, never while another publishes
-                publish = self._publish_lock()
-                publish.acquire(job.job_id, wait=True)
-                try:
-                    self._open(job)
-                    if not self._final_done:  # running again: not finished until it ends
-                        self._marker(job, job.shard).unlink(missing_ok=True)
-                finally:
-                    publish.release()
-            else:
-                self._open(job)
-        except BaseException:
-            self.release()
-            raise
+        def open_output() -> None:
+            self._open(job)
+            if job.shards > 1 and not self._final_done:  # running again: not finished until it ends
+                self._marker(job, job.shard).unlink(missing_ok=True)
 
-    def _publish_lock(self) -> OutputLock:
-        return sibling_lock(self._lock, "publish", f"{self.out} publishing")
+        self._locks.acquire(job, open_output)
 
     def _open(self, job: SinkJob) -> None:
         self.job = job
@@ -260,18 +242,10 @@ class ParquetSink:
         return found
 
     def release(self) -> None:
-        self._lock.release()
-        if self._shard_lock is not None:
-            self._shard_lock.release()
+        self._locks.release()
 
     def close(self, complete: bool) -> None:
-        try:
-            if self.job is not None and self.job.shards > 1:
-                self._close_shard(complete)
-            else:
-                self._close(complete)
-        finally:
-            self.release()
+        self._locks.close(self.job, complete, close_shard=self._close_shard, close=self._close)
 
     def _close_shard(self, complete: bool) -> None:
         """Mark this shard finished; the shard that finds every shard finished publishes the output."""
@@ -280,7 +254,7 @@ class ParquetSink:
         if self._final_done or not self.parts.is_dir():
             return  # published already
         finish_shard(job.job_id, job.shard, job.shards, complete, target=str(self.out),
-                     marker=lambda i: self._marker(job, i), publish=self._publish_lock(),
+                     marker=lambda i: self._marker(job, i), publish=self._locks.publish(),
                      publish_output=self._close, still_unpublished=self.parts.is_dir)
 
     def _close(self, complete: bool) -> None:
