@@ -81,6 +81,13 @@ def _unreadable(exc: OSError) -> str:
     return f"unreadable: {exc.strerror or exc}"
 
 
+def _read_error(path: Path, doc_id: str, exc: DocumentError | OSError) -> InputError:
+    """The one error of a document that could not be read: what is wrong with it, or why the
+    system could not read it."""
+    reason = _unreadable(exc) if isinstance(exc, OSError) else str(exc)
+    return InputError(origin=str(path), document=doc_id, reason=reason)
+
+
 def text_file_sources(path: Path, doc_id: str, meter: Meter | None = None, *,
                       max_chars: int | None = None) -> Iterator[Item]:
     try:
@@ -212,11 +219,8 @@ def document_sources(path: Path, doc_id: str, kind: str, *, max_chars: int | Non
                      meter: Meter | None = None) -> Iterator[Item]:
     try:
         extracted = extract(path, kind, max_chars=max_chars)
-    except DocumentError as exc:
-        yield InputError(origin=str(path), document=doc_id, reason=str(exc))
-        return
-    except OSError as exc:
-        yield InputError(origin=str(path), document=doc_id, reason=_unreadable(exc))
+    except (DocumentError, OSError) as exc:
+        yield _read_error(path, doc_id, exc)
         return
     finally:
         if meter is not None:
@@ -308,11 +312,8 @@ def file_sources(path: Path, doc_id: str, *, explicit: bool, meter: Meter | None
     except Unsupported as exc:
         yield InputError(origin=str(path), document=doc_id, reason=str(exc), skipped=exc.kind)
         return
-    except DocumentError as exc:
-        yield InputError(origin=str(path), document=doc_id, reason=str(exc))
-        return
-    except OSError as exc:
-        yield InputError(origin=str(path), document=doc_id, reason=_unreadable(exc))
+    except (DocumentError, OSError) as exc:
+        yield _read_error(path, doc_id, exc)
         return
     if kind == "jsonl":
         yield from jsonl_sources(path, meter, max_chars=max_chars)
