@@ -1,7 +1,7 @@
 """Concatenate Parquet files of one schema by copying their row groups' bytes, without decoding them.
 
 Why by hand: publishing ``--out`` joins every batch's part file into one file, and doing that
-through Arrow decompresses, decodes, re-encodes and re-compresses every value, which was
+through Arrow decompresses, decodes, re-encodes and re-compresses every value, which would be
 the largest single step of a job's coordination work and, in a sharded job, the one step
 only the last shard can run. A row group's column chunks are self-contained byte ranges,
 so joining files is a copy plus a new footer whose offsets point at the copies. pyarrow
